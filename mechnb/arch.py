@@ -1,0 +1,146 @@
+"""The architecture map: one table from each model family's module names to mechnb's sites.
+
+Everything above this module is architecture-blind. A site such as `mlp_out.5` means
+"what the MLP of layer 5 adds to the residual stream"; which module holds that value
+differs by family (Llama's `mlp`, Gemma 2's `post_feedforward_layernorm`), and this
+table says which. A new family is one new `Arch` entry plus a tiny-model test.
+
+Each path is relative to the HF model root (`model.layers`) or, for the per-layer
+fields, to one decoder layer (`self_attn.o_proj`). Conventions:
+
+- `attn_out` / `mlp_out` are the values added to the residual stream (where a
+  module returns a tuple, such as attention's `(output, weights)`, element 0).
+- `resid_mid` is the input of the module that reads the residual after attention;
+  `None` where attention and MLP run in parallel (GPT-NeoX with
+  `use_parallel_residual`), where no such point exists.
+- `neuron` values are the input of the MLP's output projection (after the activation
+  and any gating), so `neuron.L.N` is what TransformerLens calls `hook_post`.
+- `o_proj_conv1d` marks GPT-2's `Conv1D`, whose weight is stored `(in, out)`.
+
+Example:
+    >>> arch_for(hf_model.config).layers
+    'model.layers'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where each site lives in one model family (paths are dotted module names)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    embed: str
+    final_norm: str
+    unembed: str
+    attn: str
+    o_proj: str
+    mlp: str
+    mlp_down: str
+    attn_out: str
+    mlp_out: str
+    resid_mid: str | None
+    o_proj_conv1d: bool = False
+
+    def resid_mid_for(self, config) -> str | None:
+        """The resid_mid module of this config (None when attention and MLP are parallel)."""
+        if self.name == "gpt_neox" and getattr(config, "use_parallel_residual", True):
+            return None
+        return self.resid_mid
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_down="mlp.down_proj",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    resid_mid="post_attention_layernorm",
+)
+
+ARCHS: tuple[Arch, ...] = (
+    Arch(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="attn",
+        o_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_down="mlp.c_proj",
+        attn_out="attn",
+        mlp_out="mlp",
+        resid_mid="ln_2",
+        o_proj_conv1d=True,
+    ),
+    Arch(name="llama", model_types=("llama",), **_LLAMA_LIKE),
+    Arch(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
+    Arch(name="qwen2", model_types=("qwen2", "qwen3"), **_LLAMA_LIKE),
+    Arch(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+        attn="attention",
+        o_proj="attention.dense",
+        mlp="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        attn_out="attention",
+        mlp_out="mlp",
+        resid_mid="post_attention_layernorm",
+    ),
+    Arch(
+        name="gemma2",
+        model_types=("gemma2", "gemma3_text"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        attn="self_attn",
+        o_proj="self_attn.o_proj",
+        mlp="mlp",
+        mlp_down="mlp.down_proj",
+        # Gemma normalises each branch before adding it: the normed value is what the
+        # residual stream receives.
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        resid_mid="pre_feedforward_layernorm",
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHS for t in a.model_types)
+
+
+def arch_for(config) -> Arch:
+    """The `Arch` of a transformers config; `ModelError` listing the supported ones if none."""
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHS:
+        if model_type in arch.model_types:
+            return arch
+    raise ModelError(
+        f"unsupported architecture {model_type!r}: mechnb supports "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Load one of those, or add an entry to "
+        "mechnb.arch.ARCHS."
+    )
+
+
+def submodule(root, path: str):
+    """The module (or nnsight envoy) at a dotted path below `root`."""
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root

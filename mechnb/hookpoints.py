@@ -1,0 +1,108 @@
+"""Hook points inside attention: give patterns and per-head outputs a module to live in.
+
+The problem: transformers computes attention inside a function (`sdpa`, `eager`,
+flash), where no module boundary exists, so nnsight cannot read or write a head's
+pattern or output. The mechanism, as TransformerLens does with its `HookPoint`s: at
+load we give every attention module two identity submodules, `hook_pattern` and
+`hook_z`, and register our own attention function under the name "mechnb" with
+`transformers.AttentionInterface`. It computes eager attention and passes
+
+- the softmax pattern, `batch head pos_q pos_k`, through `hook_pattern`, and
+- the per-head output, `batch pos head d_head`, through `hook_z`,
+
+so nnsight reads and writes them like any module output (`head.L.H` is
+`hook_z.output[:, :, H]`). The function is the one place every architecture's
+attention runs through, so its extras are mirrored here: grouped-query key/value
+heads, Gemma's logit soft-capping, scaling as the model passes it.
+
+Example:
+    >>> install(hf_model, arch)          # before wrapping with nnsight
+    >>> hf_model.config._attn_implementation
+    'mechnb'
+
+Gotchas:
+- A mask function must be registered under the same name: without it transformers
+  hands the attention function `mask=None` and causality is silently lost.
+- Sliding windows (Gemma 2) arrive inside the mask, which `eager_mask` builds.
+- Patterns are real probabilities whatever implementation the model was loaded
+  with, because install() always switches to this function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATTN_IMPLEMENTATION = "mechnb"
+
+
+class HookPoint(torch.nn.Module):
+    """An identity module: a named place in the forward pass for nnsight to read and write."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention through the module's hook points.
+
+    Args:
+        query: `batch head pos_q d_head`.
+        key, value: `batch kv_head pos_k d_head` (kv_head divides head).
+        attention_mask: additive mask broadcastable to `batch head pos_q pos_k`, or None.
+        scaling: multiplier of the scores (default `d_head ** -0.5`).
+        dropout: dropout probability, applied only in training mode.
+        softcap: Gemma's attention logit soft-capping, or None.
+
+    Returns:
+        `(z, pattern)`: z is `batch pos_q head d_head`, pattern `batch head pos_q pos_k`.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    # Softmax in float32 as every stock eager implementation does, then back.
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = module.hook_pattern(pattern)
+    pattern_used = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
+    z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()
+    z = module.hook_z(z)
+    return z, pattern
+
+
+def _register() -> None:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+def install(hf_model: torch.nn.Module, arch) -> None:
+    """Add `hook_pattern` and `hook_z` to every attention module and switch to our function."""
+    from .arch import submodule
+
+    _register()
+    for layer in submodule(hf_model, arch.layers):
+        attn = submodule(layer, arch.attn)
+        if not hasattr(attn, "hook_pattern"):
+            attn.hook_pattern = HookPoint()
+            attn.hook_z = HookPoint()
+    hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -1,0 +1,276 @@
+"""The magics: notebook sugar over the Python API. Each parses, calls one API function, shows.
+
+    %load_ext mechnb
+    %mechnb load                       # embedded SmolLM2-135M-Instruct; binds `model`
+    %mechnb info
+    %mechnb top "The Eiffel Tower is located in the city of" -k 5
+
+    %%trace "When Mary and John went to the store, John gave a drink to"
+    h = model["resid_post.5"].save()
+    model["head.9.6"] = 0
+    logits = model["logits"].save()
+
+Arguments are split like a shell line; `{expr}` alone passes the Python object
+(`%%trace {prompts}` passes a list), and inside a longer word it is formatted into
+the text, as IPython users expect. Errors of mechnb (`MechnbError`) print as one
+line, without a traceback, wherever they are raised in the shell.
+
+The session (one per shell) holds the current model; `%mechnb use {m}` adopts a
+model loaded from Python.
+
+Gotchas: `%%trace` compiles the cell under a new file name each run and registers
+it in `linecache`, because nnsight reads the traced block's source and caches it
+by file name. Names assigned in the cell survive only when `.save()`d (nnsight).
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import re
+import shlex
+import sys
+import textwrap
+import traceback
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+
+from .errors import MagicError, MechnbError, ModelError, TraceError
+
+HELP = """\
+mechnb magics
+  %mechnb load [NAME] [--device D] [--dtype T] [--as VAR]
+        load a model (no NAME: the embedded SmolLM2-135M-Instruct, offline; NAME: a hub id,
+        a local directory or a .gguf file) and bind it to VAR (default `model`)
+  %mechnb use VAR        make a Model loaded from Python the session's model
+  %mechnb info           layers, heads, d_model, d_head, vocab, device, dtype, memory
+  %mechnb top PROMPT [-k K]   the K most likely next tokens
+  %mechnb unload         drop the session's model
+  %mechnb help           this text
+  %%trace PROMPT [--grad]
+        run the model on PROMPT (or {list_of_prompts}); in the cell, model[site] reads a
+        site (call .save() to keep it) and model[site] = value writes one
+sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
+       neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
+"""
+
+_counter = itertools.count()
+
+
+class Session:
+    """One per shell: the current model. The only state the magics keep."""
+
+    def __init__(self):
+        self.model = None
+
+    def require(self):
+        """The current model, or a `ModelError` that says how to get one."""
+        if self.model is None:
+            raise ModelError("no model loaded: run `%mechnb load` first (or `%mechnb use {model}` "
+                             "for a model loaded in Python)")
+        return self.model
+
+
+def split_args(line: str, namespace: dict) -> list:
+    """Split a magic's argument line like a shell; `{expr}` is evaluated in `namespace`.
+
+    A word that is exactly `{expr}` becomes the object itself; `{expr}` inside a
+    longer word is formatted into it; `{{` and `}}` are literal braces.
+    """
+    found = []
+
+    def stash(match: re.Match) -> str:
+        found.append(match.group(1))
+        return f"\x00{len(found) - 1}\x00"
+
+    line = line.replace("{{", "\x01").replace("}}", "\x02")
+    stashed = re.sub(r"\{([^{}]+)\}", stash, line)
+    try:
+        words = shlex.split(stashed)
+    except ValueError as error:
+        raise MagicError(f"cannot split the arguments {line!r}: {error}") from None
+
+    def value(index: str):
+        expr = found[int(index)]
+        try:
+            return eval(expr, namespace)
+        except Exception as error:
+            raise MagicError(f"cannot evaluate {{{expr}}}: {type(error).__name__}: {error}") from None
+
+    result = []
+    for word in words:
+        whole = re.fullmatch(r"\x00(\d+)\x00", word)
+        if whole:
+            result.append(value(whole.group(1)))
+            continue
+        word = re.sub(r"\x00(\d+)\x00", lambda m: str(value(m.group(1))), word)
+        result.append(word.replace("\x01", "{").replace("\x02", "}"))
+    return result
+
+
+def parse_options(words: list, options: dict[str, type], command: str) -> tuple[list, dict]:
+    """Positional words and `--option value` pairs; `bool` options are flags."""
+    positional, values = [], {}
+    words = list(words)
+    while words:
+        word = words.pop(0)
+        if isinstance(word, str) and word.startswith("-") and not re.fullmatch(r"-\d+", word):
+            if word not in options:
+                valid = ", ".join(options) or "none"
+                raise MagicError(f"unknown option {word} for {command}: valid options are {valid}")
+            kind = options[word]
+            if kind is bool:
+                values[word.lstrip("-")] = True
+                continue
+            if not words:
+                raise MagicError(f"option {word} of {command} needs a value")
+            raw = words.pop(0)
+            try:
+                values[word.lstrip("-")] = kind(raw)
+            except (TypeError, ValueError):
+                raise MagicError(f"option {word} of {command} takes a {kind.__name__}, got {raw!r}") from None
+        else:
+            positional.append(word)
+    return positional, values
+
+
+@magics_class
+class MechnbMagics(Magics):
+    """`%mechnb` and `%%trace` (see the module docstring)."""
+
+    def __init__(self, shell):
+        super().__init__(shell)
+        self.session = Session()
+
+    @no_var_expand
+    @line_magic
+    def mechnb(self, line: str):
+        """Load and inspect models: `%mechnb help` lists the commands."""
+        words = split_args(line, self.shell.user_ns)
+        if not words:
+            print(HELP)
+            return None
+        command, rest = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{command}", None) if isinstance(command, str) else None
+        if handler is None:
+            commands = ", ".join(n[5:] for n in dir(self) if n.startswith("_cmd_"))
+            raise MagicError(f"unknown command {command!r} for %mechnb: valid commands are {commands}")
+        return handler(rest)
+
+    def _cmd_help(self, words):
+        print(HELP)
+
+    def _cmd_load(self, words):
+        from .model import load
+
+        positional, options = parse_options(
+            words, {"--device": str, "--dtype": str, "--as": str}, "%mechnb load")
+        if len(positional) > 1:
+            raise MagicError(f"%mechnb load takes at most one model name, got {positional}")
+        name = options.pop("as", "model")
+        if not name.isidentifier():
+            raise MagicError(f"--as takes a Python name, got {name!r}")
+        self.session.model = None  # free the old model's memory before loading the next
+        model = load(positional[0] if positional else None, **options)
+        self.session.model = model
+        self.shell.user_ns[name] = model
+        print(f"{model!r} bound to `{name}`")
+
+    def _cmd_use(self, words):
+        from .model import Model
+
+        if len(words) != 1 or not isinstance(words[0], (str, Model)):
+            raise MagicError("%mechnb use takes one model: `%mechnb use m` or `%mechnb use {m}`")
+        model = words[0]
+        if isinstance(model, str):
+            model = self.shell.user_ns.get(model)
+        if not isinstance(model, Model):
+            raise MagicError(f"{words[0]!r} is not a mechnb Model: load one with mechnb.load()")
+        self.session.model = model
+
+    def _cmd_unload(self, words):
+        self.session.model = None
+        print("model unloaded")
+
+    def _cmd_info(self, words):
+        import pandas as pd
+
+        info = self.session.require().info()
+        return pd.DataFrame({"value": list(info.values())}, index=list(info.keys()))
+
+    def _cmd_top(self, words):
+        positional, options = parse_options(words, {"-k": int, "--k": int}, "%mechnb top")
+        if len(positional) != 1 or not isinstance(positional[0], str):
+            raise MagicError('%mechnb top takes one prompt in quotes: %mechnb top "The sky is"')
+        return self.session.require().top(positional[0], k=options.get("k", 10))
+
+    @no_var_expand
+    @cell_magic
+    def trace(self, line: str, cell: str):
+        """Run the cell inside a trace of the session's model on the given prompt(s)."""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--grad": bool}, "%%trace")
+        if len(positional) != 1:
+            raise MagicError('%%trace takes one prompt (or {prompts}): %%trace "The sky is"')
+        model = self.session.require()
+        run_traced_cell(self.shell, model, positional[0], cell, grad=options.get("grad", False))
+
+
+def run_traced_cell(shell, model, prompts, cell: str, grad: bool = False) -> None:
+    """Execute `cell` in the user namespace inside `model.trace(prompts)`."""
+    handle = "__mechnb_trace__"
+    body = textwrap.dedent(cell).strip("\n") or "pass"
+    # A first statement of our own: nnsight refuses a body that opens with `try:`.
+    source = f"with {handle}:\n    {handle}.batch\n" + textwrap.indent(body, "    ") + "\n"
+    filename = f"<mechnb-trace-{next(_counter)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    try:
+        code = compile(source, filename, "exec")
+    except SyntaxError as error:
+        raise MagicError(f"syntax error in the %%trace cell, line {(error.lineno or 3) - 2}: "
+                         f"{error.msg}") from None
+    namespace = shell.user_ns
+    namespace[handle] = model.trace(prompts, grad=grad)
+    try:
+        exec(code, namespace)
+    except MechnbError:
+        raise
+    except KeyboardInterrupt:
+        raise TraceError("the %%trace cell was interrupted; the model is unchanged") from None
+    except Exception as error:
+        where = _cell_line(error, filename)
+        raise TraceError(f"the %%trace cell raised {type(error).__name__}: {error}{where}; "
+                         "the model is unchanged") from None
+    finally:
+        namespace.pop(handle, None)
+
+
+def _cell_line(error: BaseException, filename: str) -> str:
+    """` (cell line N: source)` for the innermost frame of the cell in the traceback."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" (cell line {frame.lineno - 2}: {(frame.line or '').strip()})"
+
+
+def _show_one_line(shell, etype, value, tb, tb_offset=None):
+    """Custom exception handler: a mechnb error is one readable line, no traceback."""
+    print(f"{etype.__name__}: {value}", file=sys.stderr)
+    return None
+
+
+def load_extension(shell) -> None:
+    """Register the magics and the one-line error display on `shell`."""
+    magics = MechnbMagics(shell)
+    shell.register_magics(magics)
+    shell.set_custom_exc((MechnbError,), _show_one_line)
+
+
+def unload_extension(shell) -> None:
+    """Remove the magics, the error display and the session from `shell`."""
+    manager = shell.magics_manager
+    manager.magics["line"].pop("mechnb", None)
+    manager.magics["cell"].pop("trace", None)
+    manager.registry.pop("MechnbMagics", None)
+    shell.set_custom_exc((), None)

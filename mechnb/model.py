@@ -1,0 +1,384 @@
+"""Load a causal language model and wrap it for interpretability: `mechnb.load`, `Model`.
+
+`load()` with no name gives the embedded SmolLM2-135M-Instruct, offline; a name is a
+Hugging Face hub id, a local directory, or a `.gguf` file. The returned `Model`
+holds the transformers model wrapped in an nnsight `TransformersModel` (`.nn`), its
+architecture map (`.arch`), and attention hook points so that every site of
+`mechnb.sites` can be read and written:
+
+    >>> model = mechnb.load()
+    >>> model.top("The Eiffel Tower is located in the city of").token[0]
+    ' Paris'
+    >>> cache = model.cache(["When Mary and John went to the store, John gave a drink to"],
+    ...                     ["resid_pre.5", "pattern.3", "head.9.6"])
+    >>> cache["pattern.3"].shape          # batch head pos_q pos_k
+    torch.Size([1, 9, 14, 14])
+    >>> with model.trace("Hello world"):
+    ...     model["head.9.6"] = 0
+    ...     logits = model["logits"].save()
+
+Gotchas: nothing here touches the network unless `name` is a hub id that is not in
+the local Hugging Face cache. Weights load only through safetensors (transformers'
+default) or GGUF. Attention always runs through mechnb's eager function
+(`mechnb.hookpoints`), so patterns are real probabilities even if the model was
+loaded for `sdpa`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from .errors import ModelError, SiteError, TraceError
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kwargs) -> "Model":
+    """Load a model by name (or the embedded default) and wrap it as a `Model`.
+
+    Args:
+        name: None for the embedded SmolLM2-135M-Instruct; a hub id
+            (`"openai-community/gpt2"`), a local directory saved by transformers, or
+            a `.gguf` file (converted once and cached, like the embedded model).
+        device: `"cuda"`, `"cpu"`, a `torch.device`; default cuda when available.
+        dtype: `torch.float32` / `"float32"`, `"float16"`, `"bfloat16"`; default
+            float32 on CPU and bfloat16 on CUDA.
+        **hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained`; `device_map`
+            (e.g. `"auto"`) spreads a model larger than one GPU and skips `device`.
+
+    Returns:
+        A `Model`. Example: `model = mechnb.load("openai-community/gpt2", device="cpu")`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import embedded
+    from .arch import arch_for
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(dtype, device)
+    source, label, local = _source(name)
+    kwargs = dict(local_files_only=local)
+    if not local and not _hub_cached(source):
+        _check_hub(source)
+        kwargs = {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not read a model config from {label!r}: {_first_line(error)}") from None
+    arch_for(config)  # an unsupported architecture fails here, before any weights load
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                        **kwargs, **hf_kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not load {label!r}: {_first_line(error)}") from None
+    if "device_map" not in hf_kwargs:
+        hf_model.to(device)
+    return Model(hf_model, tokenizer, name=label)
+
+
+def _dtype(dtype, device):
+    """A torch dtype from a dtype, a name or None (float32 on CPU, bfloat16 on CUDA)."""
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+
+
+def _source(name) -> tuple[str, str, bool]:
+    """`(what from_pretrained reads, a label for messages, whether it is local)`."""
+    from . import embedded
+
+    if name is None:
+        return str(embedded.converted()), EMBEDDED_NAME, True
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        return str(embedded.converted(path)), path.name, True
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{text!r} is not a model directory (it has no config.json): give a directory "
+                "written by save_pretrained, a .gguf file, or a hub id"
+            )
+        return str(path), text, True
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelError(
+            f"no such file or directory: {text!r}. Give an existing model directory, a .gguf "
+            "file, a hub id such as 'openai-community/gpt2', or nothing for the embedded model"
+        )
+    return text, text, False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """True when the hub model's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _check_hub(repo_id: str) -> None:
+    """Fail at once, with a clear message, when the hub cannot be reached.
+
+    huggingface_hub retries an unreachable host for about 25 s and then speaks of
+    HEAD requests; a demanding user wants the reason now.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+            return
+        except OSError as error:
+            reason = f"{host} is unreachable ({error.strerror or error})"
+    raise ModelError(
+        f"cannot load hub model {repo_id!r}: it is not in the local Hugging Face cache and "
+        f"{reason}. Give a local directory or a .gguf file, or call mechnb.load() with no "
+        "name for the embedded SmolLM2-135M-Instruct"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class Model:
+    """A causal LM ready for interpretability: sites, traces, caches (see the module doc).
+
+    Args:
+        hf_model: a transformers causal LM of a supported architecture.
+        tokenizer: its tokenizer.
+        name: a label for displays (default: the config's name or model type).
+
+    Example: `Model(LlamaForCausalLM(config), tokenizer)` wraps a model built in code.
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str | None = None):
+        import nnsight
+
+        from .arch import arch_for
+        from .hookpoints import install
+
+        self.arch = arch_for(hf_model.config)
+        hf_model.eval()
+        install(hf_model, self.arch)
+        self.hf = hf_model
+        self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
+        self._trace = None
+
+    # -- dimensions ---------------------------------------------------------
+
+    @property
+    def config(self):
+        """The transformers config."""
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def d_head(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        for attr in ("intermediate_size", "n_inner"):
+            value = getattr(self.config, attr, None)
+            if value:
+                return value
+        return 4 * self.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self):
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        """True when attention and MLP read the same residual (no `resid_mid`)."""
+        return self.arch.resid_mid_for(self.config) is None
+
+    @property
+    def resid_mid_path(self) -> str:
+        """The module (relative to a layer) whose input is `resid_mid`."""
+        return self.arch.resid_mid_for(self.config)
+
+    def info(self) -> dict:
+        """Dimensions, device, dtype and memory of the model, as a dict."""
+        n_params = sum(p.numel() for p in self.hf.parameters())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        return {
+            "name": self.name,
+            "architecture": f"{self.arch.name} ({type(self.hf).__name__})",
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "vocab_size": self.vocab_size,
+            "parameters": f"{n_params / 1e6:.1f} M",
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "memory": f"{n_bytes / 2**20:.0f} MiB",
+        }
+
+    def __repr__(self) -> str:
+        return (f"<mechnb.Model {self.name}: {self.arch.name}, {self.n_layers} layers, "
+                f"{self.n_heads} heads, d_model {self.d_model}, on {self.device}>")
+
+    # -- tokens -------------------------------------------------------------
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The prompt's token strings, as positions count them."""
+        from .batch import Batch
+
+        return Batch.of(self.tokenizer, prompt).tokens[0]
+
+    # -- traces -------------------------------------------------------------
+
+    def trace(self, prompts, grad: bool = False):
+        """A `with` block running the model on `prompts`; read and write sites inside it.
+
+        Args:
+            prompts: a string or a list of strings (padded on the right).
+            grad: keep autograd on (off by default).
+
+        Returns:
+            A `mechnb.trace.Trace`; `.batch` has the tokens. Inside the block,
+            `model[site]` reads (call `.save()` to keep it) and `model[site] = v` writes.
+        """
+        from .trace import Trace
+
+        return Trace(self, prompts, grad=grad)
+
+    def _enter_trace(self, trace) -> None:
+        if self._trace is not None:
+            raise TraceError("a trace of this model is already running: traces do not nest; "
+                             "finish the open `with model.trace(...)` block first")
+        self._trace = trace
+
+    def _leave_trace(self, trace) -> None:
+        if self._trace is trace:
+            self._trace = None
+
+    def _active(self, site):
+        if self._trace is None:
+            raise TraceError(
+                f"model[{str(site)!r}] reads or writes a value during a run of the model: use "
+                "it inside `with model.trace(prompt):` or a %%trace cell, or "
+                f"model.cache(prompt, {str(site)!r}) outside one"
+            )
+        return self._trace
+
+    def __getitem__(self, site):
+        from .trace import read
+
+        return read(self, site, self._active(site).batch)
+
+    def __setitem__(self, site, value) -> None:
+        from .trace import write
+
+        write(self, site, value, self._active(site).batch)
+
+    # -- one-call methods ---------------------------------------------------
+
+    def top(self, prompt: str, k: int = 10):
+        """The k most likely next tokens after `prompt`.
+
+        Returns:
+            A DataFrame with columns `rank` (1 = most likely), `token`, `token_id`,
+            `prob`, `logit`, sorted by probability. Example: `model.top("The sky is", 5)`.
+        """
+        import pandas as pd
+        import torch
+
+        if not isinstance(prompt, str):
+            raise TraceError(f"top takes one prompt string, got {type(prompt).__name__}")
+        if not isinstance(k, int) or k < 1:
+            raise TraceError(f"k must be a positive int, got {k!r}")
+        k = min(k, self.vocab_size)
+        found = []
+        with self.trace(prompt):
+            found.append(self["logits@-1"].save())
+        logits = found[0][0].float()
+        probs = torch.softmax(logits, dim=-1)
+        top = probs.topk(k)
+        ids = top.indices.tolist()
+        return pd.DataFrame({
+            "rank": range(1, k + 1),
+            "token": [self.tokenizer.decode([i]) for i in ids],
+            "token_id": ids,
+            "prob": top.values.tolist(),
+            "logit": logits[top.indices].tolist(),
+        })
+
+    def cache(self, prompts, sites):
+        """Run the model once and keep the values of `sites`.
+
+        Args:
+            prompts: a string or a list of strings (padded on the right; the cache
+                knows each prompt's real length).
+            sites: a site string or a list of them (ranges such as `resid_pre.*`
+                allowed). Each is stored whole; index and positions apply on lookup.
+
+        Returns:
+            A `mechnb.cache.Cache`: `cache["resid_pre.5"]` is `batch pos d_model`,
+            `cache["pattern.3"]` `batch head pos_q pos_k`, `cache["head.9.6"]`
+            `batch pos d_head`, `cache["neuron.4.17"]` `batch pos`, `cache["logits"]`
+            `batch pos vocab`.
+        """
+        from .cache import Cache
+        from .sites import Site, parse
+
+        wanted = [sites] if isinstance(sites, (str, Site)) else list(sites)
+        if not wanted:
+            raise SiteError("cache needs at least one site, e.g. model.cache(prompt, 'resid_post.5')")
+        whole = {}
+        for site in wanted:
+            for concrete in parse(site).expand(self):
+                base = Site(concrete.kind, concrete.layer)
+                whole[base.name] = base
+        order = sorted(whole.values(), key=lambda s: s.order)
+        store = {}
+        with self.trace(prompts) as tr:
+            for site in order:
+                store[site.name] = self[site].save()
+        return Cache(self, tr.batch, {name: store[name] for name in store})

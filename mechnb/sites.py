@@ -1,0 +1,265 @@
+"""Sites: one small grammar for *where* in a model, parsed once into `Site` objects.
+
+A site string names a value the model computes. The same strings work in
+`Model.cache`, inside `%%trace` (`model[site]`), and in every magic:
+
+    embed                   token embeddings                 batch pos d_model
+    resid_pre.5             residual stream entering layer 5 batch pos d_model
+    resid_mid.5             after attention, before the MLP  batch pos d_model
+    resid_post.5            leaving layer 5                  batch pos d_model
+    attn_out.5, mlp_out.5   what attention / the MLP adds    batch pos d_model
+    head.9                  every head's output z            batch pos head d_head
+    head.9.6                one head's output z              batch pos d_head
+    neuron.5                MLP activations (after gating)   batch pos d_mlp
+    neuron.5.123            one neuron                       batch pos
+    pattern.3               attention probabilities          batch head pos_q pos_k
+    pattern.3.1             one head's pattern               batch pos_q pos_k
+    logits                  the model's output logits        batch pos vocab
+
+Layers and indices take an int, a range `0:5` (end excluded) or `*`; a site with a
+range names several sites (`resid_pre.*` is one per layer) and reading it stacks
+them on a new leading axis. Positions follow `@`: `@-1` (one position; the axis is
+dropped), `@3:7` (a range), `@'John'` (every position whose token, stripped of
+surrounding spaces, is `John`). Positions count real tokens of each prompt, so
+`@-1` is each prompt's own last token whatever the padding; on a pattern they
+select query positions.
+
+Example:
+    >>> site = parse("head.9.6@-1")
+    >>> site.kind, site.layer, site.index, site.positions.text
+    ('head', 9, 6, '-1')
+
+Gotchas: sites are read and written in the order the model computes them (nnsight
+runs a trace in execution order); `Site.order` sorts them that way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import SiteError
+
+# Kind -> (takes a layer, takes an index, the name of its index, stage within a layer).
+KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
+    "embed": (False, False, None, 0),
+    "resid_pre": (True, False, None, 0),
+    "pattern": (True, True, "head", 1),
+    "head": (True, True, "head", 2),
+    "attn_out": (True, False, None, 3),
+    "resid_mid": (True, False, None, 4),
+    "neuron": (True, True, "neuron", 5),
+    "mlp_out": (True, False, None, 6),
+    "resid_post": (True, False, None, 7),
+    "logits": (False, False, None, 0),
+}
+
+_SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
+_RANGE = re.compile(r"^(-?\d*):(-?\d*)$")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which token positions of each prompt a site selects (parsed from after `@`)."""
+
+    text: str
+    index: int | None = None
+    start: int | None = None
+    stop: int | None = None
+    token: str | None = None
+
+    @property
+    def squeeze(self) -> bool:
+        """True when one position is named, so the position axis is dropped."""
+        return self.index is not None
+
+    def resolve(self, tokens: list[list[str]]) -> torch.Tensor:
+        """Position indices per prompt, `batch n`, for prompts given as token strings."""
+        rows = []
+        for row, toks in enumerate(tokens):
+            n = len(toks)
+            if self.index is not None:
+                p = self.index + n if self.index < 0 else self.index
+                if not 0 <= p < n:
+                    raise SiteError(
+                        f"position {self.index} out of range: prompt {row} has {n} tokens "
+                        f"(positions 0..{n - 1} or -{n}..-1)"
+                    )
+                rows.append([p])
+            elif self.token is not None:
+                want = self.token.strip()
+                found = [i for i, t in enumerate(toks) if t.strip() == want]
+                if not found:
+                    raise SiteError(
+                        f"token {self.token!r} is not in prompt {row}: its tokens are "
+                        f"{[t for t in toks]}"
+                    )
+                rows.append(found)
+            else:
+                found = list(range(n))[slice(self.start, self.stop)]
+                if not found:
+                    raise SiteError(
+                        f"positions {self.text} select nothing in prompt {row}, which has "
+                        f"{n} tokens"
+                    )
+                rows.append(found)
+        if len({len(r) for r in rows}) > 1:
+            raise SiteError(
+                f"positions @{self.text} select {[len(r) for r in rows]} tokens in the "
+                "prompts: each prompt must give the same number; use @-1, a range both "
+                "prompts cover, or one prompt at a time"
+            )
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed site: kind, layer, index and positions (see the module docstring)."""
+
+    kind: str
+    layer: int | slice | None = None
+    index: int | slice | None = None
+    positions: Positions | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical string without positions, e.g. `head.9.6`."""
+        parts = [self.kind]
+        for part in (self.layer, self.index):
+            if part is not None:
+                parts.append(_format_part(part))
+        return ".".join(parts)
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.positions.text}" if self.positions else "")
+
+    @property
+    def is_concrete(self) -> bool:
+        """True when the site names one value (no layer or index ranges)."""
+        return not isinstance(self.layer, slice) and not isinstance(self.index, slice)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """Sort key in execution order: embed, layers in order (stage by kind), logits."""
+        if self.kind == "embed":
+            return (-1, 0)
+        if self.kind == "logits":
+            return (float("inf"), 0)
+        return (self.layer, KINDS[self.kind][3])
+
+    def expand(self, model) -> list["Site"]:
+        """The concrete sites this site names, validated against `model`'s dimensions."""
+        layers = [self.layer]
+        if KINDS[self.kind][0]:
+            layers = _expand_part(self.layer, model.n_layers, "layer", self)
+        indices = [self.index]
+        if self.index is not None:
+            size = model.n_heads if KINDS[self.kind][2] == "head" else model.d_mlp
+            indices = _expand_part(self.index, size, KINDS[self.kind][2], self)
+        if self.kind == "resid_mid" and model.parallel_attn_mlp:
+            raise SiteError(
+                f"{self}: this {model.arch.name} model runs attention and MLP in parallel, "
+                "so there is no residual stream between them; use resid_pre or resid_post"
+            )
+        return [replace(self, layer=l, index=i) for l in layers for i in indices]
+
+
+def parse(text: str | Site) -> Site:
+    """Parse a site string into a `Site` (no model needed); `SiteError` if malformed."""
+    if isinstance(text, Site):
+        return text
+    if not isinstance(text, str):
+        raise SiteError(f"a site is a string such as 'resid_post.5', not {type(text).__name__}")
+    match = _SITE.match(text.strip())
+    if not match:
+        raise SiteError(f"empty site {text!r}: write a site such as 'resid_post.5'")
+    parts = match["name"].split(".")
+    kind = parts[0]
+    if kind not in KINDS:
+        raise SiteError(
+            f"unknown site kind {kind!r} in {text!r}: valid kinds are {', '.join(KINDS)}"
+        )
+    takes_layer, takes_index, index_name, _ = KINDS[kind]
+    most = 1 + takes_layer + takes_index
+    if len(parts) > most or (takes_layer and len(parts) < 2):
+        shape = kind + (".L" if takes_layer else "") + (f"[.{index_name}]" if takes_index else "")
+        raise SiteError(f"{text!r} does not fit the form {shape}, e.g. {_example(kind)!r}")
+    layer = _parse_part(parts[1], "layer", text) if takes_layer else None
+    index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
+    positions = _parse_positions(match["pos"], text) if match["pos"] else None
+    return Site(kind, layer, index, positions)
+
+
+def _example(kind: str) -> str:
+    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3"}.get(
+        kind, kind + ".5" if KINDS[kind][0] else kind
+    )
+
+
+def _parse_part(text: str, what: str, site: str) -> int | slice:
+    if text == "*":
+        return slice(None)
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    match = _RANGE.match(text)
+    if match:
+        start, stop = (int(x) if x else None for x in match.groups())
+        return slice(start, stop)
+    raise SiteError(f"bad {what} {text!r} in {site!r}: write an int, a range such as 0:5, or *")
+
+
+def _format_part(part: int | slice) -> str:
+    if isinstance(part, int):
+        return str(part)
+    if part.start is None and part.stop is None:
+        return "*"
+    return f"{'' if part.start is None else part.start}:{'' if part.stop is None else part.stop}"
+
+
+def _expand_part(part, size: int, what: str, site: Site) -> list[int]:
+    if isinstance(part, slice):
+        found = list(range(size))[part]
+        if not found:
+            raise SiteError(f"{what}s {_format_part(part)} in {site} select nothing: "
+                            f"this model has {what}s 0-{size - 1}")
+        return found
+    if not 0 <= part < size:
+        raise SiteError(f"{what} {part} out of range in {site}: this model has {what}s 0-{size - 1}")
+    return [part]
+
+
+def _parse_positions(text: str, site: str) -> Positions:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return Positions(text, token=text[1:-1])
+    if re.fullmatch(r"-?\d+", text):
+        return Positions(text, index=int(text))
+    match = _RANGE.match(text)
+    if match:
+        start, stop = (int(x) if x else None for x in match.groups())
+        return Positions(text, start=start, stop=stop)
+    raise SiteError(
+        f"bad positions @{text} in {site!r}: write @-1, a range @3:7, or a token @'John'"
+    )
+
+
+def select_positions(value: torch.Tensor, axis: int, positions: torch.Tensor, squeeze: bool):
+    """The positions (`batch n`, per row) of `value` along `axis`; drop the axis if `squeeze`."""
+    moved = value.movedim(axis, 1)
+    rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
+    picked = moved[rows, positions.to(moved.device)].movedim(1, axis)
+    return picked.squeeze(axis) if squeeze else picked
+
+
+def assign_positions(value: torch.Tensor, axis: int, positions: torch.Tensor, new, squeeze: bool):
+    """Write `new` (shaped as `select_positions` returns) into `value`, in place."""
+    new = torch.as_tensor(new, dtype=value.dtype, device=value.device)
+    if squeeze and new.dim() == value.dim() - 1:
+        new = new.unsqueeze(axis)
+    if new.dim() == value.dim():
+        new = new.movedim(axis, 1)
+    moved = value.movedim(axis, 1)
+    rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
+    moved[rows, positions.to(moved.device)] = new

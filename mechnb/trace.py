@@ -1,0 +1,236 @@
+"""The trace: one run of the model with reads and writes at sites, entered and left here.
+
+nnsight is the engine: `with model.trace(prompts):` opens an nnsight trace, and
+inside it `model["resid_post.5"]` reads a site and `model["head.9.6"] = 0` writes
+one. This module is the only place a trace is entered and left, so the rules hold
+everywhere:
+
+- Gradients are off unless asked for (`grad=True`); nnsight leaves them on.
+- Sites are translated to module values here (`read`, `write`), through the
+  architecture map, so nothing else knows a module name.
+- Clean after failure: nnsight removes its hooks on exit, and the model's active
+  trace is cleared in a `finally`, whatever the block raised (KeyboardInterrupt
+  included). Writes replace module values inside the trace only; the weights are
+  never touched, so the next forward equals a clean one.
+- nnsight's own errors become mechnb errors that say what to do.
+
+Example:
+    >>> with model.trace("When Mary and John went to the store, John gave a drink to"):
+    ...     h = model["resid_post.5"].save()
+    ...     model["head.9.6"] = 0
+    ...     logits = model["logits"].save()
+
+Gotchas: nnsight runs the block's body itself, reading its source (so the body must
+start on its own line, and code built at runtime must be in `linecache`), and in
+execution order: read `resid_post.3` before `resid_post.5`, a head before its
+layer's `attn_out`. Values first bound inside the block survive it only when
+`.save()`d.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import submodule
+from .batch import Batch
+from .errors import SiteError, TraceError
+from .sites import Site, assign_positions, parse, select_positions
+
+ORDER_HINT = (
+    "sites must be touched in the order the model computes them: embed, then for each "
+    "layer resid_pre, pattern, head, attn_out, resid_mid, neuron, mlp_out, resid_post, "
+    "and logits last"
+)
+
+
+class Trace:
+    """A context manager around one nnsight trace of `model` on `prompts` (see module doc).
+
+    Args:
+        model: the `mechnb.Model`.
+        prompts: a string, a list of strings, or a `Batch`.
+        grad: keep autograd on inside the trace (for gradient methods).
+
+    Attributes:
+        batch: the tokenized `Batch` the trace runs on.
+    """
+
+    def __init__(self, model, prompts, grad: bool = False):
+        self.model = model
+        self.batch = Batch.of(model.tokenizer, prompts)
+        self.grad = grad
+        self._tracer = None
+
+    def __enter__(self) -> "Trace":
+        from nnsight.tracing.tracer import skip_context, skippable
+
+        self.model._enter_trace(self)
+        try:
+            self._tracer = self.model.nn.trace(self.batch.inputs(self.model.device))
+            # Both calls look two frames up for the user's `with` statement, so they
+            # must be made from here, directly, and nowhere deeper.
+            self._tracer.capture()
+            if skippable(self._tracer.node):
+                skip_context(self._tracer)
+        except BaseException as error:
+            self.model._leave_trace(self)
+            raise translate(error) from None
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> bool:
+        try:
+            with torch.set_grad_enabled(self.grad):
+                return self._tracer.__exit__(exc_type, exc_value, traceback)
+        except BaseException as error:
+            translated = translate(error)
+            if translated is error:
+                raise
+            raise translated from None
+        finally:
+            self._tracer = None
+            self.model._leave_trace(self)
+
+
+def translate(error: BaseException) -> BaseException:
+    """The mechnb error for an nnsight error; other errors unchanged."""
+    from nnsight.intervention.interleaver import OutOfOrderError
+    from nnsight.tracing.tracer import WithBlockNotFoundError
+
+    if isinstance(error, OutOfOrderError):
+        return SiteError(f"{error}: {ORDER_HINT}")
+    if isinstance(error, WithBlockNotFoundError):
+        return TraceError(
+            "model.trace(...) must be used as a `with` block written in a file or a "
+            "notebook cell (nnsight reads the block's source); in a notebook, %%trace "
+            "does this for you"
+        )
+    return error
+
+
+class _Slot:
+    """Where one concrete site's full value lives: a module's input or output.
+
+    A module that returns a tuple (attention's `(output, weights)`) holds its value
+    in element 0; `attr` names a field of a model output (`logits`).
+    """
+
+    def __init__(self, envoy, io: str, attr: str | None = None):
+        self.envoy, self.io, self.attr = envoy, io, attr
+
+    def get(self) -> torch.Tensor:
+        value = getattr(self.envoy, self.io)
+        if self.attr is not None:
+            return value[self.attr]
+        return value[0] if isinstance(value, tuple) else value
+
+    def set(self, tensor: torch.Tensor) -> None:
+        value = getattr(self.envoy, self.io)
+        if self.attr is not None:
+            value[self.attr] = tensor
+        elif isinstance(value, tuple):
+            setattr(self.envoy, self.io, (tensor, *value[1:]))
+        else:
+            setattr(self.envoy, self.io, tensor)
+
+
+def _slot(model, site: Site) -> _Slot:
+    """The `_Slot` of a concrete site in `model`'s nnsight envoy tree."""
+    arch, nn = model.arch, model.nn
+    if site.kind == "embed":
+        return _Slot(submodule(nn, arch.embed), "output")
+    if site.kind == "logits":
+        return _Slot(nn, "output", attr="logits")
+    layer = submodule(nn, arch.layers)[site.layer]
+    if site.kind == "resid_pre":
+        return _Slot(layer, "input")
+    if site.kind == "resid_post":
+        return _Slot(layer, "output")
+    if site.kind == "resid_mid":
+        return _Slot(submodule(layer, model.resid_mid_path), "input")
+    if site.kind == "attn_out":
+        return _Slot(submodule(layer, arch.attn_out), "output")
+    if site.kind == "mlp_out":
+        return _Slot(submodule(layer, arch.mlp_out), "output")
+    if site.kind == "head":
+        return _Slot(submodule(layer, arch.attn).hook_z, "output")
+    if site.kind == "pattern":
+        return _Slot(submodule(layer, arch.attn).hook_pattern, "output")
+    if site.kind == "neuron":
+        return _Slot(submodule(layer, arch.mlp_down), "input")
+    raise SiteError(f"no slot for site kind {site.kind!r}")
+
+
+def _index_axis(site: Site) -> int | None:
+    """The axis of the site's full value that `site.index` selects along."""
+    if site.index is None:
+        return None
+    return {"head": 2, "pattern": 1, "neuron": 2}[site.kind]
+
+
+def _position_axis(site: Site) -> int:
+    """The axis of positions once the index (if any) is selected."""
+    if site.kind == "pattern":
+        return 1 if site.index is not None else 2
+    return 1
+
+
+def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
+    """The part of a concrete site's full value that the site names (index, positions)."""
+    axis = _index_axis(site)
+    value = full.select(axis, site.index) if axis is not None else full
+    if site.positions is not None:
+        positions = site.positions.resolve(batch.tokens)
+        value = select_positions(value, _position_axis(site), positions, site.positions.squeeze)
+    return value
+
+
+def read(model, site: str | Site, batch: Batch) -> torch.Tensor:
+    """Read a site inside the active trace; a range of sites stacks on a new leading axis."""
+    sites = sorted(parse(site).expand(model), key=lambda s: s.order)
+    values = [read_value(_full(model, s), s, batch) for s in sites]
+    return values[0] if len(values) == 1 else torch.stack(values)
+
+
+def _full(model, site: Site) -> torch.Tensor:
+    """The whole value of a concrete site in the active trace, with errors in site terms."""
+    from nnsight.intervention.interleaver import OutOfOrderError
+
+    try:
+        return _slot(model, site).get()
+    except OutOfOrderError:
+        raise SiteError(f"{site.name} was requested after the model had computed it: "
+                        f"{ORDER_HINT}") from None
+
+
+def write(model, site: str | Site, value, batch: Batch) -> None:
+    """Write `value` (broadcast to what `read` returns) into a site inside the active trace."""
+    parsed = parse(site)
+    sites = sorted(parsed.expand(model), key=lambda s: s.order)
+    if len(sites) > 1 and torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == len(sites):
+        values = list(value)
+    else:
+        values = [value] * len(sites)
+    for concrete, new in zip(sites, values):
+        full = _full(model, concrete)
+        slot = _slot(model, concrete)
+        # A fresh tensor keeps autograd's view of the original intact.
+        updated = full.clone()
+        target = updated
+        axis = _index_axis(concrete)
+        if axis is not None:
+            target = updated.select(axis, concrete.index)
+        try:
+            if concrete.positions is not None:
+                positions = concrete.positions.resolve(batch.tokens)
+                assign_positions(target, _position_axis(concrete), positions, new,
+                                 concrete.positions.squeeze)
+            else:
+                target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        except RuntimeError as error:
+            shape = tuple(read_value(full, concrete, batch).shape)
+            raise SiteError(
+                f"cannot write a value of shape {tuple(torch.as_tensor(new).shape)} into "
+                f"{concrete}, whose value has shape {shape}: give a scalar or a tensor "
+                f"that broadcasts to {shape}"
+            ) from None
+        slot.set(updated)
