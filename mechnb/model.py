@@ -311,12 +311,12 @@ class Model:
     def __getitem__(self, site):
         from .trace import read
 
-        return read(self, site, self._active(site).batch)
+        return read(self, site, self._active(site))
 
     def __setitem__(self, site, value) -> None:
         from .trace import write
 
-        write(self, site, value, self._active(site).batch)
+        write(self, site, value, self._active(site))
 
     # -- one-call methods ---------------------------------------------------
 

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SiteError
+
+if TYPE_CHECKING:  # torch loads on first use, so that `import mechnb` stays fast
+    import torch
 
 # Kind -> (takes a layer, takes an index, the name of its index, stage within a layer).
 KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
@@ -75,8 +77,10 @@ class Positions:
         """True when one position is named, so the position axis is dropped."""
         return self.index is not None
 
-    def resolve(self, tokens: list[list[str]]) -> torch.Tensor:
+    def resolve(self, tokens: list[list[str]]) -> "torch.Tensor":
         """Position indices per prompt, `batch n`, for prompts given as token strings."""
+        import torch
+
         rows = []
         for row, toks in enumerate(tokens):
             n = len(toks)
@@ -245,16 +249,20 @@ def _parse_positions(text: str, site: str) -> Positions:
     )
 
 
-def select_positions(value: torch.Tensor, axis: int, positions: torch.Tensor, squeeze: bool):
+def select_positions(value: "torch.Tensor", axis: int, positions: "torch.Tensor", squeeze: bool):
     """The positions (`batch n`, per row) of `value` along `axis`; drop the axis if `squeeze`."""
+    import torch
+
     moved = value.movedim(axis, 1)
     rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
     picked = moved[rows, positions.to(moved.device)].movedim(1, axis)
     return picked.squeeze(axis) if squeeze else picked
 
 
-def assign_positions(value: torch.Tensor, axis: int, positions: torch.Tensor, new, squeeze: bool):
+def assign_positions(value: "torch.Tensor", axis: int, positions: "torch.Tensor", new, squeeze: bool):
     """Write `new` (shaped as `select_positions` returns) into `value`, in place."""
+    import torch
+
     new = torch.as_tensor(new, dtype=value.dtype, device=value.device)
     if squeeze and new.dim() == value.dim() - 1:
         new = new.unsqueeze(axis)

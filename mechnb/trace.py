@@ -60,6 +60,10 @@ class Trace:
         self.batch = Batch.of(model.tokenizer, prompts)
         self.grad = grad
         self._tracer = None
+        # Whole values already met in this run, by site name: a module's value can be
+        # fetched from nnsight once, so a second read (or a read after a write) of the
+        # same site is served from here.
+        self.values: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> "Trace":
         from nnsight.tracing.tracer import skip_context, skippable
@@ -184,53 +188,61 @@ def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
     return value
 
 
-def read(model, site: str | Site, batch: Batch) -> torch.Tensor:
+def read(model, site: str | Site, trace: Trace) -> torch.Tensor:
     """Read a site inside the active trace; a range of sites stacks on a new leading axis."""
     sites = sorted(parse(site).expand(model), key=lambda s: s.order)
-    values = [read_value(_full(model, s), s, batch) for s in sites]
+    values = [read_value(_full(model, s, trace), s, trace.batch) for s in sites]
     return values[0] if len(values) == 1 else torch.stack(values)
 
 
-def _full(model, site: Site) -> torch.Tensor:
+def _full(model, site: Site, trace: Trace) -> torch.Tensor:
     """The whole value of a concrete site in the active trace, with errors in site terms."""
     from nnsight.intervention.interleaver import OutOfOrderError
 
-    try:
-        return _slot(model, site).get()
-    except OutOfOrderError:
-        raise SiteError(f"{site.name} was requested after the model had computed it: "
-                        f"{ORDER_HINT}") from None
+    key = Site(site.kind, site.layer).name
+    if key not in trace.values:
+        try:
+            trace.values[key] = _slot(model, site).get()
+        except OutOfOrderError:
+            raise SiteError(f"{site.name} was requested after the model had computed it: "
+                            f"{ORDER_HINT}") from None
+    return trace.values[key]
 
 
-def write(model, site: str | Site, value, batch: Batch) -> None:
+def write(model, site: str | Site, value, trace: Trace) -> None:
     """Write `value` (broadcast to what `read` returns) into a site inside the active trace."""
-    parsed = parse(site)
-    sites = sorted(parsed.expand(model), key=lambda s: s.order)
+    sites = sorted(parse(site).expand(model), key=lambda s: s.order)
     if len(sites) > 1 and torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == len(sites):
         values = list(value)
     else:
         values = [value] * len(sites)
     for concrete, new in zip(sites, values):
-        full = _full(model, concrete)
-        slot = _slot(model, concrete)
-        # A fresh tensor keeps autograd's view of the original intact.
-        updated = full.clone()
-        target = updated
-        axis = _index_axis(concrete)
-        if axis is not None:
-            target = updated.select(axis, concrete.index)
-        try:
-            if concrete.positions is not None:
-                positions = concrete.positions.resolve(batch.tokens)
-                assign_positions(target, _position_axis(concrete), positions, new,
-                                 concrete.positions.squeeze)
-            else:
-                target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
-        except RuntimeError as error:
-            shape = tuple(read_value(full, concrete, batch).shape)
-            raise SiteError(
-                f"cannot write a value of shape {tuple(torch.as_tensor(new).shape)} into "
-                f"{concrete}, whose value has shape {shape}: give a scalar or a tensor "
-                f"that broadcasts to {shape}"
-            ) from None
-        slot.set(updated)
+        key = Site(concrete.kind, concrete.layer).name
+        fresh = key not in trace.values
+        full = _full(model, concrete, trace)
+        # The first write replaces the module's value with a copy, which keeps
+        # autograd's record of the original intact; later writes edit that copy,
+        # which the model has not consumed yet (it waits while the body runs).
+        updated = full.clone() if fresh else full
+        _assign(updated, concrete, new, trace.batch)
+        if fresh:
+            _slot(model, concrete).set(updated)
+            trace.values[key] = updated
+
+
+def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:
+    """Write `new` into the part of `full` that `site` names, in place."""
+    axis = _index_axis(site)
+    target = full.select(axis, site.index) if axis is not None else full
+    try:
+        if site.positions is not None:
+            positions = site.positions.resolve(batch.tokens)
+            assign_positions(target, _position_axis(site), positions, new, site.positions.squeeze)
+        else:
+            target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+    except RuntimeError:
+        shape = tuple(read_value(full, site, batch).shape)
+        raise SiteError(
+            f"cannot write a value of shape {tuple(torch.as_tensor(new).shape)} into {site}, "
+            f"whose value has shape {shape}: give a scalar or a tensor that broadcasts to {shape}"
+        ) from None

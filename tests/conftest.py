@@ -1,0 +1,95 @@
+"""Fixtures: tiny random models of every supported architecture, and the embedded model.
+
+Tiny models (2-3 layers, d_model 32-64) build in milliseconds and use the embedded
+SmolLM2 tokenizer, so their prompts tokenize like the real model's. The embedded
+model itself (`real`) is loaded once per session from the safetensors cache (the
+first run on a machine converts the GGUF, about 30 s).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+PARIS = "The Eiffel Tower is located in the city of"
+
+# name -> (config class path, config kwargs)
+TINY_CONFIGS = {
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=128)),
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, use_parallel_residual=True)),
+    "gpt_neox_sequential": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=3, num_attention_heads=4,
+                                                  use_parallel_residual=False)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    sliding_window=4, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0)),
+}
+ARCH_NAMES = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """The converted embedded model directory (converting it on first use)."""
+    from mechnb import embedded
+
+    return embedded.converted()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir, local_files_only=True)
+
+
+def build_hf(name: str, tokenizer, seed: int = 0):
+    """A tiny randomly initialised transformers model of architecture `name`."""
+    import transformers
+
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), **kwargs)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return hf.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tokenizer):
+    """`tiny_factory(name)` -> a fresh mechnb Model of a tiny random `name` model."""
+    from mechnb.model import Model
+
+    def make(name: str, seed: int = 0):
+        return Model(build_hf(name, tokenizer, seed), tokenizer, name=f"tiny-{name}")
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCH_NAMES)
+def tiny(request, tiny_factory):
+    """One tiny Model per architecture (shared within the session)."""
+    return tiny_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The embedded SmolLM2-135M-Instruct, loaded once."""
+    import mechnb
+
+    return mechnb.load()
+
+
+def clean_logits(model, prompt=PROMPT):
+    """Logits of a plain forward of the underlying HF model, no nnsight involved."""
+    batch = model.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model.hf(**batch).logits

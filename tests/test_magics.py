@@ -1,0 +1,156 @@
+"""The magics, through a real IPython InteractiveShell."""
+
+import pytest
+import torch
+
+from conftest import PARIS, PROMPT, clean_logits
+from mechnb.magics import split_args
+from mechnb.errors import MagicError
+
+
+@pytest.fixture(scope="module")
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext mechnb", store_history=False)
+    yield shell
+    shell.run_cell("%unload_ext mechnb", store_history=False)
+
+
+def run(shell, source):
+    """Run a cell; return (result, stderr text is read by the caller via capsys)."""
+    return shell.run_cell(source, store_history=False)
+
+
+@pytest.fixture
+def llama(shell, tiny_factory):
+    model = tiny_factory("llama")
+    shell.user_ns["m"] = model
+    assert run(shell, "%mechnb use m").success
+    shell.user_ns["model"] = model
+    return model
+
+
+def test_split_args_expands_python_values():
+    ns = {"prompts": ["a b", "c"], "k": 3, "name": "John"}
+    assert split_args('top "The cat sat" -k {k}', ns) == ["top", "The cat sat", "-k", 3]
+    assert split_args("{prompts} --grad", ns) == [["a b", "c"], "--grad"]
+    assert split_args("'Hello {name}!' {{x}}", ns) == ["Hello John!", "{x}"]
+    with pytest.raises(MagicError, match="cannot evaluate {missing}"):
+        split_args("{missing}", ns)
+
+
+def test_top_before_load_is_one_readable_line(shell, capsys):
+    shell.magics_manager.registry["MechnbMagics"].session.model = None
+    result = run(shell, '%mechnb top "Hello"')
+    err = capsys.readouterr().err
+    assert not result.success
+    assert "ModelError: no model loaded: run `%mechnb load` first" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_and_top_magics(shell, llama):
+    info = run(shell, "%mechnb info").result
+    assert info.loc["n_layers", "value"] == 3 and info.loc["d_head", "value"] == 8
+    table = run(shell, '%mechnb top "When Mary and John went to the store" -k 4').result
+    assert list(table.columns) == ["rank", "token", "token_id", "prob", "logit"]
+    assert len(table) == 4
+
+
+def test_trace_cell_reads_and_writes(shell, llama):
+    shell.user_ns["p"] = PROMPT
+    result = run(shell, '%%trace {p}\n'
+                        'h = model["resid_post.0"].save()\n'
+                        'model["head.1.2"] = 0\n'
+                        'logits = model["logits"].save()\n')
+    assert result.success, result.error_in_exec
+    h, logits = shell.user_ns["h"], shell.user_ns["logits"]
+    assert isinstance(h, torch.Tensor) and h.shape == (1, len(llama.tokens(PROMPT)), 32)
+    clean = clean_logits(llama)
+    assert (logits - clean).abs().max() > 1e-4
+    assert torch.equal(clean_logits(llama), clean)
+
+
+def test_trace_cell_takes_a_list_of_prompts(shell, llama):
+    shell.user_ns["prompts"] = [PROMPT, "Hi"]
+    assert run(shell, '%%trace {prompts}\nlast = model["resid_pre.*@-1"].save()\n').success
+    assert shell.user_ns["last"].shape == (3, 2, 32)
+
+
+def test_each_trace_cell_runs_its_own_code(shell, llama):
+    for layer in (0, 1, 2):
+        assert run(shell, f'%%trace "Hello world"\nx = model["resid_post.{layer}"].save()\n').success
+        cache = llama.cache("Hello world", f"resid_post.{layer}")
+        assert torch.equal(shell.user_ns["x"], cache[f"resid_post.{layer}"])
+
+
+@pytest.mark.parametrize("body,kind,text", [
+    ('model["resid_post.9"].save()', "SiteError", "layer 9 out of range in resid_post.9: this model has layers 0-2"),
+    ('model["head.1.7"] = 0', "SiteError", "head 7 out of range"),
+    ('model["blah.1"].save()', "SiteError", "unknown site kind 'blah'"),
+    ("model[\"resid_post.1@'Bob'\"].save()", "SiteError", "token 'Bob' is not in prompt 0"),
+    ('x = model["resid_post.2"].save()\ny = model["resid_post.0"].save()', "SiteError", "order"),
+    ('model["head.1.0"] = 0\nraise ValueError("boom")', "TraceError", "raised ValueError: boom (cell line 2"),
+    ('model["head.1.0"] = 0\nraise KeyboardInterrupt', "TraceError", "interrupted"),
+    ("x = (", "MagicError", "syntax error"),
+])
+def test_trace_errors_are_one_line_and_leave_the_model_clean(shell, llama, capsys, body, kind, text):
+    clean = clean_logits(llama)
+    result = run(shell, f"%%trace {PROMPT!r}\n{body}\n")
+    err = capsys.readouterr().err
+    assert not result.success
+    assert err.startswith(kind + ": ") and text in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert torch.equal(clean_logits(llama), clean)
+    assert llama._trace is None
+    assert run(shell, f"%%trace {PROMPT!r}\nok = model['logits'].save()\n").success
+    assert torch.allclose(shell.user_ns["ok"], clean, atol=1e-5)
+
+
+def test_bad_magic_arguments_are_one_line(shell, llama, capsys):
+    for line, text in [("%mechnb nonsense", "unknown command 'nonsense'"),
+                       ('%mechnb top "x" --bogus 1', "unknown option --bogus"),
+                       ('%mechnb top "x" -k many', "takes a int"),
+                       ("%mechnb top {undefined_name}", "cannot evaluate"),
+                       ("%mechnb load ./no/such/dir", "no such file or directory"),
+                       ("%%trace\nx = 1", "takes one prompt")]:
+        result = run(shell, line)
+        err = capsys.readouterr().err
+        assert not result.success and text in err, (line, err)
+        assert "Traceback" not in err
+
+
+def test_help_lists_the_commands(shell, capsys):
+    run(shell, "%mechnb help")
+    out = capsys.readouterr().out
+    for word in ["load", "info", "top", "%%trace", "resid_pre.L"]:
+        assert word in out
+
+
+def test_unload_and_reload_the_extension(shell, llama, capsys):
+    assert run(shell, "%unload_ext mechnb").success
+    assert "mechnb" not in shell.magics_manager.magics["line"]
+    assert not run(shell, "%mechnb info").success
+    capsys.readouterr()
+    assert run(shell, "%load_ext mechnb").success
+    assert run(shell, "%mechnb use m").success
+    assert run(shell, "%mechnb info").result.loc["n_layers", "value"] == 3
+
+
+@pytest.mark.slow
+def test_load_top_and_trace_on_the_embedded_model(shell, capsys):
+    assert run(shell, "%mechnb load").success
+    assert "bound to `model`" in capsys.readouterr().out
+    table = run(shell, f'%mechnb top "{PARIS}"').result
+    assert table.token[0] == " Paris"
+    result = run(shell, f'%%trace "{PROMPT}"\n'
+                        'h = model["resid_post.5"].save()\n'
+                        'model["head.9.6"] = 0\n'
+                        'logits = model["logits"].save()\n')
+    assert result.success
+    assert shell.user_ns["h"].shape == (1, 14, 576)
+    model = shell.user_ns["model"]
+    clean = model.cache(PROMPT, "logits")["logits"]
+    assert (shell.user_ns["logits"] - clean).abs().max() > 1e-3
+    assert model.tokenizer.decode(clean[0, -1].argmax()) == " Mary"
