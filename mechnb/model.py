@@ -70,12 +70,20 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kw
     except (OSError, ValueError) as error:
         raise ModelError(f"could not read a model config from {label!r}: {_first_line(error)}") from None
     arch_for(config)  # an unsupported architecture fails here, before any weights load
+    from transformers.utils import logging as hf_logging
+
+    # A progress bar for a one-second load is noise in a notebook cell.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
                                                         **kwargs, **hf_kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not load {label!r}: {_first_line(error)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if "device_map" not in hf_kwargs:
         hf_model.to(device)
     return Model(hf_model, tokenizer, name=label)

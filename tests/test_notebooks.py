@@ -1,0 +1,45 @@
+"""The tutorials: stored without outputs, and executed end to end on the embedded model."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_is_a_quickstart():
+    assert "00_quickstart.ipynb" in [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name} has outputs: clear them before committing")
+
+
+def execute(path):
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return notebook
+
+
+def texts(notebook):
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            yield output.get("text", "") + output.get("data", {}).get("text/plain", "")
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end():
+    notebook = execute(NOTEBOOKS[0])
+    text = "\n".join(texts(notebook))
+    assert "Traceback" not in text
+    assert "Paris" in text and "bound to `model`" in text
+    assert "h is an ordinary tensor: Tensor (1, 14, 576)" in text
