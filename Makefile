@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml $(VENV)/bin/python
 model: setup
 	$(PY) -m mechnb.embedded
 
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: model
-	$(VENV)/bin/jupyter lab notebooks/00_quickstart.ipynb
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $(ROOT_FLAG) notebooks/00_quickstart.ipynb
 
 test: setup
 	$(PY) -m pytest -q
@@ -37,6 +40,7 @@ test-fast: setup
 
 bench: model
 	$(PY) bench/trace_overhead.py
+	$(PY) bench/load_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -170,7 +170,7 @@ class MechnbMagics(Magics):
         name = options.pop("as", "model")
         if not name.isidentifier():
             raise MagicError(f"--as takes a Python name, got {name!r}")
-        self.session.model = None  # free the old model's memory before loading the next
+        # The old model stays until the new one has loaded: a failed load changes nothing.
         model = load(positional[0] if positional else None, **options)
         self.session.model = model
         self.shell.user_ns[name] = model
@@ -230,6 +230,8 @@ def run_traced_cell(shell, model, prompts, cell: str, grad: bool = False) -> Non
         raise MagicError(f"syntax error in the %%trace cell, line {(error.lineno or 3) - 2}: "
                          f"{error.msg}") from None
     namespace = shell.user_ns
+    assigned = _assigned_names(body)
+    before = {name: id(namespace[name]) for name in assigned if name in namespace}
     namespace[handle] = model.trace(prompts, grad=grad)
     try:
         exec(code, namespace)
@@ -243,6 +245,24 @@ def run_traced_cell(shell, model, prompts, cell: str, grad: bool = False) -> Non
                          "the model is unchanged") from None
     finally:
         namespace.pop(handle, None)
+    lost = [n for n in assigned if n not in namespace or before.get(n) == id(namespace[n])]
+    if lost:
+        print(f"note: {', '.join(lost)} assigned in the %%trace cell but not kept: only values "
+              "marked with .save() leave a trace (e.g. h = model['resid_post.5'].save())",
+              file=sys.stderr)
+
+
+def _assigned_names(body: str) -> list[str]:
+    """Names the cell assigns at its top level (plain `name = ...` statements)."""
+    import ast
+
+    names = []
+    for statement in ast.parse(body).body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else []
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id not in names:
+                names.append(target.id)
+    return names
 
 
 def _cell_line(error: BaseException, filename: str) -> str:

@@ -72,6 +72,25 @@ def test_trace_cell_reads_and_writes(shell, llama):
     assert torch.equal(clean_logits(llama), clean)
 
 
+def test_unsaved_names_get_a_hint(shell, llama, capsys):
+    shell.user_ns.pop("forgotten", None)
+    shell.user_ns["kept_old"] = "old"
+    result = run(shell, '%%trace "Hello world"\n'
+                        'forgotten = model["resid_post.0"]\n'
+                        'kept_old = model["resid_post.1"]\n'
+                        'saved = model["resid_post.2"].save()\n')
+    assert result.success
+    err = capsys.readouterr().err
+    assert "forgotten, kept_old assigned in the %%trace cell but not kept" in err
+    assert "saved" not in err
+
+
+def test_failed_load_keeps_the_current_model(shell, llama, capsys):
+    assert not run(shell, "%mechnb load ./no/such/dir").success
+    assert shell.magics_manager.registry["MechnbMagics"].session.model is llama
+    assert run(shell, "%mechnb info").success
+
+
 def test_trace_cell_takes_a_list_of_prompts(shell, llama):
     shell.user_ns["prompts"] = [PROMPT, "Hi"]
     assert run(shell, '%%trace {prompts}\nlast = model["resid_pre.*@-1"].save()\n').success

@@ -223,3 +223,26 @@ def test_grad_trace_keeps_gradients(tiny_factory):
     with model.trace(PROMPT):
         found["plain"] = model["logits"].save()
     assert not found["plain"].requires_grad
+
+
+def test_interrupt_in_the_middle_of_the_forward_leaves_the_model_clean(tiny_factory):
+    model = tiny_factory("llama")
+    clean = clean_logits(model)
+
+    def ctrl_c(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = submodule(model.hf, model.arch.layers)[1].register_forward_hook(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with model.trace(PROMPT):
+                model["resid_pre.0"] = 0
+                model["logits"].save()
+    finally:
+        handle.remove()
+    assert model._trace is None
+    assert torch.equal(clean_logits(model), clean)
+    found = []
+    with model.trace(PROMPT):
+        found.append(model["logits"].save())
+    assert torch.allclose(found[0], clean, atol=1e-5)
