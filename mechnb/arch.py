@@ -107,19 +107,10 @@ ARCHS: tuple[Arch, ...] = (
     Arch(
         name="gemma2",
         model_types=("gemma2", "gemma3_text"),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        attn="self_attn",
-        o_proj="self_attn.o_proj",
-        mlp="mlp",
-        mlp_down="mlp.down_proj",
         # Gemma normalises each branch before adding it: the normed value is what the
         # residual stream receives.
-        attn_out="post_attention_layernorm",
-        mlp_out="post_feedforward_layernorm",
-        resid_mid="pre_feedforward_layernorm",
+        **{**_LLAMA_LIKE, "attn_out": "post_attention_layernorm",
+           "mlp_out": "post_feedforward_layernorm", "resid_mid": "pre_feedforward_layernorm"},
     ),
 )
 

@@ -33,6 +33,11 @@ TINY_CONFIGS = {
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                     sliding_window=4, attn_logit_softcapping=50.0,
                                     final_logit_softcapping=30.0)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=3, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=8, sliding_window=4)),
 }
 ARCH_NAMES = list(TINY_CONFIGS)
 

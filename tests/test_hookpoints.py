@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from conftest import PROMPT, build_hf
+from conftest import ARCH_NAMES, PROMPT, build_hf
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2", "gpt_neox",
-                                  "gpt_neox_sequential", "gemma2"])
+@pytest.mark.parametrize("name", ARCH_NAMES)
 def test_hooked_attention_matches_the_stock_model(name, tokenizer):
     from mechnb.model import Model
 
