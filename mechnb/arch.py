@@ -130,8 +130,33 @@ def arch_for(config) -> Arch:
     )
 
 
+def locate(model, site) -> tuple[str, str, str | None]:
+    """Where a concrete site's whole value lives: `(module path, "input"|"output", attr)`.
+
+    The path is relative to the model root and works on the HF model and on its nnsight
+    envoy alike; `attr` names a field of the output (`logits`). A module returning a
+    tuple holds the value in element 0.
+    """
+    arch = model.arch
+    if site.kind == "embed":
+        return arch.embed, "output", None
+    if site.kind == "logits":
+        return "", "output", "logits"
+    layer = f"{arch.layers}.{site.layer}"
+    return {
+        "resid_pre": (layer, "input", None),
+        "resid_post": (layer, "output", None),
+        "resid_mid": (f"{layer}.{model.resid_mid_path}", "input", None),
+        "attn_out": (f"{layer}.{arch.attn_out}", "output", None),
+        "mlp_out": (f"{layer}.{arch.mlp_out}", "output", None),
+        "head": (f"{layer}.{arch.attn}.hook_z", "output", None),
+        "pattern": (f"{layer}.{arch.attn}.hook_pattern", "output", None),
+        "neuron": (f"{layer}.{arch.mlp_down}", "input", None),
+    }[site.kind]
+
+
 def submodule(root, path: str):
-    """The module (or nnsight envoy) at a dotted path below `root`."""
-    for part in path.split("."):
+    """The module (or nnsight envoy) at a dotted path below `root` (`""` is the root)."""
+    for part in filter(None, path.split(".")):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
     return root

@@ -190,6 +190,8 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
         self._trace = None
+        self._context = None  # the prompts of the running forward, for hook positions
+        self._installed: list = []  # (intervention, torch hook handle), in order added
 
     # -- dimensions ---------------------------------------------------------
 
@@ -326,6 +328,89 @@ class Model:
 
         write(self, site, value, self._active(site))
 
+    # -- persistent interventions ---------------------------------------------
+
+    @property
+    def interventions(self) -> list:
+        """The active interventions, in the order they apply."""
+        return [intervention for intervention, _ in self._installed]
+
+    def add(self, interventions) -> list:
+        """Activate interventions (an `Intervention` or a list); returns them."""
+        from .interventions import Intervention, install
+
+        items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        for intervention in items:
+            self._installed.append((intervention, install(self, intervention)))
+        return items
+
+    def remove(self, interventions) -> None:
+        """Deactivate the given interventions (others stay)."""
+        from .interventions import Intervention
+
+        items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        keep = []
+        for intervention, handle in self._installed:
+            if any(intervention is item for item in items):
+                handle.remove()
+            else:
+                keep.append((intervention, handle))
+        self._installed = keep
+
+    def clear(self) -> None:
+        """Remove every active intervention: the model is as loaded."""
+        for _, handle in self._installed:
+            handle.remove()
+        self._installed = []
+
+    def ablate(self, sites, mode: str = "zero", ref=None, positions=None, seed: int = 0) -> list:
+        """Ablate sites until removed: `zero`, `mean` or `resample` over reference prompts.
+
+        Args:
+            sites: a site or list of sites (`head.9.6`, `neuron.5.1`, `mlp_out.*`,
+                `resid_pre.3@-1`, ...); ranges expand to one ablation per site.
+            mode: `zero`; `mean` (the mean over every real token of `ref`); or
+                `resample` (per-token draws from `ref`'s tokens, seeded by `seed`).
+            ref: reference prompts for mean and resample.
+            positions: positions for every site (`-1`, `"3:7"`, `slice(0, 4)`,
+                `"'John'"`); default all, or those in the site string.
+            seed: the seed of resample's draws (the same draws on every forward).
+
+        Returns:
+            The `Ablate` interventions added. Example: `model.ablate("head.9.6")`.
+        """
+        from .interventions import ablations
+
+        return self.add(ablations(self, sites, mode, ref, positions, seed))
+
+    def hook(self, site, fn) -> list:
+        """Run `fn(value) -> value` on a site's value in every forward, until removed.
+
+        `value` is the part the site names (`head.9.6@-1` gives `batch d_head`).
+        Returns the `Hook` interventions added (one per site of a range).
+        """
+        from .interventions import Hook
+        from .sites import parse
+
+        if not callable(fn):
+            raise SiteError(f"hook takes a function of the site's tensor, got {type(fn).__name__}")
+        return self.add([Hook(concrete, fn=fn) for concrete in parse(site).expand(self)])
+
+    def ablated(self, sites, mode: str = "zero", ref=None, positions=None, seed: int = 0):
+        """`with model.ablated(...):` ablations active inside the block only."""
+        return _Scoped(self, self.ablate(sites, mode=mode, ref=ref, positions=positions, seed=seed))
+
+    def hooked(self, site, fn):
+        """`with model.hooked(site, fn):` a hook active inside the block only."""
+        return _Scoped(self, self.hook(site, fn))
+
+    def interventions_table(self):
+        """The active interventions as a DataFrame (`#`, kind, site, detail)."""
+        import pandas as pd
+
+        rows = [{"#": i, **intervention.describe()} for i, intervention in enumerate(self.interventions)]
+        return pd.DataFrame(rows, columns=["#", "kind", "site", "detail"])
+
     # -- one-call methods ---------------------------------------------------
 
     def top(self, prompt: str, k: int = 10):
@@ -390,3 +475,16 @@ class Model:
             for site in order:
                 store[site.name] = self[site].save()
         return Cache(self, tr.batch, {name: store[name] for name in store})
+
+
+class _Scoped:
+    """Removes the interventions it was given when its `with` block ends, however it ends."""
+
+    def __init__(self, model, interventions):
+        self.model, self.interventions = model, interventions
+
+    def __enter__(self):
+        return self.interventions
+
+    def __exit__(self, *exc) -> None:
+        self.model.remove(self.interventions)

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import torch
 
-from .arch import submodule
+from .arch import locate, submodule
 from .batch import Batch
 from .errors import SiteError, TraceError
+from .interventions import Context, apply
 from .sites import Site, assign_positions, parse, select_positions
 
 ORDER_HINT = (
@@ -69,6 +70,7 @@ class Trace:
         from nnsight.tracing.tracer import skip_context, skippable
 
         self.model._enter_trace(self)
+        self.model._context = Context(self.batch.tokens)
         try:
             self._tracer = self.model.nn.trace(self.batch.inputs(self.model.device))
             # Both calls look two frames up for the user's `with` statement, so they
@@ -78,6 +80,7 @@ class Trace:
                 skip_context(self._tracer)
         except BaseException as error:
             self.model._leave_trace(self)
+            self.model._context = None
             raise translate(error) from None
         return self
 
@@ -93,6 +96,7 @@ class Trace:
         finally:
             self._tracer = None
             self.model._leave_trace(self)
+            self.model._context = None
 
 
 def translate(error: BaseException) -> BaseException:
@@ -139,29 +143,8 @@ class _Slot:
 
 def _slot(model, site: Site) -> _Slot:
     """The `_Slot` of a concrete site in `model`'s nnsight envoy tree."""
-    arch, nn = model.arch, model.nn
-    if site.kind == "embed":
-        return _Slot(submodule(nn, arch.embed), "output")
-    if site.kind == "logits":
-        return _Slot(nn, "output", attr="logits")
-    layer = submodule(nn, arch.layers)[site.layer]
-    if site.kind == "resid_pre":
-        return _Slot(layer, "input")
-    if site.kind == "resid_post":
-        return _Slot(layer, "output")
-    if site.kind == "resid_mid":
-        return _Slot(submodule(layer, model.resid_mid_path), "input")
-    if site.kind == "attn_out":
-        return _Slot(submodule(layer, arch.attn_out), "output")
-    if site.kind == "mlp_out":
-        return _Slot(submodule(layer, arch.mlp_out), "output")
-    if site.kind == "head":
-        return _Slot(submodule(layer, arch.attn).hook_z, "output")
-    if site.kind == "pattern":
-        return _Slot(submodule(layer, arch.attn).hook_pattern, "output")
-    if site.kind == "neuron":
-        return _Slot(submodule(layer, arch.mlp_down), "input")
-    raise SiteError(f"no slot for site kind {site.kind!r}")
+    path, io, attr = locate(model, site)
+    return _Slot(submodule(model.nn, path), io, attr)
 
 
 def _index_axis(site: Site) -> int | None:
@@ -178,14 +161,31 @@ def _position_axis(site: Site) -> int:
     return 1
 
 
-def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
-    """The part of a concrete site's full value that the site names (index, positions)."""
+def read_part(full: torch.Tensor, site: Site, positions: torch.Tensor | None) -> torch.Tensor:
+    """The part of a site's whole value that its index and (resolved) positions name."""
     axis = _index_axis(site)
     value = full.select(axis, site.index) if axis is not None else full
-    if site.positions is not None:
-        positions = site.positions.resolve(batch.tokens)
-        value = select_positions(value, _position_axis(site), positions, site.positions.squeeze)
+    if positions is not None:
+        squeeze = site.positions is not None and site.positions.squeeze
+        value = select_positions(value, _position_axis(site), positions, squeeze)
     return value
+
+
+def assign_part(full: torch.Tensor, site: Site, new, positions: torch.Tensor | None) -> None:
+    """Write `new` (shaped as `read_part` returns, or broadcastable) into `full`, in place."""
+    axis = _index_axis(site)
+    target = full.select(axis, site.index) if axis is not None else full
+    if positions is not None:
+        squeeze = site.positions is not None and site.positions.squeeze
+        assign_positions(target, _position_axis(site), positions, new, squeeze)
+    else:
+        target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+
+
+def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
+    """The part of a concrete site's whole value that the site names, in `batch`'s prompts."""
+    positions = site.positions.resolve(batch.tokens) if site.positions is not None else None
+    return read_part(full, site, positions)
 
 
 def read(model, site: str | Site, trace: Trace) -> torch.Tensor:
@@ -202,10 +202,17 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
     key = Site(site.kind, site.layer).name
     if key not in trace.values:
         try:
-            trace.values[key] = _slot(model, site).get()
+            value = _slot(model, site).get()
         except OutOfOrderError:
             raise SiteError(f"{site.name} was requested after the model had computed it: "
                             f"{ORDER_HINT}") from None
+        # An active intervention on a module's output runs after nnsight hands the value
+        # over; apply it here too, so a read shows what the rest of the model sees.
+        if locate(model, site)[1] == "output":
+            for intervention in model.interventions:
+                if Site(intervention.site.kind, intervention.site.layer).name == key:
+                    value = apply(intervention, value, model._context)
+        trace.values[key] = value
     return trace.values[key]
 
 
@@ -231,17 +238,12 @@ def write(model, site: str | Site, value, trace: Trace) -> None:
 
 
 def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:
-    """Write `new` into the part of `full` that `site` names, in place."""
-    axis = _index_axis(site)
-    target = full.select(axis, site.index) if axis is not None else full
+    """Write `new` into the part of `full` that `site` names, in place, or a `SiteError`."""
+    positions = site.positions.resolve(batch.tokens) if site.positions is not None else None
     try:
-        if site.positions is not None:
-            positions = site.positions.resolve(batch.tokens)
-            assign_positions(target, _position_axis(site), positions, new, site.positions.squeeze)
-        else:
-            target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        assign_part(full, site, new, positions)
     except RuntimeError:
-        shape = tuple(read_value(full, site, batch).shape)
+        shape = tuple(read_part(full, site, positions).shape)
         raise SiteError(
             f"cannot write a value of shape {tuple(torch.as_tensor(new).shape)} into {site}, "
             f"whose value has shape {shape}: give a scalar or a tensor that broadcasts to {shape}"
