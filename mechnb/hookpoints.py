@@ -26,6 +26,10 @@ Gotchas:
 - Sliding windows (Gemma 2) arrive inside the mask, which `eager_mask` builds.
 - Patterns are real probabilities whatever implementation the model was loaded
   with, because install() always switches to this function.
+- Two module attributes serve the patching engine (`mechnb.runner`): a list in
+  `mechnb_record` receives each call's keys and values, and a `(keys, values)` pair
+  in `mechnb_prefix` is prepended to them, so a forward can recompute only the
+  positions after a given one.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ def attention(
     Returns:
         `(z, pattern)`: z is `batch pos_q head d_head`, pattern `batch head pos_q pos_k`.
     """
+    record = getattr(module, "mechnb_record", None)
+    if record is not None:
+        record.append((key, value))
+    prefix = getattr(module, "mechnb_prefix", None)
+    if prefix is not None:
+        # Keys and values of earlier positions, computed by an earlier run (see
+        # mechnb.runner): this forward computes only the positions after them.
+        key = torch.cat([prefix[0], key], dim=2)
+        value = torch.cat([prefix[1], value], dim=2)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)

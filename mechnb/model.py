@@ -411,6 +411,59 @@ class Model:
         rows = [{"#": i, **intervention.describe()} for i, intervention in enumerate(self.interventions)]
         return pd.DataFrame(rows, columns=["#", "kind", "site", "detail"])
 
+    # -- patching -------------------------------------------------------------
+
+    def patch(self, clean, corrupt, sites, answer=None, wrong=None, metric="logit_diff",
+              per_position: bool = True, method: str = "exact", normalize: bool = False,
+              batch_size: int | None = None, direction: str = "denoising", progress: bool = True):
+        """Activation (or attribution) patching of every site in `sites`.
+
+        Args:
+            clean, corrupt: a prompt each, or equal-length lists of prompt pairs (the
+                metric averages over pairs). A pair must tokenize to one length.
+            sites: a site pattern or a list of patterns of one grid shape
+                (`resid_pre.*`, `head.*.*`, `attn_out.*`, `mlp_out.10:20`, ...). A
+                pattern with positions (`head.*.*@-1`) patches just those.
+            answer, wrong: answer tokens (strings; the first token is used) or ids.
+            metric: `logit_diff`, `prob`, `logprob`, `kl`, or f(logits batch vocab) -> batch.
+            per_position: sweep every position separately (adds a `pos` axis).
+            method: `exact` (batched patched forwards) or `attribution` (one backward).
+            normalize: report `(patched - corrupt) / (clean - corrupt)`.
+            batch_size: rows per batched forward (default from a 256 MiB budget).
+            direction: `denoising` (clean into corrupt) or `noising` (corrupt into clean).
+            progress: a progress bar for sweeps longer than two seconds.
+
+        Returns:
+            A `Result`; `.values` is `layer pos` for `resid_pre.*`, `layer head` for
+            `head.*.*` (`layer head pos` per position); `.df` has `layer`, `head`
+            where relevant, `pos`, `token`, `value`; `.meta` the clean and corrupt
+            metrics. Example: `model.patch(clean, corrupt, "resid_pre.*", answer=" Mary", wrong=" John")`.
+        """
+        from .patching import patch
+
+        return patch(self, clean, corrupt, sites, answer=answer, wrong=wrong, metric=metric,
+                     per_position=per_position, method=method, normalize=normalize,
+                     batch_size=batch_size, direction=direction, progress=progress)
+
+    def path_patch(self, clean, corrupt, senders, receivers, answer=None, wrong=None,
+                   metric="logit_diff", normalize: bool = False, freeze: str = "heads",
+                   batch_size: int | None = None, direction: str = "denoising", progress: bool = True):
+        """Path patching: each sender's effect on the metric through `receivers` only.
+
+        Each sender (a pattern such as `head.*.*`) is patched from the source run with
+        every other head (`freeze="heads"`; `"all"` adds MLP outputs, `"none"`
+        freezes nothing) held at its target-run value; the receivers' values in that
+        run (`head.L.H`: through its queries, keys and values; `pattern.L.H`: through
+        queries and keys; `resid_post.L`: through the residual stream) are then
+        patched alone into the target run, and the metric measured. Other arguments
+        as in `patch`. Returns a `Result` over the senders' grid.
+        """
+        from .patching import path_patch
+
+        return path_patch(self, clean, corrupt, senders, receivers, answer=answer, wrong=wrong,
+                          metric=metric, normalize=normalize, freeze=freeze,
+                          batch_size=batch_size, direction=direction, progress=progress)
+
     # -- one-call methods ---------------------------------------------------
 
     def top(self, prompt: str, k: int = 10):

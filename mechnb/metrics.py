@@ -1,0 +1,100 @@
+"""Metrics of a run, read off the logits at the last position: what patching measures.
+
+    logit_diff   logit of the answer minus logit of the wrong token (needs both)
+    prob         probability of the answer
+    logprob      log-probability of the answer
+    kl           KL divergence from the clean run's next-token distribution, KL(clean || run)
+    a callable   f(logits) -> one number per row, for logits `batch vocab`
+
+An answer is a string (its first token is used, and `Metric.notes` says so when it
+has several) or a token id.
+
+Example:
+    >>> metric = make(model, "logit_diff", " Mary", " John")
+    >>> metric(logits_last)          # batch vocab -> batch
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import MechnbError
+
+METRICS = ("logit_diff", "prob", "logprob", "kl")
+
+
+class MetricError(MechnbError, ValueError):
+    """A metric, or the answer tokens it needs, that cannot be used."""
+
+
+def token_id(model, answer, role: str = "answer") -> tuple[int, str | None]:
+    """The token id of an answer, and a note if only its first token is used."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < model.vocab_size:
+            raise MetricError(f"{role} token id {answer} out of range: the vocabulary has "
+                              f"ids 0-{model.vocab_size - 1}")
+        return answer, None
+    if not isinstance(answer, str) or not answer:
+        raise MetricError(f"{role} must be a non-empty string or a token id, got {answer!r}")
+    ids = model.tokenizer.encode(answer, add_special_tokens=False)
+    if not ids:
+        raise MetricError(f"{role} {answer!r} has no tokens")
+    note = None
+    if len(ids) > 1:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        note = f"{role} {answer!r} is {len(ids)} tokens {pieces}: only the first, {pieces[0]!r}, is used"
+    return ids[0], note
+
+
+class Metric:
+    """A metric of last-position logits (`batch vocab` -> `batch`), with its description."""
+
+    def __init__(self, name: str, fn: Callable, notes: list[str]):
+        self.name, self.fn, self.notes = name, fn, notes
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        value = self.fn(logits)
+        if not torch.is_tensor(value):
+            value = torch.as_tensor(value, dtype=torch.float32)
+        if value.dim() == 0:
+            value = value.expand(logits.shape[0])
+        if value.shape != (logits.shape[0],):
+            raise MetricError(f"the metric returned shape {tuple(value.shape)}; it must give one "
+                              f"number per row, shape ({logits.shape[0]},), for logits batch vocab")
+        return value.float()
+
+
+def make(model, metric, answer=None, wrong=None, clean_logits: torch.Tensor | None = None) -> Metric:
+    """A `Metric` by name or from a callable (see the module docstring)."""
+    notes = []
+    if callable(metric):
+        return Metric(getattr(metric, "__name__", "custom"), metric, notes)
+    if metric not in METRICS:
+        raise MetricError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)} or a "
+                          "function of the last position's logits (batch vocab -> batch)")
+    if metric == "kl":
+        if clean_logits is None:
+            raise MetricError("the kl metric needs the clean run's logits")
+        reference = torch.log_softmax(clean_logits.float(), -1)
+
+        def kl(logits):
+            logprobs = torch.log_softmax(logits.float(), -1)
+            return (reference.exp() * (reference - logprobs)).sum(-1)
+
+        return Metric("kl", kl, notes)
+    if answer is None:
+        raise MetricError(f"the {metric} metric needs an answer token, e.g. answer=' Mary'")
+    answer_id, note = token_id(model, answer)
+    notes += [note] if note else []
+    if metric == "logit_diff":
+        if wrong is None:
+            raise MetricError("the logit_diff metric needs a wrong token too, e.g. wrong=' John' "
+                              "(or use metric='logprob')")
+        wrong_id, note = token_id(model, wrong, "wrong")
+        notes += [note] if note else []
+        return Metric("logit_diff", lambda l: l[:, answer_id] - l[:, wrong_id], notes)
+    if metric == "prob":
+        return Metric("prob", lambda l: torch.softmax(l.float(), -1)[:, answer_id], notes)
+    return Metric("logprob", lambda l: torch.log_softmax(l.float(), -1)[:, answer_id], notes)

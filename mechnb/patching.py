@@ -1,0 +1,426 @@
+"""Activation patching, attribution patching and path patching.
+
+The question: which components carry the information that makes the model answer
+differently on a clean and a corrupt prompt? Patching answers it causally: run the
+corrupt prompt, put back the clean value of one component (denoising; the reverse
+with `direction="noising"`), and see how much of the clean metric returns.
+
+    >>> result = model.patch(
+    ...     clean="When Mary and John went to the store, John gave a drink to",
+    ...     corrupt="When Mary and John went to the store, Mary gave a drink to",
+    ...     sites="resid_pre.*", answer=" Mary", wrong=" John")
+    >>> result.values.shape                  # layer pos
+    torch.Size([30, 14])
+
+- `method="exact"` runs every patched forward, batched by `mechnb.runner` (layers
+  below the patch and positions before it are reused from the recorded run).
+- `method="attribution"` approximates every patch at once from one backward pass:
+  metric(patched) ~ metric(target) + (source - target) . d metric / d value.
+- `path_patch` measures a sender's effect through chosen receivers only (Wang et
+  al. 2022): the sender is patched with every other head frozen to the target run,
+  the receivers' values are recorded, and a second run patches just those in.
+
+Pairs of prompts must tokenize to the same length (positions are compared one to
+one); several pairs average the metric. Values are the metric of each patched run,
+or with `normalize=True`, `(patched - corrupt) / (clean - corrupt)`: 1 means the
+patch restores the clean behaviour, 0 that it does nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import metrics as metrics_module
+from .errors import MechnbError
+from .results import Result
+from .runner import Edit, Row, TargetRun, run_rows
+from .sites import Site, parse
+from .trace import read_part
+
+DIRECTIONS = ("denoising", "noising")
+METHODS = ("exact", "attribution")
+FREEZE = ("heads", "all", "none")
+
+
+class PatchError(MechnbError, ValueError):
+    """Prompts, sites or options that a patching experiment cannot use."""
+
+
+def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_diff",
+          per_position: bool = True, method: str = "exact", normalize: bool = False,
+          batch_size: int | None = None, direction: str = "denoising", progress: bool = True) -> Result:
+    """Patch each site from one run into the other; see `Model.patch` for the arguments."""
+    start_time = time.perf_counter()
+    if method not in METHODS:
+        raise PatchError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if direction not in DIRECTIONS:
+        raise PatchError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
+    pairs = _pairs(model, clean, corrupt, per_position)
+    grid = Grid(model, sites, per_position, pairs[0])
+    answers, wrongs = _per_pair(answer, len(pairs), "answer"), _per_pair(wrong, len(pairs), "wrong")
+    totals = torch.zeros(grid.size)
+    clean_total = corrupt_total = 0.0
+    notes: list[str] = []
+    bar = _progress(progress, grid.size * len(pairs), f"{method} patching")
+    try:
+        for (clean_prompt, corrupt_prompt, *_), ans, wro in zip(pairs, answers, wrongs):
+            source, target = (clean_prompt, corrupt_prompt) if direction == "denoising" else (corrupt_prompt, clean_prompt)
+            source_cache = model.cache(source, grid.base_names + ["logits"])
+            source_logits = source_cache["logits@-1"].float()
+            if method == "exact":
+                target_run = TargetRun(model, target)
+                target_logits = target_run.logits
+            else:
+                # One forward and backward of the target gives its logits and every gradient.
+                target_logits, effects = _attribution(model, grid, source_cache, target)
+            clean_logits = source_logits if direction == "denoising" else target_logits
+            metric_fn = metrics_module.make(model, metric, ans, wro, clean_logits)
+            notes += [n for n in metric_fn.notes if n not in notes]
+            source_metric = metric_fn(source_logits)[0].item()
+            if method == "exact":
+                target_metric = metric_fn(target_logits)[0].item()
+                rows = [Row([grid.edit(cell, source_cache)]) for cell in grid.cells]
+                values = run_rows(model, target_run, rows, batch_size, bar, metric=metric_fn)
+            else:
+                target_metric, values = effects(metric_fn)
+                values = target_metric + values
+                if bar is not None:
+                    bar.update(grid.size)
+            totals += values
+            clean_metric, corrupt_metric = ((source_metric, target_metric) if direction == "denoising"
+                                            else (target_metric, source_metric))
+            clean_total += clean_metric
+            corrupt_total += corrupt_metric
+    finally:
+        if bar is not None:
+            bar.close()
+    n = len(pairs)
+    values = totals / n
+    clean_metric, corrupt_metric = clean_total / n, corrupt_total / n
+    if normalize:
+        values = _normalized(values, clean_metric, corrupt_metric)
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    meta = {
+        "title": f"{method} patching, {direction}: {', '.join(grid.patterns)} ({metric_name}"
+                 f"{', normalized' if normalize else ''})",
+        "method": method, "direction": direction, "sites": grid.patterns, "metric": metric_name,
+        "answer": answer, "wrong": wrong, "normalize": normalize,
+        "clean": [p[0] for p in pairs], "corrupt": [p[1] for p in pairs],
+        "clean_metric": clean_metric, "corrupt_metric": corrupt_metric,
+        "n_pairs": n, "model": model.name, "seconds": round(time.perf_counter() - start_time, 3),
+        "notes": notes,
+    }
+    return grid.result(values.reshape(grid.shape), meta)
+
+
+def _attribution(model, grid: "Grid", source_cache, target: str):
+    """Run the target once with gradients kept; returns its last logits and `effects(metric)`.
+
+    `effects(metric)` backpropagates the metric and gives `(metric value, per-cell
+    effect)`, the effect being `(source - target) . d metric / d value` summed over
+    the cell.
+    """
+    from .arch import locate, submodule
+    from .batch import Batch
+    from .interventions import Context
+
+    batch = Batch.of(model.tokenizer, target)
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name):
+        def output_hook(module, args, output):
+            captured[name] = output[0] if isinstance(output, tuple) else output
+
+        def input_hook(module, args, kwargs):
+            captured[name] = args[0] if args else next(iter(kwargs.values()))
+
+        return output_hook, input_hook
+
+    def leaf(module, args, output):
+        # Gradients flow from here on without touching the weights' .grad.
+        return output if output.requires_grad else output.detach().requires_grad_()
+
+    try:
+        handles.append(submodule(model.hf, model.arch.embed).register_forward_hook(leaf))
+        for name in grid.base_names:
+            path, io, _ = locate(model, parse(name))
+            output_hook, input_hook = keep(name)
+            module = submodule(model.hf, path)
+            handles.append(module.register_forward_hook(output_hook) if io == "output" else
+                           module.register_forward_pre_hook(input_hook, with_kwargs=True))
+        model._context = Context(batch.tokens)
+        with torch.enable_grad():
+            logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]
+    finally:
+        model._context = None
+        for handle in handles:
+            handle.remove()
+
+    def effects(metric_fn):
+        names = list(grid.base_names)
+        with torch.enable_grad():
+            value = metric_fn(logits)
+            grads = torch.autograd.grad(value.sum(), [captured[n] for n in names], allow_unused=True)
+        per_site = {}
+        for name, grad in zip(names, grads):
+            difference = source_cache[name].to(captured[name].device) - captured[name].detach()
+            per_site[name] = difference * (grad if grad is not None else torch.zeros_like(difference))
+        cells = torch.stack([grid.attribution(cell, per_site) for cell in grid.cells]).cpu()
+        return value[0].item(), cells
+
+    return logits.detach().float(), effects
+
+
+def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=None,
+               metric="logit_diff", normalize: bool = False, freeze: str = "heads",
+               batch_size: int | None = None, direction: str = "denoising",
+               progress: bool = True) -> Result:
+    """The effect of each sender on the metric through the receivers only; see `Model.path_patch`."""
+    start_time = time.perf_counter()
+    if freeze not in FREEZE:
+        raise PatchError(f"unknown freeze {freeze!r}: use one of {', '.join(FREEZE)}")
+    if direction not in DIRECTIONS:
+        raise PatchError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
+    pairs = _pairs(model, clean, corrupt, per_position=False)
+    grid = Grid(model, senders, False, pairs[0])
+    receiver_sites = _concrete(model, receivers, "receivers")
+    for site in receiver_sites:
+        if site.kind in ("embed", "logits"):
+            raise PatchError(f"{site} cannot be a receiver: name heads, patterns, attn_out, "
+                             "mlp_out, neuron or resid sites")
+    answers, wrongs = _per_pair(answer, len(pairs), "answer"), _per_pair(wrong, len(pairs), "wrong")
+    totals = torch.zeros(grid.size)
+    clean_total = corrupt_total = 0.0
+    notes: list[str] = []
+    bar = _progress(progress, 2 * grid.size * len(pairs), "path patching")
+    try:
+        for (clean_prompt, corrupt_prompt, *_), ans, wro in zip(pairs, answers, wrongs):
+            source, target = (clean_prompt, corrupt_prompt) if direction == "denoising" else (corrupt_prompt, clean_prompt)
+            frozen_names = _frozen_names(model, freeze)
+            needed = sorted(set(grid.base_names) | set(frozen_names), key=lambda n: parse(n).order)
+            source_cache = model.cache(source, needed + ["logits"])
+            target_cache = model.cache(target, needed) if frozen_names else None
+            target_run = TargetRun(model, target)
+            source_logits = source_cache["logits@-1"].float()
+            clean_logits = source_logits if direction == "denoising" else target_run.logits
+            metric_fn = metrics_module.make(model, metric, ans, wro, clean_logits)
+            notes += [n for n in metric_fn.notes if n not in notes]
+            # Step 1: each sender patched, everything else that could carry it frozen.
+            rows = []
+            for cell in grid.cells:
+                sender = grid.edit(cell, source_cache)
+                rows.append(Row([sender] + _freeze_edits(model, target_cache, frozen_names,
+                                                         sender, receiver_sites)))
+            run_rows(model, target_run, rows, batch_size, bar, record=receiver_sites)
+            # Step 2: only the receivers' values from step 1, into the target run.
+            second = [Row([Edit(site, None, row.recorded[site.name]) for site in receiver_sites])
+                      for row in rows]
+            values = run_rows(model, target_run, second, batch_size, bar, metric=metric_fn)
+            totals += values
+            source_metric = metric_fn(source_logits)[0].item()
+            target_metric = metric_fn(target_run.logits)[0].item()
+            clean_metric, corrupt_metric = ((source_metric, target_metric) if direction == "denoising"
+                                            else (target_metric, source_metric))
+            clean_total += clean_metric
+            corrupt_total += corrupt_metric
+    finally:
+        if bar is not None:
+            bar.close()
+    n = len(pairs)
+    values = totals / n
+    clean_metric, corrupt_metric = clean_total / n, corrupt_total / n
+    if normalize:
+        values = _normalized(values, clean_metric, corrupt_metric)
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    meta = {
+        "title": f"path patching {', '.join(grid.patterns)} -> {', '.join(str(r) for r in receiver_sites[:4])}"
+                 f"{' ...' if len(receiver_sites) > 4 else ''} ({metric_name})",
+        "method": "path", "direction": direction, "senders": grid.patterns,
+        "receivers": [str(r) for r in receiver_sites], "freeze": freeze, "metric": metric_name,
+        "answer": answer, "wrong": wrong, "normalize": normalize,
+        "clean": [p[0] for p in pairs], "corrupt": [p[1] for p in pairs],
+        "clean_metric": clean_metric, "corrupt_metric": corrupt_metric, "n_pairs": n,
+        "model": model.name, "seconds": round(time.perf_counter() - start_time, 3), "notes": notes,
+    }
+    return grid.result(values.reshape(grid.shape), meta)
+
+
+def _frozen_names(model, freeze: str) -> list[str]:
+    names = []
+    if freeze in ("heads", "all"):
+        names += [f"head.{layer}" for layer in range(model.n_layers)]
+    if freeze == "all":
+        names += [f"mlp_out.{layer}" for layer in range(model.n_layers)]
+    return names
+
+
+def _freeze_edits(model, target_cache, frozen_names, sender: Edit, receivers) -> list[Edit]:
+    """Edits holding every frozen component at its target value, except sender and receivers."""
+    keep = [sender.site] + list(receivers)
+    edits = []
+    for name in frozen_names:
+        site = parse(name)
+        if site.layer < sender.site.layer:
+            continue  # below the sender everything already equals the target run
+        spared = [s for s in keep if s.kind == site.kind and s.layer == site.layer]
+        if any(s.index is None for s in spared):
+            continue
+        if not spared:
+            edits.append(Edit(site, None, target_cache[name]))
+            continue
+        for index in range(model.n_heads):
+            if all(s.index != index for s in spared):
+                one = Site(site.kind, site.layer, index)
+                edits.append(Edit(one, None, target_cache[str(one)]))
+    return edits
+
+
+class Grid:
+    """The cells of a sweep (concrete site x position) and how to label their values."""
+
+    def __init__(self, model, sites, per_position: bool, pair):
+        self.model = model
+        patterns = [sites] if isinstance(sites, (str, Site)) else list(sites)
+        if not patterns:
+            raise PatchError("patching needs at least one site pattern, e.g. 'resid_pre.*'")
+        self.patterns = [str(p) for p in patterns]
+        parsed = [parse(p) for p in patterns]
+        for site in parsed:
+            if site.kind == "logits":
+                raise PatchError("patching the logits replaces the answer itself: patch components")
+        grids = [self._axes(site) for site in parsed]
+        shapes = {tuple(len(v) for _, v in g) for g in grids}
+        if len(shapes) > 1:
+            raise PatchError(f"the site patterns {self.patterns} give grids of different shapes "
+                             f"{sorted(shapes)}: patch them in separate calls")
+        clean_tokens, corrupt_tokens = pair[2], pair[3]
+        self.tokens = [c if c == d else f"{c}/{d}" for c, d in zip(clean_tokens, corrupt_tokens)]
+        self.sweep_positions = per_position and all(site.positions is None for site in parsed)
+        self.axes = ([("site", self.patterns)] if len(parsed) > 1 else []) + grids[0]
+        if self.sweep_positions:
+            self.axes.append(("pos", list(range(len(self.tokens)))))
+        self.cells = []
+        for site in parsed:
+            for concrete in site.expand(model):
+                if self.sweep_positions:
+                    self.cells += [(concrete, [p]) for p in range(len(self.tokens))]
+                else:
+                    positions = None
+                    if concrete.positions is not None:
+                        positions = concrete.positions.resolve([clean_tokens])[0].tolist()
+                    self.cells.append((concrete, positions))
+        self.base_names = sorted({Site(c.kind, c.layer).name for c, _ in self.cells},
+                                 key=lambda n: parse(n).order)
+
+    def _axes(self, site: Site) -> list[tuple[str, list]]:
+        """The grid axes of one site pattern: layer, then head or neuron if indexed."""
+        axes = []
+        if site.layer is not None:
+            axes.append(("layer", sorted({s.layer for s in Site(site.kind, site.layer).expand(self.model)})))
+        if site.index is not None:
+            name = "head" if site.kind in ("head", "pattern") else "neuron"
+            axes.append((name, sorted({s.index for s in site.expand(self.model)})))
+        return axes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(values) for _, values in self.axes)
+
+    @property
+    def size(self) -> int:
+        return len(self.cells)
+
+    def edit(self, cell, source_cache) -> Edit:
+        """The edit that puts the source run's value into one cell."""
+        site, positions = cell
+        site = Site(site.kind, site.layer, site.index)
+        full = source_cache[Site(site.kind, site.layer).name]
+        index = None if positions is None else torch.tensor([positions])
+        return Edit(site, positions, read_part(full, site, index))
+
+    def attribution(self, cell, effects) -> torch.Tensor:
+        """The summed attribution effect of one cell."""
+        site, positions = cell
+        site = Site(site.kind, site.layer, site.index)
+        index = None if positions is None else torch.tensor([positions])
+        return read_part(effects[Site(site.kind, site.layer).name], site, index).sum()
+
+    def result(self, values: torch.Tensor, meta: dict) -> Result:
+        import itertools
+
+        import pandas as pd
+
+        names = [name for name, _ in self.axes]
+        rows = []
+        for index, value in zip(itertools.product(*(range(len(v)) for _, v in self.axes)),
+                                values.flatten().tolist()):
+            row = {name: self.axes[i][1][j] for i, (name, j) in enumerate(zip(names, index))}
+            if "pos" in row:
+                row["token"] = self.tokens[row["pos"]]
+            row["value"] = value
+            rows.append(row)
+        columns = names + (["token"] if "pos" in names else []) + ["value"]
+        labels = {name: [str(v) for v in vals] for name, vals in self.axes}
+        if "pos" in labels:
+            labels["pos"] = [f"{t!r}" for t in self.tokens]
+        meta = {**meta, "axes": names, "labels": labels}
+        return Result(values, pd.DataFrame(rows, columns=columns), meta)
+
+
+def _concrete(model, sites, what: str) -> list[Site]:
+    patterns = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if not patterns:
+        raise PatchError(f"path patching needs at least one of the {what}")
+    return [Site(s.kind, s.layer, s.index) for p in patterns for s in parse(p).expand(model)]
+
+
+def _pairs(model, clean, corrupt, per_position: bool) -> list[tuple]:
+    """`(clean, corrupt, clean tokens, corrupt tokens)` per pair, checked for equal lengths."""
+    cleans = [clean] if isinstance(clean, str) else list(clean or [])
+    corrupts = [corrupt] if isinstance(corrupt, str) else list(corrupt or [])
+    if not cleans or not corrupts:
+        raise PatchError("patching needs a clean and a corrupt prompt (or two lists of them)")
+    if len(cleans) != len(corrupts):
+        raise PatchError(f"{len(cleans)} clean prompts but {len(corrupts)} corrupt ones: give pairs")
+    pairs = []
+    for clean_prompt, corrupt_prompt in zip(cleans, corrupts):
+        if not isinstance(clean_prompt, str) or not isinstance(corrupt_prompt, str) or not clean_prompt or not corrupt_prompt:
+            raise PatchError("prompts must be non-empty strings")
+        clean_tokens, corrupt_tokens = model.tokens(clean_prompt), model.tokens(corrupt_prompt)
+        if len(clean_tokens) != len(corrupt_tokens):
+            raise PatchError(
+                f"the clean and corrupt prompts tokenize to different lengths ({len(clean_tokens)} "
+                f"and {len(corrupt_tokens)}), so positions do not line up: clean {clean_tokens}, "
+                f"corrupt {corrupt_tokens}. Reword one so that both have the same number of tokens")
+        pairs.append((clean_prompt, corrupt_prompt, clean_tokens, corrupt_tokens))
+    if per_position and len({len(p[2]) for p in pairs}) > 1:
+        raise PatchError(f"per-position patching over several pairs needs one length, got lengths "
+                         f"{[len(p[2]) for p in pairs]}: use per_position=False or pairs of one length")
+    return pairs
+
+
+def _per_pair(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise PatchError(f"{len(value)} {what}s for {n} prompt pairs: give one per pair or one for all")
+        return list(value)
+    return [value] * n
+
+
+def _normalized(values: torch.Tensor, clean: float, corrupt: float) -> torch.Tensor:
+    if abs(clean - corrupt) < 1e-9:
+        raise PatchError(f"cannot normalize: the clean and corrupt metrics are equal ({clean:.4g}); "
+                         "choose prompts or answers the model tells apart, or normalize=False")
+    return (values - corrupt) / (clean - corrupt)
+
+
+def _progress(enabled: bool, total: int, what: str):
+    """A tqdm bar that shows itself only for sweeps that take more than a couple of seconds."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="run", delay=2, leave=False)
