@@ -41,6 +41,7 @@ test-fast: setup
 bench: model
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/load_time.py
+	$(PY) bench/patching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

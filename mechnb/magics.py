@@ -50,6 +50,15 @@ mechnb magics
   %%trace PROMPT [--grad]
         run the model on PROMPT (or {list_of_prompts}); in the cell, model[site] reads a
         site (call .save() to keep it) and model[site] = value writes one
+  %ablate SITE... [--mode zero|mean|resample] [--ref {prompts}] [--positions P] [--seed N]
+        ablate until removed; %interventions lists them, --clear / --remove N removes them
+  %patch --clean C --corrupt X --answer A --wrong W --sites S... [--per-position]
+         [--method exact|attribution] [--metric logit_diff|prob|logprob|kl] [--normalize]
+         [--noising] [--batch-size N] [-o NAME]
+        activation or attribution patching: a heatmap, and a Result in _ (and NAME)
+  %path_patch --clean C --corrupt X --senders S... --receivers R... --answer A --wrong W
+         [--freeze heads|all|none] [--normalize] [-o NAME]
+        the senders' effect through the receivers only
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -108,25 +117,40 @@ def split_args(line: str, namespace: dict) -> list:
     return result
 
 
+def _is_option(word) -> bool:
+    return isinstance(word, str) and word.startswith("-") and not re.fullmatch(r"-\d+", word)
+
+
 def parse_options(words: list, options: dict[str, type], command: str) -> tuple[list, dict]:
-    """Positional words and `--option value` pairs; `bool` options are flags."""
+    """Positional words and `--option value` pairs; `bool` options are flags, `list`
+    options take every word up to the next option. Keys drop the dashes, `-` -> `_`."""
     positional, values = [], {}
     words = list(words)
     while words:
         word = words.pop(0)
-        if isinstance(word, str) and word.startswith("-") and not re.fullmatch(r"-\d+", word):
+        if _is_option(word):
             if word not in options:
                 valid = ", ".join(options) or "none"
                 raise MagicError(f"unknown option {word} for {command}: valid options are {valid}")
             kind = options[word]
+            key = word.lstrip("-").replace("-", "_")
             if kind is bool:
-                values[word.lstrip("-")] = True
+                values[key] = True
+                continue
+            if kind is list:
+                taken = []
+                while words and not _is_option(words[0]):
+                    item = words.pop(0)
+                    taken += item if isinstance(item, (list, tuple)) else [item]
+                if not taken:
+                    raise MagicError(f"option {word} of {command} needs at least one value")
+                values[key] = taken
                 continue
             if not words:
                 raise MagicError(f"option {word} of {command} needs a value")
             raw = words.pop(0)
             try:
-                values[word.lstrip("-")] = kind(raw)
+                values[key] = raw if kind is object else kind(raw)
             except (TypeError, ValueError):
                 raise MagicError(f"option {word} of {command} takes a {kind.__name__}, got {raw!r}") from None
         else:
@@ -203,6 +227,93 @@ class MechnbMagics(Magics):
         if len(positional) != 1 or not isinstance(positional[0], str):
             raise MagicError('%mechnb top takes one prompt in quotes: %mechnb top "The sky is"')
         return self.session.require().top(positional[0], k=options.get("k", 10))
+
+    @no_var_expand
+    @line_magic
+    def ablate(self, line: str):
+        """`%ablate SITE... [--mode zero|mean|resample] [--ref {prompts}] [--positions P] [--seed N]`"""
+        words = split_args(line, self.shell.user_ns)
+        sites, options = parse_options(words, {"--mode": str, "--ref": object, "--positions": str,
+                                               "--seed": int}, "%ablate")
+        if not sites:
+            raise MagicError("%ablate takes at least one site: %ablate head.9.6 --mode mean --ref {prompts}")
+        model = self.session.require()
+        model.ablate(sites, **options)
+        return model.interventions_table()
+
+    @no_var_expand
+    @line_magic
+    def interventions(self, line: str):
+        """`%interventions [--clear] [--remove N...]`: the active interventions as a table."""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--clear": bool, "--remove": list}, "%interventions")
+        if positional:
+            raise MagicError(f"%interventions takes only --clear or --remove N, got {positional}")
+        model = self.session.require()
+        if options.get("clear"):
+            model.clear()
+        if "remove" in options:
+            current = model.interventions
+            try:
+                chosen = [current[int(i)] for i in options["remove"]]
+            except (ValueError, IndexError):
+                raise MagicError(f"--remove takes numbers from the # column (0-{len(current) - 1}), "
+                                 f"got {options['remove']}") from None
+            model.remove(chosen)
+        return model.interventions_table()
+
+    _PATCH_OPTIONS = {"--clean": object, "--corrupt": object, "--answer": object, "--wrong": object,
+                      "--metric": object, "--method": str, "--normalize": bool, "--noising": bool,
+                      "--batch-size": int, "-o": str}
+
+    @no_var_expand
+    @line_magic
+    def patch(self, line: str):
+        """`%patch --clean C --corrupt X --answer A --wrong W --sites S... [--per-position]
+        [--method exact|attribution] [--metric M] [--normalize] [--noising] [-o NAME]`"""
+        options = self._options(line, {**self._PATCH_OPTIONS, "--sites": list,
+                                       "--per-position": bool}, "%patch")
+        output = options.pop("o", None)
+        if "sites" not in options:
+            raise MagicError("%patch needs --sites, e.g. --sites resid_pre.* or --sites head.*.*")
+        result = self.session.require().patch(
+            options.pop("clean", None), options.pop("corrupt", None), options.pop("sites"),
+            per_position=options.pop("per_position", False),
+            direction="noising" if options.pop("noising", False) else "denoising", **options)
+        return self._keep(result, output)
+
+    @no_var_expand
+    @line_magic
+    def path_patch(self, line: str):
+        """`%path_patch --clean C --corrupt X --senders S... --receivers R... --answer A --wrong W
+        [--freeze heads|all|none] [--normalize] [--noising] [-o NAME]`"""
+        allowed = {k: v for k, v in self._PATCH_OPTIONS.items() if k != "--method"}
+        options = self._options(line, {**allowed, "--senders": list, "--receivers": list,
+                                       "--freeze": str}, "%path_patch")
+        output = options.pop("o", None)
+        for needed in ("senders", "receivers"):
+            if needed not in options:
+                raise MagicError(f"%path_patch needs --{needed}, e.g. --senders head.*.* --receivers head.20.3")
+        result = self.session.require().path_patch(
+            options.pop("clean", None), options.pop("corrupt", None), options.pop("senders"),
+            options.pop("receivers"),
+            direction="noising" if options.pop("noising", False) else "denoising", **options)
+        return self._keep(result, output)
+
+    def _options(self, line: str, spec: dict, command: str) -> dict:
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, spec, command)
+        if positional:
+            raise MagicError(f"{command} takes only options (--clean ..., --corrupt ...), got {positional}")
+        return options
+
+    def _keep(self, result, name: str | None):
+        """Bind a result to `name` (the `-o` option) as well as returning it for `_`."""
+        if name is not None:
+            if not name.isidentifier():
+                raise MagicError(f"-o takes a Python name, got {name!r}")
+            self.shell.user_ns[name] = result
+        return result
 
     @no_var_expand
     @cell_magic
@@ -290,7 +401,8 @@ def load_extension(shell) -> None:
 def unload_extension(shell) -> None:
     """Remove the magics, the error display and the session from `shell`."""
     manager = shell.magics_manager
-    manager.magics["line"].pop("mechnb", None)
+    for name in ("mechnb", "ablate", "interventions", "patch", "path_patch"):
+        manager.magics["line"].pop(name, None)
     manager.magics["cell"].pop("trace", None)
     manager.registry.pop("MechnbMagics", None)
     shell.set_custom_exc((), None)

@@ -173,3 +173,47 @@ def test_load_top_and_trace_on_the_embedded_model(shell, capsys):
     clean = model.cache(PROMPT, "logits")["logits"]
     assert (shell.user_ns["logits"] - clean).abs().max() > 1e-3
     assert model.tokenizer.decode(clean[0, -1].argmax()) == " Mary"
+
+
+def test_ablate_and_interventions_magics(shell, llama):
+    shell.user_ns["refs"] = ["The cat sat on the mat", "A dog ran home"]
+    before = llama.top(PROMPT, k=3)
+    table = run(shell, "%ablate head.1.0 head.2.* --mode mean --ref {refs}").result
+    assert list(table["site"]) == ["head.1.0", "head.2.0", "head.2.1", "head.2.2", "head.2.3"]
+    assert "mean of" in table["detail"][0]
+    after = run(shell, f'%mechnb top "{PROMPT}" -k 3').result
+    assert not after["prob"].equals(before["prob"])
+    assert len(run(shell, "%interventions --remove 0 1").result) == 3
+    assert len(run(shell, "%interventions --clear").result) == 0
+    assert llama.top(PROMPT, k=3)["prob"].tolist() == pytest.approx(before["prob"].tolist())
+
+
+def test_patch_magic_returns_a_result(shell, llama):
+    shell.user_ns.update(clean=PROMPT, corrupt="When Mary and John went to the store, Mary gave a drink to")
+    result = run(shell, '%patch --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" '
+                        '--sites resid_pre.* --per-position -o resid')
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["resid"] is result.result
+    assert result.result.values.shape == (3, len(llama.tokens(PROMPT)))
+    heads = run(shell, '%patch --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" '
+                       '--sites head.*.* --method attribution').result
+    assert heads.values.shape == (3, 4) and heads.meta["method"] == "attribution"
+    path = run(shell, '%path_patch --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" '
+                      '--senders head.0.* --receivers head.2.1').result
+    assert path.values.shape == (1, 4)
+
+
+def test_patch_magic_errors_are_one_line(shell, llama, capsys):
+    shell.user_ns.update(clean=PROMPT)
+    for line, text in [('%patch --clean {clean} --corrupt "Hello" --answer " Mary" --wrong " John" --sites resid_pre.*',
+                        "different lengths"),
+                       ('%patch --clean {clean} --corrupt {clean} --answer " Mary"', "needs --sites"),
+                       ("%ablate", "at least one site"),
+                       ("%ablate head.1.0 --mode mean", "needs reference prompts"),
+                       ("%ablate head.1.0 --mode average --ref x", "unknown ablation mode"),
+                       ("%interventions --remove 7", "--remove takes numbers")]:
+        result = run(shell, line)
+        err = capsys.readouterr().err
+        assert not result.success and text in err, (line, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert llama.interventions == []
