@@ -39,8 +39,11 @@ class Result:
     def summary(self) -> str:
         """One line: what was measured and the extreme values."""
         values = self.values.float()
-        top = self.df.loc[self.df["value"].abs().idxmax()] if len(self.df) else None
-        where = ", ".join(f"{k}={top[k]}" for k in self.meta.get("axes", []) if top is not None and k in top)
+        where = ""
+        if len(self.df):
+            best = self.df["value"].abs().idxmax()
+            where = ", ".join(f"{k}={self.df[k][best]}" for k in self.meta.get("axes", [])
+                              if k in self.df.columns)
         text = f"{self.meta.get('title', 'result')}: min {values.min():.3g}, max {values.max():.3g}"
         if where:
             text += f"; largest |value| at {where}"
