@@ -59,14 +59,10 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
         raise PatchError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
     pairs = _pairs(model, clean, corrupt, per_position)
     grid = Grid(model, sites, per_position, pairs[0])
-    answers, wrongs = _per_pair(answer, len(pairs), "answer"), _per_pair(wrong, len(pairs), "wrong")
-    totals = torch.zeros(grid.size)
-    clean_total = corrupt_total = 0.0
-    notes: list[str] = []
+    tally = _Tally(grid.size, direction)
     bar = _progress(progress, grid.size * len(pairs), f"{method} patching")
     try:
-        for (clean_prompt, corrupt_prompt, *_), ans, wro in zip(pairs, answers, wrongs):
-            source, target = (clean_prompt, corrupt_prompt) if direction == "denoising" else (corrupt_prompt, clean_prompt)
+        for source, target, ans, wro in _runs(pairs, answer, wrong, direction):
             source_cache = model.cache(source, grid.base_names + ["logits"])
             source_logits = source_cache["logits@-1"].float()
             if method == "exact":
@@ -75,9 +71,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
             else:
                 # One forward and backward of the target gives its logits and every gradient.
                 target_logits, effects = _attribution(model, grid, source_cache, target)
-            clean_logits = source_logits if direction == "denoising" else target_logits
-            metric_fn = metrics_module.make(model, metric, ans, wro, clean_logits)
-            notes += [n for n in metric_fn.notes if n not in notes]
+            metric_fn = tally.metric(model, metric, ans, wro, source_logits, target_logits)
             source_metric = metric_fn(source_logits)[0].item()
             if method == "exact":
                 target_metric = metric_fn(target_logits)[0].item()
@@ -88,30 +82,14 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
                 values = target_metric + values
                 if bar is not None:
                     bar.update(grid.size)
-            totals += values
-            clean_metric, corrupt_metric = ((source_metric, target_metric) if direction == "denoising"
-                                            else (target_metric, source_metric))
-            clean_total += clean_metric
-            corrupt_total += corrupt_metric
+            tally.add(values, source_metric, target_metric)
     finally:
         if bar is not None:
             bar.close()
-    n = len(pairs)
-    values = totals / n
-    clean_metric, corrupt_metric = clean_total / n, corrupt_total / n
-    if normalize:
-        values = _normalized(values, clean_metric, corrupt_metric)
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
-    meta = {
-        "title": f"{method} patching, {direction}: {', '.join(grid.patterns)} ({metric_name}"
-                 f"{', normalized' if normalize else ''})",
-        "method": method, "direction": direction, "sites": grid.patterns, "metric": metric_name,
-        "answer": answer, "wrong": wrong, "normalize": normalize,
-        "clean": [p[0] for p in pairs], "corrupt": [p[1] for p in pairs],
-        "clean_metric": clean_metric, "corrupt_metric": corrupt_metric,
-        "n_pairs": n, "model": model.name, "seconds": round(time.perf_counter() - start_time, 3),
-        "notes": notes,
-    }
+    values, meta = tally.finish(model, pairs, metric, answer, wrong, normalize, start_time)
+    meta["title"] = (f"{method} patching, {direction}: {', '.join(grid.patterns)} ({meta['metric']}"
+                     f"{', normalized' if normalize else ''})")
+    meta.update(method=method, sites=grid.patterns)
     return grid.result(values.reshape(grid.shape), meta)
 
 
@@ -191,23 +169,17 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
         if site.kind in ("embed", "logits"):
             raise PatchError(f"{site} cannot be a receiver: name heads, patterns, attn_out, "
                              "mlp_out, neuron or resid sites")
-    answers, wrongs = _per_pair(answer, len(pairs), "answer"), _per_pair(wrong, len(pairs), "wrong")
-    totals = torch.zeros(grid.size)
-    clean_total = corrupt_total = 0.0
-    notes: list[str] = []
+    tally = _Tally(grid.size, direction)
     bar = _progress(progress, 2 * grid.size * len(pairs), "path patching")
     try:
-        for (clean_prompt, corrupt_prompt, *_), ans, wro in zip(pairs, answers, wrongs):
-            source, target = (clean_prompt, corrupt_prompt) if direction == "denoising" else (corrupt_prompt, clean_prompt)
+        for source, target, ans, wro in _runs(pairs, answer, wrong, direction):
             frozen_names = _frozen_names(model, freeze)
             needed = sorted(set(grid.base_names) | set(frozen_names), key=lambda n: parse(n).order)
             source_cache = model.cache(source, needed + ["logits"])
             target_cache = model.cache(target, needed) if frozen_names else None
             target_run = TargetRun(model, target)
             source_logits = source_cache["logits@-1"].float()
-            clean_logits = source_logits if direction == "denoising" else target_run.logits
-            metric_fn = metrics_module.make(model, metric, ans, wro, clean_logits)
-            notes += [n for n in metric_fn.notes if n not in notes]
+            metric_fn = tally.metric(model, metric, ans, wro, source_logits, target_run.logits)
             # Step 1: each sender patched, everything else that could carry it frozen.
             rows = []
             for cell in grid.cells:
@@ -219,33 +191,68 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
             second = [Row([Edit(site, None, row.recorded[site.name]) for site in receiver_sites])
                       for row in rows]
             values = run_rows(model, target_run, second, batch_size, bar, metric=metric_fn)
-            totals += values
-            source_metric = metric_fn(source_logits)[0].item()
-            target_metric = metric_fn(target_run.logits)[0].item()
-            clean_metric, corrupt_metric = ((source_metric, target_metric) if direction == "denoising"
-                                            else (target_metric, source_metric))
-            clean_total += clean_metric
-            corrupt_total += corrupt_metric
+            tally.add(values, metric_fn(source_logits)[0].item(), metric_fn(target_run.logits)[0].item())
     finally:
         if bar is not None:
             bar.close()
-    n = len(pairs)
-    values = totals / n
-    clean_metric, corrupt_metric = clean_total / n, corrupt_total / n
-    if normalize:
-        values = _normalized(values, clean_metric, corrupt_metric)
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
-    meta = {
-        "title": f"path patching {', '.join(grid.patterns)} -> {', '.join(str(r) for r in receiver_sites[:4])}"
-                 f"{' ...' if len(receiver_sites) > 4 else ''} ({metric_name})",
-        "method": "path", "direction": direction, "senders": grid.patterns,
-        "receivers": [str(r) for r in receiver_sites], "freeze": freeze, "metric": metric_name,
-        "answer": answer, "wrong": wrong, "normalize": normalize,
-        "clean": [p[0] for p in pairs], "corrupt": [p[1] for p in pairs],
-        "clean_metric": clean_metric, "corrupt_metric": corrupt_metric, "n_pairs": n,
-        "model": model.name, "seconds": round(time.perf_counter() - start_time, 3), "notes": notes,
-    }
+    values, meta = tally.finish(model, pairs, metric, answer, wrong, normalize, start_time)
+    receiver_names = [str(r) for r in receiver_sites]
+    meta["title"] = (f"path patching {', '.join(grid.patterns)} -> {', '.join(receiver_names[:4])}"
+                     f"{' ...' if len(receiver_names) > 4 else ''} ({meta['metric']})")
+    meta.update(method="path", senders=grid.patterns, receivers=receiver_names, freeze=freeze)
     return grid.result(values.reshape(grid.shape), meta)
+
+
+class _Tally:
+    """A sweep's values and baselines summed over prompt pairs, then averaged."""
+
+    def __init__(self, size: int, direction: str):
+        self.values = torch.zeros(size)
+        self.direction = direction
+        self.clean = self.corrupt = 0.0
+        self.count = 0
+        self.notes: list[str] = []
+
+    def metric(self, model, metric, answer, wrong, source_logits, target_logits):
+        """The pair's metric (kl needs the clean logits, which depend on the direction)."""
+        clean_logits = source_logits if self.direction == "denoising" else target_logits
+        made = metrics_module.make(model, metric, answer, wrong, clean_logits)
+        self.notes += [note for note in made.notes if note not in self.notes]
+        return made
+
+    def add(self, values: torch.Tensor, source_metric: float, target_metric: float) -> None:
+        if self.direction == "noising":
+            source_metric, target_metric = target_metric, source_metric
+        self.values += values
+        self.clean += source_metric
+        self.corrupt += target_metric
+        self.count += 1
+
+    def finish(self, model, pairs, metric, answer, wrong, normalize, start_time):
+        """The averaged values (normalized if asked) and the meta every sweep shares."""
+        values = self.values / self.count
+        clean, corrupt = self.clean / self.count, self.corrupt / self.count
+        if normalize:
+            values = _normalized(values, clean, corrupt)
+        meta = {
+            "direction": self.direction,
+            "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
+            "answer": answer, "wrong": wrong, "normalize": normalize,
+            "clean": [p[0] for p in pairs], "corrupt": [p[1] for p in pairs],
+            "clean_metric": clean, "corrupt_metric": corrupt, "n_pairs": self.count,
+            "model": model.name, "seconds": round(time.perf_counter() - start_time, 3),
+            "notes": self.notes,
+        }
+        return values, meta
+
+
+def _runs(pairs, answer, wrong, direction):
+    """`(source, target, answer, wrong)` per pair, source and target set by the direction."""
+    answers = _per_pair(answer, len(pairs), "answer")
+    wrongs = _per_pair(wrong, len(pairs), "wrong")
+    for (clean, corrupt, *_), ans, wro in zip(pairs, answers, wrongs):
+        source, target = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
+        yield source, target, ans, wro
 
 
 def _frozen_names(model, freeze: str) -> list[str]:
