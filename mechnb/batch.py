@@ -33,9 +33,16 @@ class Batch:
 
     @classmethod
     def of(cls, tokenizer, prompts) -> "Batch":
-        """Tokenize a prompt or a list of prompts (strings), padding on the right."""
+        """Tokenize a prompt or a list of prompts (strings), padding on the right.
+
+        A `batch pos` tensor of token ids is taken as it is (no padding).
+        """
         if isinstance(prompts, Batch):
             return prompts
+        if hasattr(prompts, "dim") and prompts.dim() == 2:
+            ids = prompts.long().cpu()
+            tokens = [[tokenizer.decode([t]) for t in row.tolist()] for row in ids]
+            return cls(["".join(row) for row in tokens], ids, ids.new_ones(ids.shape), tokens)
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts) if prompts is not None else []

@@ -59,6 +59,12 @@ mechnb magics
   %path_patch --clean C --corrupt X --senders S... --receivers R... --answer A --wrong W
          [--freeze heads|all|none] [--normalize] [-o NAME]
         the senders' effect through the receivers only
+  %attention PROMPT [--layers 20:26] [--heads 0:4]      attention patterns (circuitsvis)
+  %activations SITE|{direction} PROMPT|{prompts} [--site resid_post.L]   coloured tokens
+  %lens PROMPT [-k K]                                    logit lens heatmap
+  %dla PROMPT --answer A [--wrong W]                     direct logit attribution
+  %heads [--detect induction previous_token duplicate_token]   head detector scores
+  %explore [PROMPT] [--answer A] [--wrong W]             interactive explorer widget
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -300,6 +306,76 @@ class MechnbMagics(Magics):
             direction="noising" if options.pop("noising", False) else "denoising", **options)
         return self._keep(result, output)
 
+    @no_var_expand
+    @line_magic
+    def attention(self, line: str):
+        """`%attention PROMPT [--layers 20:26] [--heads 0:4] [-o NAME]`"""
+        prompt, options = self._prompt(line, {"--layers": object, "--heads": object, "-o": str},
+                                       "%attention")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().attention(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def activations(self, line: str):
+        """`%activations SITE|{direction} PROMPT|{prompts} [--site resid_post.L] [-o NAME]`"""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--site": str, "-o": str}, "%activations")
+        if len(positional) != 2:
+            raise MagicError("%activations takes a site (or {direction}) and a prompt (or {prompts}): "
+                             "%activations neuron.12.301 {prompts}")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().activations(*positional, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def lens(self, line: str):
+        """`%lens PROMPT [-k K] [-o NAME]`: the logit lens."""
+        prompt, options = self._prompt(line, {"-k": int, "-o": str}, "%lens")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().logit_lens(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def dla(self, line: str):
+        """`%dla PROMPT --answer A [--wrong W] [-o NAME]`: direct logit attribution."""
+        prompt, options = self._prompt(line, {"--answer": object, "--wrong": object, "-o": str}, "%dla")
+        output = options.pop("o", None)
+        if "answer" not in options:
+            raise MagicError('%dla needs --answer, e.g. %dla "..." --answer " Mary" --wrong " John"')
+        return self._keep(self.session.require().dla(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def heads(self, line: str):
+        """`%heads --detect KIND... [--n-samples N] [--seq-len N] [--seed S] [-o NAME]`"""
+        options = self._options(line, {"--detect": list, "--n-samples": int, "--seq-len": int,
+                                       "--seed": int, "-o": str}, "%heads")
+        output = options.pop("o", None)
+        kinds = options.pop("detect", ["induction", "previous_token", "duplicate_token"])
+        kind = kinds[0] if len(kinds) == 1 else kinds
+        return self._keep(self.session.require().detect_heads(kind, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def explore(self, line: str):
+        """`%explore [PROMPT] [--answer A] [--wrong W]`: the interactive explorer widget."""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--answer": object, "--wrong": object}, "%explore")
+        if len(positional) > 1:
+            raise MagicError('%explore takes at most one prompt: %explore "The sky is"')
+        if positional:
+            options["prompt"] = positional[0]
+        return self.session.require().explore(**options)
+
+    def _prompt(self, line: str, spec: dict, command: str):
+        """One prompt and options."""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, spec, command)
+        if len(positional) != 1 or not isinstance(positional[0], (str, list)):
+            raise MagicError(f'{command} takes one prompt in quotes: {command} "The sky is"')
+        return positional[0], options
+
     def _options(self, line: str, spec: dict, command: str) -> dict:
         words = split_args(line, self.shell.user_ns)
         positional, options = parse_options(words, spec, command)
@@ -401,7 +477,8 @@ def load_extension(shell) -> None:
 def unload_extension(shell) -> None:
     """Remove the magics, the error display and the session from `shell`."""
     manager = shell.magics_manager
-    for name in ("mechnb", "ablate", "interventions", "patch", "path_patch"):
+    for name in ("mechnb", "ablate", "interventions", "patch", "path_patch", "attention",
+                 "activations", "lens", "dla", "heads", "explore"):
         manager.magics["line"].pop(name, None)
     manager.magics["cell"].pop("trace", None)
     manager.registry.pop("MechnbMagics", None)

@@ -464,6 +464,68 @@ class Model:
                           metric=metric, normalize=normalize, freeze=freeze,
                           batch_size=batch_size, direction=direction, progress=progress)
 
+    # -- seeing inside ---------------------------------------------------------
+
+    def attention(self, prompts, layers=None, heads=None):
+        """Attention patterns `layer head pos_q pos_k` of a prompt, as circuitsvis views.
+
+        `layers` / `heads`: None (all), an int, a list, or a range string `"20:26"`.
+        Shown per layer as circuitsvis `AttentionHeads` with the real tokens.
+        """
+        from .views import attention
+
+        return attention(self, prompts, layers=layers, heads=heads)
+
+    def activations(self, site_or_direction, prompts, site: str | None = None):
+        """Tokens coloured by a neuron, a head (its output norm) or a direction.
+
+        `site_or_direction`: a site (`neuron.12.301`, `head.9.6`) or a `d_model`
+        vector, read off the residual site `site`. Returns a `Result` with values
+        `batch pos`, shown as circuitsvis `ColoredTokens` / `TextNeuronActivations`.
+        """
+        from .views import activations
+
+        return activations(self, site_or_direction, prompts, site=site)
+
+    def logit_lens(self, prompt: str, k: int = 1):
+        """Every layer's residual decoded through the final norm and unembedding.
+
+        Returns a `Result`: `.values` `layer pos`, the probability of the right next
+        token (of the model's final prediction at the last position); `.df` has
+        `layer`, `pos`, `token`, `top_token`, `prob`; shown as an annotated heatmap.
+        """
+        from .lens import logit_lens
+
+        return logit_lens(self, prompt, k=k)
+
+    def dla(self, prompt: str, answer, wrong=None):
+        """Direct logit attribution of `answer` (minus `wrong`) to every head and MLP.
+
+        Returns a `Result` with values `layer (head + 1)`, the last column the MLP;
+        `.meta` has the embedding, bias and total terms, which sum to the logit
+        difference.
+        """
+        from .lens import dla
+
+        return dla(self, prompt, answer, wrong=wrong)
+
+    def detect_heads(self, kind="induction", n_samples: int = 8, seq_len: int = 24, seed: int = 0):
+        """Induction, previous-token and duplicate-token scores in [0, 1] per layer and head.
+
+        `kind` is one of them or a list. Returns a `Result` (`layer head`, or
+        `kind layer head`); `.meta` has the loss on the first and repeated halves.
+        """
+        from .heads import detect_heads
+
+        return detect_heads(self, kind, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+    def explore(self, prompt: str = "When Mary and John went to the store, John gave a drink to",
+                answer: str | None = " Mary", wrong: str | None = " John"):
+        """An interactive explorer widget: next tokens, attention, live head ablation."""
+        from .widgets import Explorer
+
+        return Explorer(self, prompt, answer=answer, wrong=wrong)
+
     # -- one-call methods ---------------------------------------------------
 
     def top(self, prompt: str, k: int = 10):

@@ -28,8 +28,10 @@ class Result:
             maps an axis name to its tick labels, `title` titles the plot.
     """
 
-    def __init__(self, values, df, meta: dict):
+    def __init__(self, values, df, meta: dict, html=None):
         self.values, self.df, self.meta = values, df, meta
+        # A function of the result giving its HTML view (circuitsvis); None: a heatmap.
+        self._html = html
 
     def __repr__(self) -> str:
         shape = "x".join(str(n) for n in self.values.shape)
@@ -37,16 +39,18 @@ class Result:
         return f"<mechnb.Result {self.meta.get('title', '')}: {shape} ({axes})>"
 
     def summary(self) -> str:
-        """One line: what was measured and the extreme values."""
+        """One line: what was measured and where its largest value is."""
         values = self.values.float()
-        where = ""
-        if len(self.df):
-            best = self.df["value"].abs().idxmax()
-            where = ", ".join(f"{k}={self.df[k][best]}" for k in self.meta.get("axes", [])
-                              if k in self.df.columns)
         text = f"{self.meta.get('title', 'result')}: min {values.min():.3g}, max {values.max():.3g}"
-        if where:
-            text += f"; largest |value| at {where}"
+        axes = self.meta.get("axes", [])
+        if values.numel() and len(axes) == values.dim():
+            flat = int(values.abs().flatten().argmax())
+            where = []
+            for axis, size in zip(reversed(axes), reversed(values.shape)):
+                flat, index = divmod(flat, size)
+                labels = self.meta.get("labels", {}).get(axis)
+                where.append(f"{axis}={labels[index] if labels else index}")
+            text += f"; largest |value| at {', '.join(reversed(where))}"
         return text
 
     def plot(self, ax=None):
@@ -55,17 +59,36 @@ class Result:
 
         return heatmap(self.values, self.meta, ax=ax)
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
+    def html(self) -> str:
+        """The result's HTML view: its circuitsvis view, or the heatmap as an inline PNG."""
+        if self._html is not None:
+            return self._html(self)
+        import base64
+
+        return f'<img src="data:image/png;base64,{base64.b64encode(self.png()).decode()}"/>'
+
+    def png(self) -> bytes:
+        """The heatmap as PNG bytes."""
+        import io
 
         import matplotlib.pyplot as plt
 
         figure = self.plot()
-        display(figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
         plt.close(figure)
-        for note in self.meta.get("notes", []):
-            print("note:", note)
-        print(self.summary())
+        return buffer.getvalue()
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """Notebook display: the view or heatmap; a terminal gets the text summary."""
+        text = "\n".join([self.summary(), *(f"note: {n}" for n in self.meta.get("notes", []))])
+        bundle = {"text/plain": text}
+        wanted = lambda kind: include is None or kind in include
+        if self._html is not None and wanted("text/html"):
+            bundle["text/html"] = self._html(self)
+        elif self._html is None and wanted("image/png"):
+            bundle["image/png"] = self.png()
+        return bundle
 
     def save(self, path) -> Path:
         """Write the result to a directory: values (safetensors), meta (JSON), df (CSV)."""

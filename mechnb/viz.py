@@ -44,6 +44,12 @@ def heatmap(values, meta: dict, ax=None):
     else:
         figure = ax.figure
     _draw(ax, data, axes, labels, title, figure)
+    notes = meta.get("annotations")
+    if notes is not None and data.size <= 1200:
+        for row, texts in enumerate(notes):
+            for column, text in enumerate(texts):
+                ax.text(column, row, str(text)[:8], ha="center", va="center", fontsize=6,
+                        color="white" if data[row, column] < 0.5 * float(data.max() or 1) else "black")
     figure.tight_layout()
     return figure
 

@@ -1,0 +1,130 @@
+"""Attention patterns and token activations, shown as circuitsvis views.
+
+`Model.attention(prompts, layers, heads)` reads `pattern.L` for the chosen layers
+and shows each layer as circuitsvis `AttentionHeads` (one small heatmap per head,
+click one to enlarge), with the prompt's real tokens. `Model.activations(what,
+prompts)` colours each token by a value: a neuron (`neuron.12.301`), a head (the
+norm of its output, `head.9.6`), any scalar site, or a direction (a `d_model`
+vector) projected on a residual site; one prompt shows as `ColoredTokens`, several
+as `TextNeuronActivations` (a selector over prompts).
+
+    >>> model.attention("When Mary and John went to the store", layers="20:26")
+    >>> model.activations("neuron.12.301", ["The cat sat", "A dog ran"])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SiteError
+from .render import compact, view
+from .results import Result
+from .sites import Site, parse
+
+
+def attention(model, prompts, layers=None, heads=None) -> Result:
+    """Patterns `layer head pos_q pos_k` of the first prompt, shown per layer."""
+    import pandas as pd
+
+    layer_list = _choose(model, layers, model.n_layers, "layer")
+    head_list = _choose(model, heads, model.n_heads, "head")
+    prompt = prompts if isinstance(prompts, str) else list(prompts)[0]
+    cache = model.cache(prompt, [f"pattern.{l}" for l in layer_list])
+    tokens = cache.tokens[0]
+    values = torch.stack([cache[f"pattern.{l}"][0, head_list] for l in layer_list]).float().cpu()
+    rows = [{"layer": l, "head": h, "pos_q": q, "pos_k": k, "token_q": tokens[q], "token_k": tokens[k],
+             "value": values[i, j, q, k].item()}
+            for i, l in enumerate(layer_list) for j, h in enumerate(head_list)
+            for q in range(len(tokens)) for k in range(q + 1)]
+    meta = {"title": f"attention of layers {_span(layer_list)}", "prompt": prompt, "tokens": tokens,
+            "layers": layer_list, "heads": head_list, "model": model.name,
+            "axes": ["layer", "head", "pos_q", "pos_k"]}
+
+    def html(result):
+        return "\n".join(
+            view("AttentionHeads", {"attention": compact(result.values[i].tolist()), "tokens": tokens,
+                                    "attentionHeadNames": [f"L{l}H{h}" for h in head_list],
+                                    "maskUpperTri": True}, title=f"Layer {l}")
+            for i, l in enumerate(layer_list))
+
+    return Result(values, pd.DataFrame(rows), meta, html=html)
+
+
+def activations(model, what, prompts, site: str | None = None) -> Result:
+    """Per-token values (`batch pos`, 0 at padding) of a scalar site, a head or a direction."""
+    import pandas as pd
+
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if torch.is_tensor(what):
+        if what.dim() != 1 or what.shape[0] != model.d_model:
+            raise SiteError(f"a direction is a vector of d_model={model.d_model} numbers, got shape "
+                            f"{tuple(what.shape)}")
+        if site is None:
+            raise SiteError("a direction needs the residual site it lives on: site='resid_post.12'")
+        read = parse(site)
+        if read.kind not in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "embed"):
+            raise SiteError(f"project a direction on a d_model site (resid_*, attn_out, mlp_out), not {site}")
+        label = f"direction on {site}"
+    else:
+        read = parse(what)
+        label = str(read)
+    concrete = read.expand(model)
+    if len(concrete) != 1:
+        raise SiteError(f"{read} names {len(concrete)} sites: show one at a time")
+    concrete = Site(concrete[0].kind, concrete[0].layer, concrete[0].index)
+    cache = model.cache(prompt_list, Site(concrete.kind, concrete.layer).name)
+    value = cache[str(concrete)].float()
+    if torch.is_tensor(what):
+        direction = what.to(value)
+        value = value @ direction
+    elif value.dim() == 4 and concrete.kind == "pattern":
+        raise SiteError("patterns are shown by model.attention; activations takes neurons, heads, "
+                        "directions or other per-token values")
+    elif value.dim() == 3:
+        value = value.norm(dim=-1)  # a head's output or a d_model site: its size per token
+    elif value.dim() == 4:
+        value = value.flatten(2).norm(dim=-1)
+    value = value * cache.attention_mask.to(value.device)
+    values = value.cpu()
+    rows = [{"prompt": b, "pos": p, "token": tok, "value": values[b, p].item()}
+            for b, toks in enumerate(cache.tokens) for p, tok in enumerate(toks)]
+    meta = {"title": f"activations of {label}", "prompts": prompt_list, "site": label,
+            "model": model.name, "axes": ["prompt", "pos"],
+            "labels": {"prompt": [str(i) for i in range(len(prompt_list))]}}
+
+    def html(result):
+        if len(prompt_list) == 1:
+            tokens = cache.tokens[0]
+            return view("ColoredTokens", {"tokens": tokens, "values": compact(values[0, :len(tokens)].tolist(), 4)},
+                        title=meta["title"])
+        acts = [[[[round(values[b, p].item(), 4)]] for p in range(len(toks))]
+                for b, toks in enumerate(cache.tokens)]
+        return view("TextNeuronActivations", {"tokens": cache.tokens, "activations": acts,
+                                             "firstDimensionName": "Layer", "secondDimensionName": "Neuron",
+                                             "firstDimensionLabels": [label], "secondDimensionLabels": [label]},
+                    title=meta["title"])
+
+    return Result(values, pd.DataFrame(rows), meta, html=html)
+
+
+def _choose(model, chosen, size: int, what: str) -> list[int]:
+    """Indices from None (all), an int, a list, or a range string `20:26`."""
+    if chosen is None:
+        return list(range(size))
+    if isinstance(chosen, int):
+        chosen = [chosen]
+    elif isinstance(chosen, str):
+        from .sites import _expand_part, _parse_part
+
+        return _expand_part(_parse_part(chosen, what, chosen), size, what, Site("pattern", 0))
+    found = list(chosen)
+    for index in found:
+        if not isinstance(index, int) or not 0 <= index < size:
+            raise SiteError(f"{what} {index!r} out of range: this model has {what}s 0-{size - 1}")
+    return found
+
+
+def _span(indices: list[int]) -> str:
+    if len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    return ", ".join(map(str, indices))

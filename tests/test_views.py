@@ -1,0 +1,115 @@
+"""Attention views, token activations, the logit lens, DLA and head detectors."""
+
+import pytest
+import torch
+
+from conftest import PARIS, PROMPT
+from mechnb.errors import SiteError
+
+
+def test_attention_values_are_the_patterns(tiny_factory):
+    model = tiny_factory("llama")
+    result = model.attention(PROMPT, layers="1:3", heads=[0, 2])
+    cache = model.cache(PROMPT, ["pattern.1", "pattern.2"])
+    assert result.values.shape == (2, 2, 14, 14)
+    assert torch.allclose(result.values[1, 1], cache["pattern.2.2"][0])
+    assert set(result.df.columns) >= {"layer", "head", "pos_q", "pos_k", "value"}
+    html = result.html()
+    assert html.count("AttentionHeads") == 2 and "Layer 2" in html and "L2H2" in html
+    with pytest.raises(SiteError, match="layer 7 out of range"):
+        model.attention(PROMPT, layers=[7])
+
+
+def test_activations_of_a_neuron_a_head_and_a_direction(tiny_factory):
+    model = tiny_factory("llama")
+    prompts = [PROMPT, "Hello there"]
+    neuron = model.activations("neuron.1.5", prompts)
+    cache = model.cache(prompts, ["neuron.1", "head.1", "resid_post.1"])
+    assert torch.allclose(neuron.values[0, :14], cache["neuron.1.5"][0])
+    assert neuron.values[1, 2:].abs().max() == 0  # padding
+    head = model.activations("head.1.2", PROMPT)
+    assert torch.allclose(head.values[0], cache["head.1.2"][0].norm(dim=-1))
+    direction = torch.randn(model.d_model)
+    projected = model.activations(direction, PROMPT, site="resid_post.1")
+    assert torch.allclose(projected.values[0], cache["resid_post.1"][0] @ direction, atol=1e-5)
+    assert "ColoredTokens" in projected.html() and "TextNeuronActivations" in neuron.html()
+    with pytest.raises(SiteError, match="d_model"):
+        model.activations(torch.randn(3), PROMPT, site="resid_post.1")
+    with pytest.raises(SiteError, match="needs the residual site"):
+        model.activations(direction, PROMPT)
+
+
+def test_logit_lens_decodes_each_layer(tiny_factory):
+    model = tiny_factory("gpt2")
+    result = model.logit_lens(PROMPT)
+    assert result.values.shape == (3, 14)
+    assert list(result.df.columns)[:5] == ["layer", "pos", "token", "top_token", "top_prob"]
+    last = model.cache(PROMPT, "logits")["logits@-1"][0]
+    # The last layer's lens is the model's own output distribution.
+    expected = torch.softmax(last, -1)[last.argmax()]
+    assert abs(result.values[-1, -1].item() - expected.item()) < 1e-5
+    assert result.df["top_token"].iloc[-1] == model.tokenizer.decode([last.argmax().item()])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "gemma2", "qwen2"])
+def test_dla_parts_sum_to_the_logit_difference(tiny_factory, name):
+    model = tiny_factory(name)
+    result = model.dla(PROMPT, " Mary", " John")
+    meta = result.meta
+    parts = (result.values.sum() + meta["embed"] + meta["attention_biases"] + meta["norm_bias"]
+             + meta["unembed_bias"])
+    assert abs(parts.item() - meta["logit_diff"]) < 1e-3
+    assert abs(meta["total"] - meta["logit_diff"]) < 1e-3
+    if name != "gemma2":  # Gemma's final soft-capping is outside DLA
+        logits = model.cache(PROMPT, "logits")["logits@-1"][0]
+        mary, john = model.tokenizer.encode(" Mary")[0], model.tokenizer.encode(" John")[0]
+        assert abs(meta["logit_diff"] - (logits[mary] - logits[john]).item()) < 1e-3
+    assert result.values.shape == (model.n_layers, model.n_heads + 1)
+
+
+def test_dla_zeroing_a_head_removes_its_share(tiny_factory):
+    model = tiny_factory("llama")
+    before = model.dla(PROMPT, " Mary", " John")
+    with model.ablated("head.2.1"):
+        after = model.dla(PROMPT, " Mary", " John")
+    assert after.values[2, 1] == 0 and before.values[2, 1] != 0
+
+
+def test_head_detectors_score_in_unit_interval(tiny_factory):
+    model = tiny_factory("llama")
+    result = model.detect_heads(["induction", "previous_token", "duplicate_token"], n_samples=2, seq_len=6)
+    assert result.values.shape == (3, 3, 4)
+    assert (result.values >= 0).all() and (result.values <= 1).all()
+    assert result.meta["loss_first_half"] > 0
+    with pytest.raises(SiteError, match="unknown head kind"):
+        model.detect_heads("copying")
+
+
+def test_previous_token_score_reads_the_subdiagonal(tiny_factory):
+    model = tiny_factory("llama")
+    result = model.detect_heads("previous_token", n_samples=1, seq_len=5, seed=1)
+    from mechnb.heads import random_repeated_tokens
+
+    tokens = random_repeated_tokens(model, 1, 5, 1)
+    found = []
+    with model.trace(tokens):
+        found.append(model["pattern.1"].save())
+    pattern = found[0][0]
+    q = torch.arange(1, 10)
+    assert torch.allclose(result.values[1], pattern[:, q, q - 1].mean(-1), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_embedded_model_has_induction_heads(real):
+    result = real.detect_heads("induction")
+    assert result.values.max() > 0.5
+    assert result.meta["loss_repeated_half"] < 0.5 * result.meta["loss_first_half"]
+
+
+@pytest.mark.slow
+def test_embedded_logit_lens_and_dla(real):
+    lens = real.logit_lens(PARIS)
+    assert lens.df["top_token"].iloc[-1] == " Paris"
+    assert lens.values[-1, -1] > lens.values[0, -1]
+    dla = real.dla(PROMPT, " Mary", " John")
+    assert abs(dla.meta["total"] - dla.meta["logit_diff"]) < 1e-3 and dla.meta["logit_diff"] > 3
