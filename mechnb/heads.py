@@ -66,6 +66,7 @@ def detect_heads(model, kind="induction", n_samples: int = 8, seq_len: int = 24,
     axes = ["layer", "head"] if len(kinds) == 1 else ["kind", "layer", "head"]
     meta = {"title": f"{', '.join(kinds)} scores", "kinds": kinds, "n_samples": n_samples,
             "seq_len": seq_len, "seed": seed, "model": model.name, "axes": axes,
+            "labels": {"kind": kinds},
             "loss_first_half": first, "loss_repeated_half": repeated,
             "notes": [f"loss on random tokens {first:.2f}, on their repetition {repeated:.2f}"]}
     return Result(values, pd.DataFrame(rows), meta)

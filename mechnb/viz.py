@@ -26,14 +26,17 @@ def heatmap(values, meta: dict, ax=None):
     if data.ndim == 1:
         data, axes = data[None], ["", *axes]
     if data.ndim == 3:
-        # Panels over the axis that is not layer and not pos (e.g. head).
-        panel_axis = 1 if axes[2] == "pos" else 2
+        # Panels over the leading axis (site, kind), or over heads when the grid is
+        # layer x head x pos, so that each panel keeps layers against positions.
+        panel_axis = 1 if axes[0] == "layer" and axes[-1] == "pos" else 0
         count = min(data.shape[panel_axis], MAX_PANELS)
         figure, grid = plt.subplots(1, count, figsize=(min(3.2 * count, 20), 4), squeeze=False)
         for i in range(count):
             panel = data.take(i, axis=panel_axis)
             rest = [a for j, a in enumerate(axes) if j != panel_axis]
-            _draw(grid[0, i], panel, rest, labels, f"{axes[panel_axis]} {i}", figure)
+            names = labels.get(axes[panel_axis])
+            name = names[i] if names else f"{axes[panel_axis]} {i}"
+            _draw(grid[0, i], panel, rest, labels, str(name), figure)
         figure.suptitle(title)
         figure.tight_layout()
         return figure

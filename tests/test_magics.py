@@ -217,3 +217,28 @@ def test_patch_magic_errors_are_one_line(shell, llama, capsys):
         assert not result.success and text in err, (line, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert llama.interventions == []
+
+
+def test_view_magics(shell, llama):
+    shell.user_ns["prompts"] = [PROMPT, "Hello there"]
+    attention = run(shell, f'%attention "{PROMPT}" --layers 1:3 -o att').result
+    assert attention.values.shape == (2, 4, 14, 14) and shell.user_ns["att"] is attention
+    assert run(shell, "%activations neuron.1.5 {prompts}").result.values.shape == (2, 14)
+    assert run(shell, f'%lens "{PROMPT}"').result.values.shape == (3, 14)
+    dla = run(shell, f'%dla "{PROMPT}" --answer " Mary" --wrong " John"').result
+    assert abs(dla.meta["total"] - dla.meta["logit_diff"]) < 1e-3
+    heads = run(shell, "%heads --detect induction previous_token --n-samples 2 --seq-len 5").result
+    assert heads.values.shape == (2, 3, 4)
+    explorer = run(shell, f'%explore "{PROMPT}" --answer " Mary" --wrong " John"').result
+    assert explorer.logit_diff is not None
+
+
+def test_view_magic_errors_are_one_line(shell, llama, capsys):
+    for line, text in [("%attention", "takes one prompt"), ('%dla "x y"', "needs --answer"),
+                       ('%heads --detect copying', "unknown head kind"),
+                       ('%attention "x y" --layers 9', "out of range"),
+                       ("%activations neuron.1.5", "takes a site")]:
+        result = run(shell, line)
+        err = capsys.readouterr().err
+        assert not result.success and text in err, (line, err)
+        assert "Traceback" not in err
