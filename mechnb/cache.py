@@ -69,7 +69,7 @@ class Cache:
     def __getitem__(self, site) -> torch.Tensor:
         values = []
         for concrete in parse(site).expand(self.model):
-            base = Site(concrete.kind, concrete.layer).name
+            base = concrete.base.name
             if base not in self._values:
                 raise SiteError(
                     f"{concrete} is not in this cache, which holds {', '.join(self._values)}: "

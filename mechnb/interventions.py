@@ -201,7 +201,7 @@ def reference_pool(model, site: Site, ref) -> object:
     """The site's values at every real token of the reference prompts, `tokens *rest`."""
     from .trace import read_part
 
-    base = Site(site.kind, site.layer)
+    base = site.base
     cache = model.cache(ref, base.name)
     full = cache[base.name]
     part = read_part(full, Site(site.kind, site.layer, site.index), None)

@@ -65,6 +65,7 @@ mechnb magics
   %dla PROMPT --answer A [--wrong W]                     direct logit attribution
   %heads [--detect induction previous_token duplicate_token]   head detector scores
   %explore [PROMPT] [--answer A] [--wrong W]             interactive explorer widget
+  %features PROMPT --sae SAE [-k K]                      top SAE features per token
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -358,6 +359,24 @@ class MechnbMagics(Magics):
 
     @no_var_expand
     @line_magic
+    def features(self, line: str):
+        """`%features PROMPT --sae SAE [-k K] [-o NAME]`: the top SAE features per token."""
+        prompt, options = self._prompt(line, {"--sae": object, "-k": int, "-o": str}, "%features")
+        output = options.pop("o", None)
+        sae = options.pop("sae", None)
+        if isinstance(sae, str):
+            sae = self.shell.user_ns.get(sae, sae)
+        model = self.session.require()
+        if sae is None and len(model.saes) == 1:
+            sae = model.saes[0]
+        from .sae import SAE
+
+        if not isinstance(sae, SAE):
+            raise MagicError(f"%features needs --sae naming an SAE (a variable or {{expr}}), got {sae!r}")
+        return self._keep(model.features(prompt, sae, **options), output)
+
+    @no_var_expand
+    @line_magic
     def explore(self, line: str):
         """`%explore [PROMPT] [--answer A] [--wrong W]`: the interactive explorer widget."""
         words = split_args(line, self.shell.user_ns)
@@ -478,7 +497,7 @@ def unload_extension(shell) -> None:
     """Remove the magics, the error display and the session from `shell`."""
     manager = shell.magics_manager
     for name in ("mechnb", "ablate", "interventions", "patch", "path_patch", "attention",
-                 "activations", "lens", "dla", "heads", "explore"):
+                 "activations", "lens", "dla", "heads", "explore", "features"):
         manager.magics["line"].pop(name, None)
     manager.magics["cell"].pop("trace", None)
     manager.registry.pop("MechnbMagics", None)

@@ -519,6 +519,64 @@ class Model:
 
         return detect_heads(self, kind, n_samples=n_samples, seq_len=seq_len, seed=seed)
 
+    # -- sparse autoencoders ------------------------------------------------------
+
+    def collect(self, site, texts, n_tokens: int, batch_size: int | None = None, context: int = 128,
+                store=None, progress: bool = True):
+        """Activations of `site` over `texts` (strings, or a datasets Dataset with `text`).
+
+        Runs the model only up to the site's layer, drops padding and a leading BOS,
+        and returns a `mechnb.sae.ActivationStore` of `n_tokens` rows, in memory or,
+        with `store=path`, memory-mapped on disk and resumable. See `mechnb.sae.store`.
+        """
+        from .sae.store import collect
+
+        return collect(self, site, texts, n_tokens, batch_size=batch_size, context=context,
+                       store=store, progress=progress)
+
+    def features(self, prompt: str, sae, k: int = 5):
+        """The `k` most active features of `sae` at each token of `prompt` (a `Result`)."""
+        from .sae.dashboard import features
+
+        return features(self, prompt, sae, k=k)
+
+    @property
+    def saes(self) -> list:
+        """The attached SAEs."""
+        from .sae.attach import Splice
+
+        return [i.sae for i in self.interventions if isinstance(i, Splice)]
+
+    def attach(self, sae, site=None, name: str | None = None):
+        """Splice an SAE in at `site` (default its own): its features become sites `sae.L.F`."""
+        from .sae.attach import attach
+
+        return attach(self, sae, site=site, name=name)
+
+    def detach(self, sae) -> None:
+        """Remove an attached SAE and the interventions on its features."""
+        from .sae.attach import detach
+
+        detach(self, sae)
+
+    def sae_at(self, site, required: bool = True):
+        """The attached SAE a feature site (`sae.12.5`, `sae.NAME.5`) refers to."""
+        from .sites import parse
+
+        site = parse(site)
+        for sae in self.saes:
+            if sae.name == site.layer or parse(sae.site).layer == site.layer:
+                return sae
+        if required:
+            raise SiteError(f"no SAE attached for {site}: attached are {[s.name for s in self.saes]}")
+        return None
+
+    def _rewrap(self) -> None:
+        """Wrap the HF model in nnsight again, so new submodules (an SAE) are traceable."""
+        import nnsight
+
+        self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)
+
     def explore(self, prompt: str = "When Mary and John went to the store, John gave a drink to",
                 answer: str | None = " Mary", wrong: str | None = " John"):
         """An interactive explorer widget: next tokens, attention, live head ablation."""
@@ -582,7 +640,7 @@ class Model:
         whole = {}
         for site in wanted:
             for concrete in parse(site).expand(self):
-                base = Site(concrete.kind, concrete.layer)
+                base = concrete.base
                 whole[base.name] = base
         order = sorted(whole.values(), key=lambda s: s.order)
         store = {}

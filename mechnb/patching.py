@@ -344,7 +344,7 @@ class Grid:
         """The edit that puts the source run's value into one cell."""
         site, positions = cell
         site = Site(site.kind, site.layer, site.index)
-        full = source_cache[Site(site.kind, site.layer).name]
+        full = source_cache[site.base.name]
         index = None if positions is None else torch.tensor([positions])
         return Edit(site, positions, read_part(full, site, index))
 
@@ -353,7 +353,7 @@ class Grid:
         site, positions = cell
         site = Site(site.kind, site.layer, site.index)
         index = None if positions is None else torch.tensor([positions])
-        return read_part(effects[Site(site.kind, site.layer).name], site, index).sum()
+        return read_part(effects[site.base.name], site, index).sum()
 
     def result(self, values: torch.Tensor, meta: dict) -> Result:
         import itertools

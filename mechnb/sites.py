@@ -12,6 +12,8 @@ A site string names a value the model computes. The same strings work in
     head.9.6                one head's output z              batch pos d_head
     neuron.5                MLP activations (after gating)   batch pos d_mlp
     neuron.5.123            one neuron                       batch pos
+    sae.12.1234             feature 1234 of the SAE attached batch pos
+                            at layer 12 (`sae.NAME.F` names one of several)
     pattern.3               attention probabilities          batch head pos_q pos_k
     pattern.3.1             one head's pattern               batch pos_q pos_k
     logits                  the model's output logits        batch pos vocab
@@ -56,6 +58,7 @@ KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
     "mlp_out": (True, False, None, 6),
     "resid_post": (True, False, None, 7),
     "logits": (False, False, None, 0),
+    "sae": (True, True, "feature", 8),
 }
 
 _SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
@@ -123,9 +126,11 @@ class Site:
     """A parsed site: kind, layer, index and positions (see the module docstring)."""
 
     kind: str
-    layer: int | slice | None = None
+    layer: int | slice | str | None = None
     index: int | slice | None = None
     positions: Positions | None = None
+    # Where an attached SAE runs relative to its host site (set by `expand`).
+    stage: float | None = None
 
     @property
     def name(self) -> str:
@@ -140,6 +145,11 @@ class Site:
         return self.name + (f"@{self.positions.text}" if self.positions else "")
 
     @property
+    def base(self) -> "Site":
+        """The whole value this site is part of: no index, no positions (`head.9.6` -> `head.9`)."""
+        return replace(self, index=None, positions=None)
+
+    @property
     def is_concrete(self) -> bool:
         """True when the site names one value (no layer or index ranges)."""
         return not isinstance(self.layer, slice) and not isinstance(self.index, slice)
@@ -151,10 +161,12 @@ class Site:
             return (-1, 0)
         if self.kind == "logits":
             return (float("inf"), 0)
-        return (self.layer, KINDS[self.kind][3])
+        return (self.layer, self.stage if self.stage is not None else KINDS[self.kind][3])
 
     def expand(self, model) -> list["Site"]:
         """The concrete sites this site names, validated against `model`'s dimensions."""
+        if self.kind == "sae":
+            return _expand_sae(self, model)
         layers = [self.layer]
         if KINDS[self.kind][0]:
             layers = _expand_part(self.layer, model.n_layers, "layer", self)
@@ -168,6 +180,37 @@ class Site:
                 "so there is no residual stream between them; use resid_pre or resid_post"
             )
         return [replace(self, layer=l, index=i) for l in layers for i in indices]
+
+
+def _expand_sae(site: Site, model) -> list[Site]:
+    """Feature sites of attached SAEs: `sae.L.F` (the SAE at layer L) or `sae.NAME.F`."""
+    attached = model.saes
+    if not attached:
+        raise SiteError(f"{site} names an SAE feature, but no SAE is attached: model.attach(sae) first")
+    if isinstance(site.layer, str):
+        chosen = [s for s in attached if s.name == site.layer]
+    elif isinstance(site.layer, slice):
+        chosen = [s for s in attached if _host_layer(s) in list(range(model.n_layers))[site.layer]]
+    else:
+        chosen = [s for s in attached if _host_layer(s) == site.layer]
+        if len(chosen) > 1:
+            raise SiteError(f"layer {site.layer} holds several SAEs ({', '.join(s.name for s in chosen)}): "
+                            f"name one, as sae.{chosen[0].name}.F")
+    if not chosen:
+        where = ", ".join(f"{s.name} at {s.site}" for s in attached)
+        raise SiteError(f"no attached SAE matches {site}: attached are {where}")
+    made = []
+    for sae in chosen:
+        host = parse(sae.site)
+        input_side = host.kind in ("resid_pre", "resid_mid", "neuron")
+        stage = KINDS[host.kind][3] + (-0.5 if input_side else 0.5)
+        indices = [site.index] if site.index is None else _expand_part(site.index, sae.d_sae, "feature", site)
+        made += [replace(site, layer=host.layer, index=i, stage=stage) for i in indices]
+    return made
+
+
+def _host_layer(sae) -> int:
+    return parse(sae.site).layer
 
 
 def parse(text: str | Site) -> Site:
@@ -190,14 +233,17 @@ def parse(text: str | Site) -> Site:
     if len(parts) > most or (takes_layer and len(parts) < 2):
         shape = kind + (".L" if takes_layer else "") + (f"[.{index_name}]" if takes_index else "")
         raise SiteError(f"{text!r} does not fit the form {shape}, e.g. {_example(kind)!r}")
-    layer = _parse_part(parts[1], "layer", text) if takes_layer else None
+    if kind == "sae" and len(parts) > 1 and parts[1].isidentifier():
+        layer = parts[1]  # an SAE's name
+    else:
+        layer = _parse_part(parts[1], "layer", text) if takes_layer else None
     index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
     positions = _parse_positions(match["pos"], text) if match["pos"] else None
     return Site(kind, layer, index, positions)
 
 
 def _example(kind: str) -> str:
-    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3"}.get(
+    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3", "sae": "sae.12.1234"}.get(
         kind, kind + ".5" if KINDS[kind][0] else kind
     )
 
@@ -214,8 +260,8 @@ def _parse_part(text: str, what: str, site: str) -> int | slice:
     raise SiteError(f"bad {what} {text!r} in {site!r}: write an int, a range such as 0:5, or *")
 
 
-def _format_part(part: int | slice) -> str:
-    if isinstance(part, int):
+def _format_part(part: int | slice | str) -> str:
+    if isinstance(part, (int, str)):
         return str(part)
     if part.start is None and part.stop is None:
         return "*"

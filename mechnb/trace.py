@@ -151,7 +151,7 @@ def _index_axis(site: Site) -> int | None:
     """The axis of the site's full value that `site.index` selects along."""
     if site.index is None:
         return None
-    return {"head": 2, "pattern": 1, "neuron": 2}[site.kind]
+    return {"head": 2, "pattern": 1, "neuron": 2, "sae": 2}[site.kind]
 
 
 def _position_axis(site: Site) -> int:
@@ -199,7 +199,7 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
     """The whole value of a concrete site in the active trace, with errors in site terms."""
     from nnsight.intervention.interleaver import OutOfOrderError
 
-    key = Site(site.kind, site.layer).name
+    key = site.base.name
     if key not in trace.values:
         try:
             value = _slot(model, site).get()
@@ -224,17 +224,14 @@ def write(model, site: str | Site, value, trace: Trace) -> None:
     else:
         values = [value] * len(sites)
     for concrete, new in zip(sites, values):
-        key = Site(concrete.kind, concrete.layer).name
-        fresh = key not in trace.values
+        key = concrete.base.name
         full = _full(model, concrete, trace)
-        # The first write replaces the module's value with a copy, which keeps
-        # autograd's record of the original intact; later writes edit that copy,
-        # which the model has not consumed yet (it waits while the body runs).
-        updated = full.clone() if fresh else full
+        # Every write hands the module a new copy: values read earlier in the cell stay
+        # as they were, and autograd's record of the original stays intact.
+        updated = full.clone()
         _assign(updated, concrete, new, trace.batch)
-        if fresh:
-            _slot(model, concrete).set(updated)
-            trace.values[key] = updated
+        _slot(model, concrete).set(updated)
+        trace.values[key] = updated
 
 
 def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:

@@ -73,7 +73,7 @@ def activations(model, what, prompts, site: str | None = None) -> Result:
     if len(concrete) != 1:
         raise SiteError(f"{read} names {len(concrete)} sites: show one at a time")
     concrete = Site(concrete[0].kind, concrete[0].layer, concrete[0].index)
-    cache = model.cache(prompt_list, Site(concrete.kind, concrete.layer).name)
+    cache = model.cache(prompt_list, concrete.base.name)
     value = cache[str(concrete)].float()
     if torch.is_tensor(what):
         direction = what.to(value)

@@ -1,0 +1,17 @@
+"""Sparse autoencoders: collect activations, train, evaluate, save and load (SAELens layout).
+
+    >>> acts = model.collect("resid_post.12", mechnb.datasets.python_docs(), n_tokens=200_000)
+    >>> sae = mechnb.sae.train(acts, kind="topk", d_sae=4608, k=32)
+    >>> sae.evaluate(model, mechnb.datasets.python_docs(split="eval"))
+    >>> model.attach(sae)            # features become sites: sae.12.F
+
+The pieces: `SAE` (the autoencoder, four activation kinds), `train` (the loop),
+`ActivationStore` and `collect` (activations in memory or memory-mapped on disk),
+`load` (a directory in the SAELens layout).
+"""
+
+from .model import KINDS, SAE, load
+from .store import ActivationStore
+from .train import train
+
+__all__ = ["SAE", "KINDS", "train", "load", "ActivationStore"]

@@ -1,0 +1,88 @@
+"""Splicing an SAE into a model, so that its features are sites (`sae.12.1234`).
+
+`Model.attach(sae)` registers the SAE as a submodule of the layer that holds its
+site and activates a `Splice` intervention there: the site's value `x` becomes
+`decode(features) + (x - decode(encode(x)))`, the SAE's reconstruction of its
+(possibly edited) features plus its error on `x`. With no edit that is `x` again
+(to rounding), so attaching changes nothing until a feature is read, written,
+ablated, patched or steered. The features pass through `sae.hook_features`, which
+is what the site `sae.L.F` reads.
+
+    >>> model.attach(sae)                 # at sae.site, e.g. resid_post.12
+    >>> model.ablate("sae.12.1234")       # the error term keeps everything else
+    >>> model.detach(sae)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..interventions import Intervention
+from .model import SAE, SAEError
+
+HOSTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "neuron")
+
+
+@dataclass(eq=False, repr=False)
+class Splice(Intervention):
+    """Pass a site's value through an attached SAE, keeping the SAE's error term."""
+
+    sae: SAE = None
+
+    kind = "sae"
+
+    def replacement(self, part):
+        return self.sae.splice(part.to(self.sae.W_enc.dtype)).to(part.dtype)
+
+    def detail(self) -> str:
+        return f"{self.sae.name}: {self.sae.kind}, {self.sae.d_sae} features (sae.{self.site.layer}.F)"
+
+
+def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
+    """Attach `sae` at `site` (default `sae.site`); returns the active `Splice`."""
+    from ..arch import submodule
+    from ..sites import parse
+
+    if not isinstance(sae, SAE):
+        raise SAEError(f"attach takes a mechnb SAE, got {type(sae).__name__}")
+    site = site or sae.site
+    if site is None:
+        raise SAEError("this SAE does not say which site it reads: model.attach(sae, site='resid_post.12')")
+    parsed = parse(site)
+    (concrete,) = parsed.expand(model) if parsed.kind in HOSTS else (None,)
+    if concrete is None or concrete.index is not None or concrete.positions is not None:
+        raise SAEError(f"an SAE attaches to a whole per-token site ({', '.join(HOSTS)} with a layer), "
+                       f"not {site}")
+    width = model.d_mlp if concrete.kind == "neuron" else model.d_model
+    if width != sae.d_in:
+        raise SAEError(f"{sae.name} reads {sae.d_in}-wide activations but {concrete} is {width} wide: "
+                       "attach it where it was trained")
+    sae.name = name or sae.name
+    if any(other.name == sae.name for other in model.saes):
+        raise SAEError(f"an SAE named {sae.name!r} is already attached: attach(sae, name='another')")
+    sae.site = str(concrete)
+    sae.module_name = f"mechnb_sae_{sae.name}"
+    layer = submodule(model.hf, model.arch.layers)[concrete.layer]
+    sae.to(device=model.device)
+    sae.requires_grad_(False)
+    layer.add_module(sae.module_name, sae)
+    model._rewrap()
+    splice = Splice(concrete, sae=sae)
+    model.add(splice)
+    return splice
+
+
+def detach(model, sae: SAE) -> None:
+    """Remove an attached SAE (and every intervention on its features)."""
+    from ..arch import submodule
+    from ..sites import parse
+
+    splices = [i for i in model.interventions if isinstance(i, Splice) and i.sae is sae]
+    if not splices:
+        raise SAEError(f"{sae.name} is not attached to this model")
+    on_features = [i for i in model.interventions if i.site.kind == "sae" and
+                   model.sae_at(i.site, required=False) is sae]
+    model.remove(splices + on_features)
+    layer = submodule(model.hf, model.arch.layers)[parse(sae.site).layer]
+    delattr(layer, sae.module_name)
+    model._rewrap()

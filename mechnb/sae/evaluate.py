@@ -1,0 +1,107 @@
+"""How good is an SAE? Sparsity, reconstruction, and what splicing it in costs the model.
+
+    >>> sae.evaluate(model, python_docs(split="eval"))
+              metric      value
+    0             l0      32.0
+    1            fvu     0.18 ...
+
+- `l0`: active features per token; `fvu`: fraction of variance unexplained,
+  sum |x - x_hat|^2 / sum |x - mean x|^2; `cosine`: mean cosine of x and x_hat;
+- `dead`: fraction of features that never fire on the evaluation tokens; `dense`:
+  fraction that fire on more than 10 % of them;
+- `loss_clean`, `loss_spliced` (the site replaced by the SAE's reconstruction),
+  `loss_zero` (the site zero-ablated): next-token cross-entropy over the texts, and
+  `loss_recovered = (zero - spliced) / (zero - clean)`.
+
+Every window's first position (the attention sink, see `mechnb.sae.store`) keeps
+its own value in the spliced and zero-ablated runs, as it is left out of training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batch_size: int = 16):
+    """A DataFrame of metrics (`metric`, `value`); see the module docstring."""
+    import pandas as pd
+
+    from .store import _documents, collect
+
+    documents = list(_take_documents(_documents(texts), n_tokens, model))
+    store = collect(model, sae.site, documents, n_tokens=n_tokens, context=context,
+                    batch_size=batch_size, progress=False)
+    x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
+    with torch.no_grad():
+        features = sae.encode(x)
+        x_hat = sae.decode(features)
+        active = features > 0
+        fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+        cosine = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean().item()
+        frequency = active.float().mean(0)
+    windows = _windows(model, documents, context, len(store))
+    clean = _loss(model, windows, batch_size)
+    with model.hooked(f"{sae.site}@1:", lambda part: sae(part.to(sae.W_enc.dtype)).to(part.dtype)):
+        spliced = _loss(model, windows, batch_size)
+    with model.hooked(f"{sae.site}@1:", torch.zeros_like):
+        zero = _loss(model, windows, batch_size)
+    recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+    rows = [("l0", active.float().sum(-1).mean().item()), ("fvu", fvu), ("cosine", cosine),
+            ("dead", (frequency == 0).float().mean().item()),
+            ("dense", (frequency > 0.1).float().mean().item()),
+            ("loss_clean", clean), ("loss_spliced", spliced), ("loss_zero", zero),
+            ("loss_recovered", recovered), ("tokens", float(len(store)))]
+    return pd.DataFrame(rows, columns=["metric", "value"])
+
+
+def _take_documents(documents, n_tokens: int, model):
+    """Documents until they hold about `n_tokens` tokens."""
+    total = 0
+    for document in documents:
+        yield document
+        total += len(model.tokenizer(document, add_special_tokens=False)["input_ids"])
+        if total >= 1.2 * n_tokens + 1000:
+            return
+
+
+def _windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
+    """Token windows of the documents, as collection makes them, about `n_tokens` in all."""
+    windows, total = [], 0
+    for document in documents:
+        ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), context):
+            if len(ids[i:i + context]) > 1:
+                windows.append(ids[i:i + context])
+                total += len(windows[-1])
+        if total >= n_tokens:
+            break
+    return windows
+
+
+def _loss(model, windows: list[list[int]], batch_size: int) -> float:
+    """Mean next-token cross-entropy over the windows (real tokens only)."""
+    from ..interventions import Context
+
+    total, count = 0.0, 0
+    pad = model.tokenizer.pad_token_id or 0
+    for begin in range(0, len(windows), batch_size):
+        rows = windows[begin:begin + batch_size]
+        length = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+        # Every row as long as the batch: position ranges such as `@1:` then select
+        # the same columns in each (padding columns included, which nothing reads).
+        model._context = Context([[""] * length] * len(rows))
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                  use_cache=False).logits.float()
+        finally:
+            model._context = None
+        targets = ids[:, 1:].to(logits.device)
+        valid = mask[:, 1:].bool().to(logits.device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                                                   reduction="none").reshape(targets.shape)
+        total += losses[valid].sum().item()
+        count += int(valid.sum())
+    return total / max(count, 1)

@@ -1,0 +1,281 @@
+"""Activation stores: a site's activations over a corpus, in memory or memory-mapped on disk.
+
+`Model.collect(site, texts, n_tokens)` runs the model over documents (split into
+windows of `context` tokens), keeps the site's value at every real token and stops
+each forward right after the site's layer. Padding is dropped, and so is the first
+position of every window (a BOS where the tokenizer adds one): it is the model's
+attention sink, whose activations are orders of magnitude larger than the rest and
+would dominate any SAE trained on them.
+With `store=path` the activations go to a memory-mapped file, `path/acts.f32`, so
+a store can exceed RAM; `path/progress.json` records how far collection got, and
+collecting again into the same path resumes there.
+
+`ActivationStore.batches(batch_size, seed)` yields shuffled batches: blocks of
+`buffer` rows are read in a random order and shuffled within, so a memory-mapped
+store is read in large sequential pieces.
+
+    >>> store = model.collect("resid_post.12", python_docs(), n_tokens=100_000)
+    >>> len(store), store.d
+    (100000, 576)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import MechnbError
+
+
+class StoreError(MechnbError, ValueError):
+    """A store, or a collection, that cannot be used as asked."""
+
+
+class ActivationStore:
+    """`n` activations of width `d` (a float32 tensor, or a memory-mapped array)."""
+
+    def __init__(self, data, n: int, site: str | None = None, meta: dict | None = None):
+        self.data, self.n, self.site, self.meta = data, n, site, meta or {}
+
+    @property
+    def d(self) -> int:
+        return int(self.data.shape[1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        where = "on disk" if isinstance(self.data, np.memmap) else "in memory"
+        return f"<mechnb ActivationStore {self.n} x {self.d} of {self.site} ({where})>"
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `start..stop` (at most up to the store's length) as a float32 tensor."""
+        block = self.data[start:min(stop, self.n)]
+        return torch.as_tensor(np.asarray(block)) if isinstance(block, np.ndarray) else block
+
+    def sample(self, count: int, seed: int = 0) -> torch.Tensor:
+        """`count` rows chosen at random (sorted reads, for a memory map)."""
+        generator = np.random.default_rng(seed)
+        picks = np.sort(generator.choice(self.n, size=min(count, self.n), replace=False))
+        return torch.as_tensor(np.asarray(self.data[picks])) if isinstance(self.data, np.memmap) \
+            else self.data[torch.as_tensor(picks)]
+
+    def batches(self, batch_size: int, seed: int = 0, buffer: int = 262_144) -> Iterator[torch.Tensor]:
+        """One pass over the store in shuffled batches of `batch_size` rows (the last may be short)."""
+        generator = np.random.default_rng(seed)
+        starts = np.arange(0, self.n, buffer)
+        generator.shuffle(starts)
+        for start in starts:
+            block = self.rows(int(start), int(min(start + buffer, self.n)))
+            order = torch.as_tensor(generator.permutation(len(block)))
+            block = block[order]
+            for begin in range(0, len(block), batch_size):
+                yield block[begin:begin + batch_size]
+
+    def check(self) -> None:
+        """A `StoreError` if the store holds NaN or infinite values."""
+        for begin in range(0, self.n, 262_144):
+            if not torch.isfinite(self.rows(begin, min(begin + 262_144, self.n))).all():
+                raise StoreError(f"the store of {self.site} holds NaN or infinite activations "
+                                 f"(rows {begin}..{min(begin + 262_144, self.n)}): collect again, in "
+                                 "float32, or drop those documents")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the collected site has been computed."""
+
+
+def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None = None,
+            context: int = 128, store=None, progress: bool = True) -> ActivationStore:
+    """Run `model` over `texts` and keep `site`'s activations at `n_tokens` real tokens."""
+    from ..arch import locate, submodule
+    from ..batch import Batch
+    from ..interventions import Context
+    from ..sites import Site, parse
+    from ..trace import read_part
+
+    (concrete,) = _one_site(model, site)
+    if n_tokens < 1:
+        raise StoreError(f"n_tokens must be positive, got {n_tokens}")
+    width = _width(model, concrete)
+    batch_size = batch_size or 16
+    data, written, documents_done, progress_file = _open(store, n_tokens, width, str(concrete))
+    path, io, _ = locate(model, concrete)
+    module = submodule(model.hf, path)
+    captured = {}
+
+    def grab(value):
+        captured["value"] = value
+        raise _Stop
+
+    handle = (module.register_forward_pre_hook(lambda m, args, kwargs: grab(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True)
+              if io == "input" else
+              module.register_forward_hook(lambda m, args, output: grab(output[0] if isinstance(output, tuple) else output)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, initial=written, desc=f"collecting {concrete}", unit="tok", delay=2)
+    bos = model.tokenizer.bos_token_id
+    adds_bos = bool(model.tokenizer("a")["input_ids"][:1] == [bos]) if bos is not None else False
+    documents = _documents(texts)
+    pending: list[list[int]] = []
+    seen = 0
+    try:
+        for document in documents:
+            seen += 1
+            if seen <= documents_done:
+                continue  # resumed: this document is already in the store
+            if isinstance(document, list):
+                pending.append(document)  # a window of token ids, taken as it is
+            else:
+                ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
+                prefix = [bos] if adds_bos else []
+                window = context - len(prefix)
+                pending += [prefix + ids[i:i + window] for i in range(0, len(ids), window) if ids[i:i + window]]
+            if len(pending) < batch_size:
+                continue
+            written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
+            pending = []
+            _save_progress(progress_file, written, seen, str(concrete), width, n_tokens)
+            if bar is not None:
+                bar.n = written
+                bar.refresh()
+            if written >= n_tokens:
+                break
+        if pending and written < n_tokens:
+            written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
+            _save_progress(progress_file, written, seen, str(concrete), width, n_tokens)
+    finally:
+        handle.remove()
+        model._context = None
+        if bar is not None:
+            bar.close()
+        if isinstance(data, np.memmap):
+            data.flush()
+    if written < n_tokens:
+        import warnings
+
+        warnings.warn(f"the texts gave {written} tokens, fewer than n_tokens={n_tokens}: the store "
+                      f"holds {written} (pass more text, or the same text again)")
+    meta = {"site": str(concrete), "tokens": written, "documents": seen, "context": context}
+    if not isinstance(data, np.memmap):
+        data = data[:written]
+    return ActivationStore(data, written, site=str(concrete), meta=meta)
+
+
+def _run(model, rows, site, captured, data, written, n_tokens, adds_bos) -> int:
+    """One padded batch of token windows up to the site; append its real tokens' values."""
+    from ..interventions import Context
+    from ..trace import read_part
+
+    length = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    model._context = Context([[""] * length] * len(rows))
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        model._context = None
+    value = read_part(captured.pop("value"), site, None).float()
+    keep = mask.bool()
+    # Position 0 of every window is the model's attention sink (BOS or not): its residual
+    # norm is ~100x the others' (about 23,000 against 150 in SmolLM2's resid_post.12).
+    keep[:, 0] = False
+    tokens = value[keep.to(value.device)].reshape(-1, data.shape[1]).cpu()
+    take = min(len(tokens), n_tokens - written)
+    if isinstance(data, np.memmap):
+        data[written:written + take] = tokens[:take].numpy()
+    else:
+        data[written:written + take] = tokens[:take]
+    return written + take
+
+
+def _one_site(model, site):
+    from ..sites import Site, parse
+
+    parsed = parse(site)
+    if parsed.positions is not None:
+        raise StoreError(f"collect keeps every token: give {parsed.name} without positions")
+    concrete = parsed.expand(model)
+    if len(concrete) != 1:
+        raise StoreError(f"collect reads one site, and {parsed} names {len(concrete)}")
+    if concrete[0].kind in ("pattern", "logits"):
+        raise StoreError(f"collect reads per-token vectors (resid_*, attn_out, mlp_out, neuron.L, "
+                         f"head.L.H), not {concrete[0].kind}")
+    if concrete[0].kind == "head" and concrete[0].index is None:
+        raise StoreError("collect one head at a time (head.L.H)")
+    return concrete
+
+
+def _width(model, site) -> int:
+    if site.kind == "neuron":
+        return 1 if site.index is not None else model.d_mlp
+    if site.kind == "head":
+        return model.d_head
+    if site.kind == "sae":
+        return 1 if site.index is not None else model.sae_at(site).d_sae
+    return model.d_model
+
+
+def _documents(texts) -> Iterator[str]:
+    """Strings from an iterable of strings or a datasets Dataset with a `text` column."""
+    if hasattr(texts, "column_names"):
+        if "text" not in texts.column_names:
+            raise StoreError(f"the dataset has no 'text' column: its columns are {texts.column_names}")
+        texts = (row["text"] for row in texts)
+    if isinstance(texts, str):
+        texts = [texts]
+    for text in texts:
+        if isinstance(text, list) and all(isinstance(t, int) for t in text):
+            yield text  # token ids of one window
+            continue
+        if not isinstance(text, str):
+            raise StoreError(f"collect reads strings; got {type(text).__name__}")
+        if text:
+            yield text
+
+
+def _open(store, n_tokens: int, width: int, site: str):
+    """`(array, rows written, documents done, progress file)`, resuming a store on disk."""
+    if store is None:
+        return torch.empty(n_tokens, width), 0, 0, None
+    path = Path(store)
+    path.mkdir(parents=True, exist_ok=True)
+    progress_file = path / "progress.json"
+    written = documents = 0
+    mode = "w+"
+    if progress_file.is_file():
+        state = json.loads(progress_file.read_text())
+        if state["site"] != site or state["width"] != width or state["n_tokens"] != n_tokens:
+            raise StoreError(f"{path} holds a store of {state['site']} (width {state['width']}, "
+                             f"{state['n_tokens']} tokens), not of {site} (width {width}, {n_tokens}): "
+                             "use another path")
+        written, documents, mode = state["written"], state["documents"], "r+"
+    data = np.memmap(path / "acts.f32", dtype=np.float32, mode=mode, shape=(n_tokens, width))
+    return data, written, documents, progress_file
+
+
+def _save_progress(progress_file, written, documents, site, width, n_tokens) -> None:
+    if progress_file is not None:
+        progress_file.write_text(json.dumps({"written": written, "documents": documents, "site": site,
+                                             "width": width, "n_tokens": n_tokens}))
+
+
+def open_store(path) -> ActivationStore:
+    """A store written by `collect(..., store=path)` (as far as it got)."""
+    path = Path(path)
+    progress_file = path / "progress.json"
+    if not progress_file.is_file():
+        raise StoreError(f"{path} holds no activation store (no progress.json)")
+    state = json.loads(progress_file.read_text())
+    data = np.memmap(path / "acts.f32", dtype=np.float32, mode="r", shape=(state["n_tokens"], state["width"]))
+    return ActivationStore(data, state["written"], site=state["site"], meta=state)
