@@ -242,3 +242,12 @@ def test_view_magic_errors_are_one_line(shell, llama, capsys):
         err = capsys.readouterr().err
         assert not result.success and text in err, (line, err)
         assert "Traceback" not in err
+
+
+def test_features_magic(shell, llama):
+    from mechnb.sae import train
+
+    store = llama.collect("resid_post.1", [PROMPT] * 20, n_tokens=200, progress=False)
+    shell.user_ns["my_sae"] = train(store, kind="topk", d_sae=32, k=3, batch_size=64, progress=False)
+    table = run(shell, f'%features "{PROMPT}" --sae my_sae -k 2').result
+    assert set(table.df["rank"]) <= {1, 2} and len(table.df) > 0
