@@ -157,6 +157,38 @@ def locate(model, site) -> tuple[str, str, str | None]:
     }[site.kind]
 
 
+def hook_value(module, io: str, fn, attr: str | None = None):
+    """Register a PyTorch hook calling `fn(value)` on a module's input or output value.
+
+    The value is the first argument (positional or keyword) for `io="input"`; for
+    `"output"`, element 0 of a tuple output or the field `attr`. A tensor returned by
+    `fn` replaces the value; None leaves it. Returns the hook's removable handle.
+    """
+    if io == "input":
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            key = next(iter(kwargs))
+            new = fn(kwargs[key])
+            return None if new is None else (args, {**kwargs, key: new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, output):
+        if attr is not None:
+            new = fn(output[attr])
+            if new is not None:
+                output[attr] = new
+            return output
+        if isinstance(output, tuple):
+            new = fn(output[0])
+            return None if new is None else (new, *output[1:])
+        return fn(output)
+
+    return module.register_forward_hook(hook)
+
+
 def submodule(root, path: str):
     """The module (or nnsight envoy) at a dotted path below `root` (`""` is the root)."""
     for part in filter(None, path.split(".")):

@@ -170,31 +170,11 @@ def _length(full, site: Site) -> int:
 
 def install(model, intervention: Intervention):
     """Register the PyTorch hook that applies `intervention`; returns its handle."""
-    from .arch import locate, submodule
+    from .arch import hook_value, locate, submodule
 
     path, io, attr = locate(model, intervention.site)
-    module = submodule(model.hf, path)
-
-    if io == "input":
-        def pre_hook(module, args, kwargs):
-            context = model._context or Context()
-            if args:
-                return (apply(intervention, args[0], context), *args[1:]), kwargs
-            name = next(iter(kwargs))
-            return args, {**kwargs, name: apply(intervention, kwargs[name], context)}
-
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(module, args, output):
-        context = model._context or Context()
-        if attr is not None:
-            output[attr] = apply(intervention, output[attr], context)
-            return output
-        if isinstance(output, tuple):
-            return (apply(intervention, output[0], context), *output[1:])
-        return apply(intervention, output, context)
-
-    return module.register_forward_hook(hook)
+    return hook_value(submodule(model.hf, path), io,
+                      lambda value: apply(intervention, value, model._context or Context()), attr)
 
 
 def reference_pool(model, site: Site, ref) -> object:

@@ -100,7 +100,7 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
     effect)`, the effect being `(source - target) . d metric / d value` summed over
     the cell.
     """
-    from .arch import locate, submodule
+    from .arch import hook_value, locate, submodule
     from .batch import Batch
     from .interventions import Context
 
@@ -109,13 +109,10 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
     handles = []
 
     def keep(name):
-        def output_hook(module, args, output):
-            captured[name] = output[0] if isinstance(output, tuple) else output
+        def store(value):
+            captured[name] = value
 
-        def input_hook(module, args, kwargs):
-            captured[name] = args[0] if args else next(iter(kwargs.values()))
-
-        return output_hook, input_hook
+        return store
 
     def leaf(module, args, output):
         # Gradients flow from here on without touching the weights' .grad.
@@ -125,10 +122,7 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
         handles.append(submodule(model.hf, model.arch.embed).register_forward_hook(leaf))
         for name in grid.base_names:
             path, io, _ = locate(model, parse(name))
-            output_hook, input_hook = keep(name)
-            module = submodule(model.hf, path)
-            handles.append(module.register_forward_hook(output_hook) if io == "output" else
-                           module.register_forward_pre_hook(input_hook, with_kwargs=True))
+            handles.append(hook_value(submodule(model.hf, path), io, keep(name)))
         model._context = Context(batch.tokens)
         with torch.enable_grad():
             logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]

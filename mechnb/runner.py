@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import locate, submodule
+from .arch import hook_value, locate, submodule
 from .interventions import Context, apply
 from .sites import Site
 from .trace import assign_part, read_part
@@ -296,10 +296,7 @@ def _record_hook(module, io: str, site: Site, rows: list[Row]):
             part = read_part(value[index:index + 1], site, None)
             row.__dict__.setdefault("recorded", {})[site.name] = part.clone()
 
-    if io == "input":
-        return module.register_forward_pre_hook(lambda module, args: keep(args[0]))
-    return module.register_forward_hook(
-        lambda module, args, output: keep(output[0] if isinstance(output, tuple) else output))
+    return hook_value(module, io, keep)
 
 
 def _edit_hook(module, io: str, entries: list, offset: int):
@@ -313,18 +310,4 @@ def _edit_hook(module, io: str, entries: list, offset: int):
                             _relative(entry.positions, offset))
         return value
 
-    if io == "input":
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (edit(args[0]), *args[1:]), kwargs
-            key = next(iter(kwargs))
-            return args, {**kwargs, key: edit(kwargs[key])}
-
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (edit(output[0]), *output[1:])
-        return edit(output)
-
-    return module.register_forward_hook(hook)
+    return hook_value(module, io, edit)

@@ -92,11 +92,7 @@ class _Stop(Exception):
 def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None = None,
             context: int = 128, store=None, progress: bool = True) -> ActivationStore:
     """Run `model` over `texts` and keep `site`'s activations at `n_tokens` real tokens."""
-    from ..arch import locate, submodule
-    from ..batch import Batch
-    from ..interventions import Context
-    from ..sites import Site, parse
-    from ..trace import read_part
+    from ..arch import hook_value, locate, submodule
 
     (concrete,) = _one_site(model, site)
     if n_tokens < 1:
@@ -112,9 +108,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         captured["value"] = value
         raise _Stop
 
-    handle = (module.register_forward_pre_hook(lambda m, args, kwargs: grab(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True)
-              if io == "input" else
-              module.register_forward_hook(lambda m, args, output: grab(output[0] if isinstance(output, tuple) else output)))
+    handle = hook_value(module, io, grab)
     bar = None
     if progress:
         from tqdm.auto import tqdm
