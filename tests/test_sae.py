@@ -243,3 +243,24 @@ def test_evaluate_dashboard_and_features(attached):
     listed = model.features("The quick <b>brown</b> fox", sae)
     assert set(listed.df.columns) >= {"pos", "token", "feature", "activation", "promotes"}
     assert "<b>brown</b>" not in listed.html()
+
+
+@pytest.mark.slow
+def test_an_sae_on_the_embedded_model(real):
+    from mechnb.datasets import python_docs
+
+    store = real.collect("resid_post.12", python_docs(), n_tokens=40_000, batch_size=32, progress=False)
+    sae = train(store, kind="topk", d_sae=1152, k=32, batch_size=1024, epochs=3, progress=False)
+    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=4_000).T.values))
+    assert metrics["l0"] <= 32
+    assert metrics["cosine"] > 0.8 and metrics["fvu"] < 0.5
+    assert metrics["loss_recovered"] > 0.6
+    assert metrics["dead"] < 0.5
+    real.attach(sae)
+    try:
+        prompt = "The Eiffel Tower is located in the city of"
+        assert real.top(prompt, k=1).token[0] == " Paris"  # the error term keeps the model intact
+        listed = real.features(prompt, sae)
+        assert len(listed.df) > 0
+    finally:
+        real.detach(sae)

@@ -55,13 +55,13 @@ class ActivationStore:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows `start..stop` (at most up to the store's length) as a float32 tensor."""
         block = self.data[start:min(stop, self.n)]
-        return torch.as_tensor(np.asarray(block)) if isinstance(block, np.ndarray) else block
+        return torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block
 
     def sample(self, count: int, seed: int = 0) -> torch.Tensor:
         """`count` rows chosen at random (sorted reads, for a memory map)."""
         generator = np.random.default_rng(seed)
         picks = np.sort(generator.choice(self.n, size=min(count, self.n), replace=False))
-        return torch.as_tensor(np.asarray(self.data[picks])) if isinstance(self.data, np.memmap) \
+        return torch.from_numpy(np.array(self.data[picks])) if isinstance(self.data, np.memmap) \
             else self.data[torch.as_tensor(picks)]
 
     def batches(self, batch_size: int, seed: int = 0, buffer: int = 262_144) -> Iterator[torch.Tensor]:
