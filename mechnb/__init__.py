@@ -26,8 +26,8 @@ __all__ = [
 
 
 def load(name=None, device=None, dtype=None, **hf_kwargs):
-    """Load a model (default: the embedded SmolLM2-135M-Instruct); see `mechnb.model.load`."""
-    from .model import load as _load
+    """Load a model (default: the embedded SmolLM2-135M-Instruct); see `mechnb.loading.load`."""
+    from .loading import load as _load
 
     return _load(name, device=device, dtype=dtype, **hf_kwargs)
 

@@ -192,7 +192,7 @@ class MechnbMagics(Magics):
         print(HELP)
 
     def _cmd_load(self, words):
-        from .model import load
+        from .loading import load
 
         positional, options = parse_options(
             words, {"--device": str, "--dtype": str, "--as": str}, "%mechnb load")
