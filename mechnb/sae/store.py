@@ -1,14 +1,16 @@
 """Activation stores: a site's activations over a corpus, in memory or memory-mapped on disk.
 
-`Model.collect(site, texts, n_tokens)` runs the model over documents (split into
-windows of `context` tokens), keeps the site's value at every real token and stops
-each forward right after the site's layer. Padding is dropped, and so is the first
+`Model.collect(site, texts, n_tokens)` packs documents into one token stream (EOS
+between them), cuts it into windows of `context` tokens, runs the model over them,
+keeps the site's value at every token and stops each forward right after the site's
+layer. Padding is dropped, and so is the first
 position of every window (a BOS where the tokenizer adds one): it is the model's
 attention sink, whose activations are orders of magnitude larger than the rest and
 would dominate any SAE trained on them.
 With `store=path` the activations go to a memory-mapped file, `path/acts.f32`, so
-a store can exceed RAM; `path/progress.json` records how far collection got, and
-collecting again into the same path resumes there.
+a store can exceed RAM; `path/progress.json` records how far collection got (rows,
+documents read, and the tokens read but not yet run), and collecting again into the
+same path with the same texts resumes exactly there.
 
 `ActivationStore.batches(batch_size, seed)` yields shuffled batches: blocks of
 `buffer` rows are read in a random order and shuffled within, so a memory-mapped
@@ -99,7 +101,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         raise StoreError(f"n_tokens must be positive, got {n_tokens}")
     width = _width(model, concrete)
     batch_size = batch_size or 16
-    data, written, documents_done, progress_file = _open(store, n_tokens, width, str(concrete))
+    data, written, documents_done, stream, progress_file = _open(store, n_tokens, width, str(concrete))
     path, io, _ = locate(model, concrete)
     module = submodule(model.hf, path)
     captured = {}
@@ -116,6 +118,9 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         bar = tqdm(total=n_tokens, initial=written, desc=f"collecting {concrete}", unit="tok", delay=2)
     bos = model.tokenizer.bos_token_id
     adds_bos = bool(model.tokenizer("a")["input_ids"][:1] == [bos]) if bos is not None else False
+    prefix = [bos] if adds_bos else []
+    separator = [] if model.tokenizer.eos_token_id is None else [model.tokenizer.eos_token_id]
+    window = context - len(prefix)
     documents = _documents(texts)
     pending: list[list[int]] = []
     seen = 0
@@ -123,27 +128,32 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         for document in documents:
             seen += 1
             if seen <= documents_done:
-                continue  # resumed: this document is already in the store
+                continue  # resumed: this document is already in the store (or in `stream`)
             if isinstance(document, list):
                 pending.append(document)  # a window of token ids, taken as it is
             else:
-                ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
-                prefix = [bos] if adds_bos else []
-                window = context - len(prefix)
-                pending += [prefix + ids[i:i + window] for i in range(0, len(ids), window) if ids[i:i + window]]
+                # Documents are packed into one stream, separated by EOS, and cut into full
+                # windows: no padding to compute, and every window has `context` tokens.
+                stream += model.tokenizer(document, add_special_tokens=False)["input_ids"] + separator
+                while len(stream) >= window:
+                    pending.append(prefix + stream[:window])
+                    stream = stream[window:]
             if len(pending) < batch_size:
                 continue
             written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
             pending = []
-            _save_progress(progress_file, written, seen, str(concrete), width, n_tokens)
+            _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
             if bar is not None:
                 bar.n = written
                 bar.refresh()
             if written >= n_tokens:
                 break
+        if stream and written < n_tokens:
+            pending.append(prefix + stream)
+            stream = []
         if pending and written < n_tokens:
             written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
-            _save_progress(progress_file, written, seen, str(concrete), width, n_tokens)
+            _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
     finally:
         handle.remove()
         model._context = None
@@ -239,13 +249,14 @@ def _documents(texts) -> Iterator[str]:
 
 
 def _open(store, n_tokens: int, width: int, site: str):
-    """`(array, rows written, documents done, progress file)`, resuming a store on disk."""
+    """`(array, rows written, documents done, leftover token stream, progress file)`."""
     if store is None:
-        return torch.empty(n_tokens, width), 0, 0, None
+        return torch.empty(n_tokens, width), 0, 0, [], None
     path = Path(store)
     path.mkdir(parents=True, exist_ok=True)
     progress_file = path / "progress.json"
     written = documents = 0
+    stream: list[int] = []
     mode = "w+"
     if progress_file.is_file():
         state = json.loads(progress_file.read_text())
@@ -254,14 +265,16 @@ def _open(store, n_tokens: int, width: int, site: str):
                              f"{state['n_tokens']} tokens), not of {site} (width {width}, {n_tokens}): "
                              "use another path")
         written, documents, mode = state["written"], state["documents"], "r+"
+        stream = state.get("stream", [])
     data = np.memmap(path / "acts.f32", dtype=np.float32, mode=mode, shape=(n_tokens, width))
-    return data, written, documents, progress_file
+    return data, written, documents, stream, progress_file
 
 
-def _save_progress(progress_file, written, documents, site, width, n_tokens) -> None:
+def _save_progress(progress_file, written, documents, stream, site, width, n_tokens) -> None:
+    """Record how far collection got: rows, documents read, and their tokens not yet run."""
     if progress_file is not None:
-        progress_file.write_text(json.dumps({"written": written, "documents": documents, "site": site,
-                                             "width": width, "n_tokens": n_tokens}))
+        progress_file.write_text(json.dumps({"written": written, "documents": documents, "stream": stream,
+                                             "site": site, "width": width, "n_tokens": n_tokens}))
 
 
 def open_store(path) -> ActivationStore:
