@@ -47,7 +47,8 @@ def _documents(source: str, min_chars: int) -> tuple[str, ...]:
 
         return tuple(text.strip() for _, text in sorted(topics.items()) if len(text.strip()) >= min_chars)
     if source == "docstrings":
-        return tuple(_docstrings(min_chars))
+        # The same docstring can stand in several files (copies, re-exports): keep one.
+        return tuple(dict.fromkeys(_docstrings(min_chars)))
     raise ValueError(f"unknown source {source!r}: use {', '.join(SOURCES)}")
 
 
@@ -70,3 +71,54 @@ def _docstrings(min_chars: int) -> Iterator[str]:
                     text = ast.get_docstring(node)
                     if text and len(text) >= min_chars:
                         yield text
+
+
+# Indirect-object identification (Wang et al. 2022): templates with the subject named
+# twice; the model should complete with the other name (the indirect object).
+IOI_TEMPLATES = (
+    "When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "When {S} and {IO} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {IO} and {S} had a long argument, and afterwards {S} said to",
+    "After {IO} and {S} went to the {PLACE}, {S} handed a {OBJECT} to",
+    "While {S} and {IO} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "Friends {IO} and {S} found a {OBJECT} at the {PLACE}. {S} gave it to",
+)
+IOI_NAMES = ("Mary", "John", "Alice", "Bob", "James", "Sarah", "Michael", "Emma", "David", "Anna",
+             "Tom", "Lisa", "Paul", "Kate", "Mark", "Laura", "Peter", "Jane", "Robert", "Linda")
+IOI_PLACES = ("store", "park", "school", "office", "station", "market", "garden", "hospital")
+IOI_OBJECTS = ("drink", "book", "ball", "gift", "letter", "bottle", "ring", "bag")
+
+
+def ioi(n: int, tokenizer, seed: int = 0) -> list[dict]:
+    """`n` IOI prompt pairs for `tokenizer`: `clean`, `corrupt`, `answer`, `wrong`.
+
+    Names, places and objects are kept only where they are one token (with a leading
+    space) for this tokenizer, so the clean and corrupt prompts have the same length.
+    The corrupt prompt names the indirect object where the clean one repeats the
+    subject (`..., Mary gave a drink to`), which flips the right answer: patching
+    measures what carries "who was named twice". `answer` is the indirect object
+    (` Mary`), `wrong` the subject (` John`).
+    """
+    import random
+
+    def single(words):
+        return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+
+    names, places, objects = single(IOI_NAMES), single(IOI_PLACES), single(IOI_OBJECTS)
+    if len(names) < 2 or not places or not objects:
+        raise ValueError("this tokenizer has too few single-token names, places or objects for IOI")
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        template = rng.choice(IOI_TEMPLATES)
+        io_name, s_name = rng.sample(names, 2)
+        fill = dict(IO=io_name, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+        clean = template.format(S=s_name, **fill)
+        # Only the subject's second mention changes: everything before it is shared.
+        first, _, rest = template.rpartition("{S}")
+        corrupt = first.format(S=s_name, **fill) + io_name + rest.format(S=s_name, **fill)
+        if len(tokenizer.encode(clean)) != len(tokenizer.encode(corrupt)):
+            continue
+        pairs.append({"clean": clean, "corrupt": corrupt, "answer": " " + io_name, "wrong": " " + s_name,
+                      "template": IOI_TEMPLATES.index(template)})
+    return pairs
