@@ -47,6 +47,9 @@ class Arch:
     mlp_out: str
     resid_mid: str | None
     o_proj_conv1d: bool = False
+    # The gated MLP's two input branches (SwiGLU / GeGLU), where the family has them.
+    mlp_gate: str | None = None
+    mlp_up: str | None = None
 
     def resid_mid_for(self, config) -> str | None:
         """The resid_mid module of this config (None when attention and MLP are parallel)."""
@@ -67,6 +70,8 @@ _LLAMA_LIKE = dict(
     attn_out="self_attn",
     mlp_out="mlp",
     resid_mid="post_attention_layernorm",
+    mlp_gate="mlp.gate_proj",
+    mlp_up="mlp.up_proj",
 )
 
 ARCHS: tuple[Arch, ...] = (

@@ -79,6 +79,12 @@ def attention(
         # mechnb.runner): this forward computes only the positions after them.
         key = torch.cat([prefix[0], key], dim=2)
         value = torch.cat([prefix[1], value], dim=2)
+    rules = getattr(module, "mechnb_gim", None)
+    if rules is not None:
+        # GIM's backward rules (mechnb.gim): forward values unchanged, gradients scaled.
+        query = scale_gradient(query, rules.q_scale)
+        key = scale_gradient(key, rules.k_scale)
+        value = scale_gradient(value, rules.v_scale)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -92,11 +98,23 @@ def attention(
         scores = scores + attention_mask[..., : key.shape[-2]]
     # Softmax in float32 as every stock eager implementation does, then back.
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if rules is not None and rules.softmax_temperature != 1:
+        # The gradient of softmax(scores / T), the value of softmax(scores).
+        hot = torch.softmax(scores / rules.softmax_temperature, dim=-1, dtype=torch.float32).to(query.dtype)
+        pattern = pattern.detach() + (hot - hot.detach())
     pattern = module.hook_pattern(pattern)
     pattern_used = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()
     z = module.hook_z(z)
     return z, pattern
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` in the forward pass; its gradient multiplied by `scale` in the backward pass."""
+    if scale == 1:
+        return x
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
 
 
 def _register() -> None:

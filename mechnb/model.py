@@ -327,6 +327,21 @@ class Model:
                           metric=metric, normalize=normalize, freeze=freeze,
                           batch_size=batch_size, direction=direction, progress=progress)
 
+    # -- gradients ----------------------------------------------------------------
+
+    def gim(self, freeze_norm: bool = True, softmax_temperature: float = 2.0, q_scale: float = 0.25,
+            k_scale: float = 0.25, v_scale: float = 0.5, gate_scale: float = 0.5, up_scale: float = 0.5):
+        """`with model.gim():` GIM's backward rules on the live model; forward unchanged.
+
+        Norm statistics frozen, the attention softmax's gradient taken at temperature
+        `softmax_temperature`, gradients into Q, K, V and the gated MLP's gate and up
+        branches scaled. Everything is restored when the block ends. See `mechnb.gim`.
+        """
+        from .gim import GIM, GIMRules
+
+        return GIM(self, GIMRules(freeze_norm, softmax_temperature, q_scale, k_scale, v_scale,
+                                  gate_scale, up_scale))
+
     # -- seeing inside ---------------------------------------------------------
 
     def attention(self, prompts, layers=None, heads=None):

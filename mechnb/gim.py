@@ -1,0 +1,118 @@
+"""GIM's backward rules (Gradient Interaction Modifications, Edin et al. 2025), as a context.
+
+Plain gradients through a transformer are poor attributions: they ignore interactions
+that saturate the softmax and double-count paths through norms and gates. GIM keeps
+the forward pass and changes only the backward pass:
+
+- norms: LayerNorm / RMSNorm statistics (mean, scale) are treated as constants;
+- attention: the softmax's gradient is that of softmax(scores / T) (T =
+  `softmax_temperature`), and gradients into queries, keys and values are multiplied by
+  `q_scale`, `k_scale`, `v_scale`;
+- gated MLPs (SwiGLU / GeGLU): gradients into the gate and up branches are multiplied
+  by `gate_scale`, `up_scale`.
+
+    >>> with model.gim():
+    ...     logits = model.hf(**inputs).logits      # same values as without
+    ...     logits[0, -1, target].backward()        # GIM gradients
+
+Every rule is `value.detach() + (rule(value) - rule(value).detach())`: the forward
+value is the original (bit for bit), and the gradient is the rule's. The rules live
+in mechnb's attention function (`mechnb.hookpoints`) and in PyTorch hooks on the norm
+and gate modules, all removed when the block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import submodule
+from .errors import MechnbError
+from .hookpoints import scale_gradient
+
+
+@dataclass(frozen=True)
+class GIMRules:
+    """The settings of GIM's backward rules (1 / False turn a rule off)."""
+
+    freeze_norm: bool = True
+    softmax_temperature: float = 2.0
+    q_scale: float = 0.25
+    k_scale: float = 0.25
+    v_scale: float = 0.5
+    gate_scale: float = 0.5
+    up_scale: float = 0.5
+
+
+class GIM:
+    """`with model.gim(...):` GIM's backward rules active on the live model (see module doc)."""
+
+    def __init__(self, model, rules: GIMRules):
+        if rules.softmax_temperature <= 0:
+            raise MechnbError(f"softmax_temperature must be positive, got {rules.softmax_temperature}")
+        self.model, self.rules = model, rules
+        self._handles = []
+        self._attention = []
+
+    def __enter__(self) -> GIMRules:
+        model, rules = self.model, self.rules
+        try:
+            layers = submodule(model.hf, model.arch.layers)
+            for layer in layers:
+                attn = submodule(layer, model.arch.attn)
+                attn.mechnb_gim = rules
+                self._attention.append(attn)
+                for path, scale in ((model.arch.mlp_gate, rules.gate_scale), (model.arch.mlp_up, rules.up_scale)):
+                    if path is not None and scale != 1:
+                        self._handles.append(submodule(layer, path).register_forward_hook(
+                            lambda module, args, output, scale=scale: scale_gradient(output, scale)))
+            if rules.freeze_norm:
+                offsets: dict[int, float] = {}
+                for module in model.hf.modules():
+                    if _is_norm(module):
+                        self._handles.append(module.register_forward_hook(
+                            lambda m, args, kwargs, output: _frozen_norm(m, args, kwargs, output, offsets),
+                            with_kwargs=True))
+        except BaseException:
+            self._restore()
+            raise
+        return rules
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for attn in self._attention:
+            attn.__dict__.pop("mechnb_gim", None)
+        self._handles, self._attention = [], []
+
+
+def _is_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _frozen_norm(module, args, kwargs, output, offsets: dict):
+    """The norm's output, with the gradient of the norm whose statistics are constants."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    centre = isinstance(module, torch.nn.LayerNorm)
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-6
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True).detach() if centre else 0.0
+    spread = (xf - mean).pow(2).mean(-1, keepdim=True) if centre else xf.pow(2).mean(-1, keepdim=True)
+    scale = torch.rsqrt(spread + eps).detach()
+    weight = getattr(module, "weight", None)
+    gain = 1.0 if weight is None else weight.float()
+    if weight is not None and id(module) not in offsets:
+        # Gemma's RMSNorm multiplies by (1 + weight): tell which from the module's output.
+        plain = (xf - mean) * scale * weight.float()
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            plain = plain + bias.float()
+        offsets[id(module)] = 0.0 if torch.allclose(plain, output.float(), atol=1e-4, rtol=1e-3) else 1.0
+    if weight is not None:
+        gain = gain + offsets[id(module)]
+    linear = ((xf - mean) * scale * gain).to(output.dtype)
+    return output.detach() + (linear - linear.detach())

@@ -1,0 +1,172 @@
+"""GIM's backward rules, each against a hand-written autograd reference on a tiny model."""
+
+import pytest
+import torch
+
+from conftest import PROMPT, build_hf
+from mechnb.arch import submodule
+from mechnb.hookpoints import ATTN_IMPLEMENTATION
+
+NEUTRAL = dict(freeze_norm=False, softmax_temperature=1.0, q_scale=1.0, k_scale=1.0, v_scale=1.0,
+               gate_scale=1.0, up_scale=1.0)
+
+
+def input_gradient(model, target=None):
+    """d logit(target) / d input embeddings, and the logits, of a plain HF forward."""
+    batch = model.tokenizer(PROMPT, return_tensors="pt")
+    embeds = submodule(model.hf, model.arch.embed)(batch["input_ids"]).detach().requires_grad_()
+    logits = model.hf(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    target = int(logits[0, -1].argmax()) if target is None else target
+    (grad,) = torch.autograd.grad(logits[0, -1, target], embeds)
+    return grad, logits.detach(), target
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scaled_at(model, paths_scales):
+    """Reference: forward hooks whose custom backward scales the gradient of a module's output."""
+    handles = []
+    for layer in submodule(model.hf, model.arch.layers):
+        for path, scale in paths_scales:
+            handles.append(submodule(layer, path).register_forward_hook(
+                lambda m, a, out, s=scale: _Scale.apply(out, s)))
+    return handles
+
+
+def test_forward_is_bit_identical_and_restored(tiny_factory):
+    model = tiny_factory("llama")
+    plain_grad, plain_logits, target = input_gradient(model)
+    with model.gim():
+        gim_grad, gim_logits, _ = input_gradient(model, target)
+    assert torch.equal(gim_logits, plain_logits)
+    assert not torch.allclose(gim_grad, plain_grad)
+    after_grad, after_logits, _ = input_gradient(model, target)
+    assert torch.equal(after_grad, plain_grad) and torch.equal(after_logits, plain_logits)
+    assert sum(len(m._forward_hooks) for m in model.hf.modules()) == 0
+    with pytest.raises(RuntimeError):
+        with model.gim():
+            raise RuntimeError("inside")
+    assert torch.equal(input_gradient(model, target)[0], plain_grad)
+    assert not any(hasattr(m, "mechnb_gim") for m in model.hf.modules())
+
+
+def test_neutral_rules_give_the_plain_gradient(tiny_factory):
+    model = tiny_factory("llama")
+    plain, _, target = input_gradient(model)
+    with model.gim(**NEUTRAL):
+        neutral, _, _ = input_gradient(model, target)
+    assert torch.allclose(neutral, plain, atol=1e-6)
+
+
+def test_qkv_scales_match_a_reference(tiny_factory):
+    model = tiny_factory("llama")
+    _, _, target = input_gradient(model)
+    with model.gim(**{**NEUTRAL, "q_scale": 0.25, "k_scale": 0.5, "v_scale": 0.75}):
+        got, _, _ = input_gradient(model, target)
+    handles = scaled_at(model, [("self_attn.q_proj", 0.25), ("self_attn.k_proj", 0.5), ("self_attn.v_proj", 0.75)])
+    try:
+        expected, _, _ = input_gradient(model, target)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_gate_and_up_scales_match_a_reference(tiny_factory):
+    model = tiny_factory("llama")
+    _, _, target = input_gradient(model)
+    with model.gim(**{**NEUTRAL, "gate_scale": 0.3, "up_scale": 0.6}):
+        got, _, _ = input_gradient(model, target)
+    handles = scaled_at(model, [("mlp.gate_proj", 0.3), ("mlp.up_proj", 0.6)])
+    try:
+        expected, _, _ = input_gradient(model, target)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+def test_frozen_norms_match_a_reference(tiny_factory, name):
+    model = tiny_factory(name)
+    _, _, target = input_gradient(model)
+    with model.gim(**{**NEUTRAL, "freeze_norm": True}):
+        got, _, _ = input_gradient(model, target)
+    # Reference: every norm's forward rewritten with its statistics detached.
+    originals = {}
+    for module in model.hf.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            def forward(x, m=module):
+                mean = x.mean(-1, keepdim=True).detach()
+                var = (x - mean).pow(2).mean(-1, keepdim=True).detach()
+                return (x - mean) / torch.sqrt(var + m.eps) * m.weight + m.bias
+        elif type(module).__name__.endswith("RMSNorm"):
+            def forward(x, m=module):
+                eps = getattr(m, "variance_epsilon", None) or m.eps
+                scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach()
+                gain = (1 + m.weight) if "Gemma" in type(m).__name__ else m.weight
+                return x * scale * gain
+        else:
+            continue
+        originals[module] = module.__dict__.get("forward")
+        module.forward = forward
+    try:
+        expected, _, _ = input_gradient(model, target)
+    finally:
+        for module, original in originals.items():
+            if original is None:
+                del module.forward
+            else:
+                module.forward = original
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+class _HotSoftmax(torch.autograd.Function):
+    """softmax(s) forward; backward the Jacobian of softmax(s / T), written out by hand."""
+
+    @staticmethod
+    def forward(ctx, scores, temperature):
+        ctx.save_for_backward(scores)
+        ctx.temperature = temperature
+        return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scores,) = ctx.saved_tensors
+        hot = torch.softmax(scores / ctx.temperature, dim=-1)
+        return hot * (grad - (grad * hot).sum(-1, keepdim=True)) / ctx.temperature, None
+
+
+def test_softmax_temperature_matches_a_reference(tiny_factory):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    model = tiny_factory("llama")
+    _, _, target = input_gradient(model)
+    with model.gim(**{**NEUTRAL, "softmax_temperature": 3.0}):
+        got, _, _ = input_gradient(model, target)
+
+    def reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = query @ key.transpose(2, 3) * scaling + attention_mask[..., : key.shape[-2]]
+        pattern = _HotSoftmax.apply(scores, 3.0)
+        return (pattern @ value).transpose(1, 2).contiguous(), pattern
+
+    AttentionInterface.register("gim_reference", reference)
+    AttentionMaskInterface.register("gim_reference", eager_mask)
+    model.hf.set_attn_implementation("gim_reference")
+    try:
+        expected, _, _ = input_gradient(model, target)
+    finally:
+        model.hf.set_attn_implementation(ATTN_IMPLEMENTATION)
+    assert torch.allclose(got, expected, atol=1e-5)
