@@ -66,6 +66,8 @@ mechnb magics
   %heads [--detect induction previous_token duplicate_token]   head detector scores
   %explore [PROMPT] [--answer A] [--wrong W]             interactive explorer widget
   %features PROMPT --sae SAE [-k K]                      top SAE features per token
+  %attribute PROMPT [--method gim|gradient|grad_x_input|integrated_gradients] [--target T]
+        which input tokens drive the prediction (coloured tokens)
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -359,6 +361,16 @@ class MechnbMagics(Magics):
 
     @no_var_expand
     @line_magic
+    def attribute(self, line: str):
+        """`%attribute PROMPT [--method gim|gradient|grad_x_input|integrated_gradients]
+        [--target T] [--steps N] [-o NAME]`: which input tokens drive the prediction."""
+        prompt, options = self._prompt(line, {"--method": str, "--target": object, "--steps": int,
+                                              "-o": str}, "%attribute")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().attribute(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
     def features(self, line: str):
         """`%features PROMPT --sae SAE [-k K] [-o NAME]`: the top SAE features per token."""
         prompt, options = self._prompt(line, {"--sae": object, "-k": int, "-o": str}, "%features")
@@ -497,7 +509,7 @@ def unload_extension(shell) -> None:
     """Remove the magics, the error display and the session from `shell`."""
     manager = shell.magics_manager
     for name in ("mechnb", "ablate", "interventions", "patch", "path_patch", "attention",
-                 "activations", "lens", "dla", "heads", "explore", "features"):
+                 "activations", "lens", "dla", "heads", "explore", "features", "attribute"):
         manager.magics["line"].pop(name, None)
     manager.magics["cell"].pop("trace", None)
     manager.registry.pop("MechnbMagics", None)

@@ -170,3 +170,41 @@ def test_softmax_temperature_matches_a_reference(tiny_factory):
     finally:
         model.hf.set_attn_implementation(ATTN_IMPLEMENTATION)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_attribution_methods(tiny_factory):
+    model = tiny_factory("llama")
+    grad, logits, target = input_gradient(model)
+    embeds = submodule(model.hf, model.arch.embed)(model.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+    saliency = model.attribute(PROMPT, method="gradient")
+    assert saliency.meta["target_id"] == target
+    assert torch.allclose(saliency.values, grad[0].norm(dim=-1), atol=1e-5)
+    gxi = model.attribute(PROMPT, method="grad_x_input")
+    assert torch.allclose(gxi.values, (grad[0] * embeds[0]).sum(-1), atol=1e-5)
+    with model.gim():
+        gim_grad, _, _ = input_gradient(model, target)
+    gim = model.attribute(PROMPT, method="gim")
+    assert torch.allclose(gim.values, (gim_grad[0] * embeds[0]).sum(-1), atol=1e-5)
+    assert list(gim.df.columns) == ["pos", "token", "value"] and "ColoredTokens" in gim.html()
+    assert all(p.grad is None for p in model.hf.parameters())
+
+
+def test_integrated_gradients_complete(tiny_factory):
+    model = tiny_factory("llama")
+    batch = model.tokenizer(PROMPT, return_tensors="pt")
+    embed = submodule(model.hf, model.arch.embed)
+    embeds = embed(batch["input_ids"])
+    # A non-zero baseline (the EOS embedding at every position): with RMSNorm, the path
+    # from zeros starts at a singular point and Riemann sums converge slowly.
+    baseline = embed(torch.tensor([model.tokenizer.eos_token_id]))[0].detach()
+    result = model.attribute(PROMPT, target=" Mary", method="integrated_gradients", steps=64,
+                             baseline=baseline)
+    mary = model.tokenizer.encode(" Mary")[0]
+    with torch.no_grad():
+        full = model.hf(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[0, -1, mary]
+        empty = model.hf(inputs_embeds=baseline.expand_as(embeds), attention_mask=batch["attention_mask"]
+                         ).logits[0, -1, mary]
+    # Completeness: the attributions add up to the logit's change from the baseline.
+    assert abs(result.values.sum().item() - (full - empty).item()) < 0.05 * abs((full - empty).item()) + 1e-3
+    with pytest.raises(Exception, match="unknown attribution method"):
+        model.attribute(PROMPT, method="lime")

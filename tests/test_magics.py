@@ -251,3 +251,9 @@ def test_features_magic(shell, llama):
     shell.user_ns["my_sae"] = train(store, kind="topk", d_sae=32, k=3, batch_size=64, progress=False)
     table = run(shell, f'%features "{PROMPT}" --sae my_sae -k 2').result
     assert set(table.df["rank"]) <= {1, 2} and len(table.df) > 0
+
+
+def test_attribute_magic(shell, llama):
+    result = run(shell, f'%attribute "{PROMPT}" --method grad_x_input --target " Mary" -o attr').result
+    assert result.values.shape == (14,) and shell.user_ns["attr"] is result
+    assert result.meta["target"] == " Mary"

@@ -1,0 +1,105 @@
+"""Which input tokens drive a prediction? Gradient attribution of one logit to every token.
+
+    >>> model.attribute("The Eiffel Tower is located in the city of", method="gim")
+
+Methods, each giving one number per input token (the target's logit at the last
+position, by default the model's top prediction):
+
+    gradient              |d logit / d embedding|, the L2 norm over d_model (saliency)
+    grad_x_input          (d logit / d embedding) . embedding, summed over d_model
+    integrated_gradients  (embedding - baseline) . mean gradient along the straight path
+                          from the baseline (default: zeros) in `steps` points, summed
+                          over d_model; the values add up to logit(x) - logit(baseline)
+    gim                   grad_x_input under GIM's backward rules (`mechnb.gim`)
+
+The result shows as circuitsvis coloured tokens (HTML-escaped); `.df` has `pos`,
+`token`, `value`. Gotcha: with RMSNorm models the zero baseline is a singular point
+(the norm divides by ~0 near it), so integrated gradients converge slowly from zeros;
+a real token's embedding as `baseline` (a `d_model` vector) adds up to
+logit(x) - logit(baseline) within a few percent at 64 steps (tested). Gradients flow into the embeddings only: the weights' `.grad` is
+left untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import submodule
+from .errors import MechnbError
+from .render import compact, view
+from .results import Result
+
+METHODS = ("gim", "gradient", "grad_x_input", "integrated_gradients")
+
+
+def attribute(model, prompt: str, target=None, method: str = "gim", steps: int = 20,
+              baseline: torch.Tensor | None = None) -> Result:
+    """Attribution of the target logit to each token of `prompt` (see module doc)."""
+    import pandas as pd
+
+    from .batch import Batch
+    from .interventions import Context
+    from .metrics import token_id
+
+    if method not in METHODS:
+        raise MechnbError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
+    if not isinstance(prompt, str) or not prompt:
+        raise MechnbError("attribute reads one non-empty prompt string")
+    if steps < 1:
+        raise MechnbError(f"steps must be at least 1, got {steps}")
+    batch = Batch.of(model.tokenizer, prompt)
+    inputs = batch.inputs(model.device)
+    embed = submodule(model.hf, model.arch.embed)
+    with torch.no_grad():
+        embeddings = embed(inputs["input_ids"]).float()
+    notes = []
+    model._context = Context(batch.tokens)
+    try:
+        if target is None:
+            with torch.no_grad():
+                target = int(_logits(model, embeddings, inputs)[0, -1].argmax())
+        else:
+            target, note = token_id(model, target, "target")
+            notes += [note] if note else []
+        if method == "integrated_gradients":
+            base = torch.zeros_like(embeddings) if baseline is None else baseline.to(embeddings).expand_as(embeddings)
+            alphas = (torch.arange(1, steps + 1, dtype=embeddings.dtype) / steps).to(embeddings.device)
+            path = base + alphas[:, None, None] * (embeddings - base)  # steps pos d
+            grads = _gradient(model, path, {k: v.expand(steps, -1) for k, v in inputs.items()}, target)
+            values = ((embeddings - base)[0] * grads.mean(0)).sum(-1)
+        elif method == "gim":
+            with model.gim():
+                grads = _gradient(model, embeddings, inputs, target)
+            values = (grads[0] * embeddings[0]).sum(-1)
+        else:
+            grads = _gradient(model, embeddings, inputs, target)
+            values = grads[0].norm(dim=-1) if method == "gradient" else (grads[0] * embeddings[0]).sum(-1)
+    finally:
+        model._context = None
+    values = values.detach().cpu()
+    tokens = batch.tokens[0]
+    target_token = model.tokenizer.decode([target])
+    df = pd.DataFrame({"pos": range(len(tokens)), "token": tokens, "value": values.tolist()})
+    meta = {"title": f"{method} attribution of {target_token!r}", "prompt": prompt, "method": method,
+            "target": target_token, "target_id": target, "steps": steps, "model": model.name,
+            "axes": ["pos"], "labels": {"pos": [f"{t!r}" for t in tokens]}, "notes": notes}
+
+    def html(result):
+        return view("ColoredTokens", {"tokens": tokens, "values": compact(values.tolist(), 4)},
+                    title=meta["title"])
+
+    return Result(values, df, meta, html=html)
+
+
+def _logits(model, embeddings, inputs):
+    return model.hf(inputs_embeds=embeddings.to(model.dtype), attention_mask=inputs["attention_mask"],
+                    use_cache=False).logits
+
+
+def _gradient(model, embeddings, inputs, target: int) -> torch.Tensor:
+    """d logit(target) at the last position / d embeddings, for each row of `embeddings`."""
+    leaf = embeddings.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = _logits(model, leaf, inputs)
+        (grad,) = torch.autograd.grad(logits[:, -1, target].sum(), leaf)
+    return grad.float()
