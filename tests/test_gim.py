@@ -67,26 +67,17 @@ def test_neutral_rules_give_the_plain_gradient(tiny_factory):
     assert torch.allclose(neutral, plain, atol=1e-6)
 
 
-def test_qkv_scales_match_a_reference(tiny_factory):
+@pytest.mark.parametrize("rules,paths", [
+    (dict(q_scale=0.25, k_scale=0.5, v_scale=0.75),
+     [("self_attn.q_proj", 0.25), ("self_attn.k_proj", 0.5), ("self_attn.v_proj", 0.75)]),
+    (dict(gate_scale=0.3, up_scale=0.6), [("mlp.gate_proj", 0.3), ("mlp.up_proj", 0.6)]),
+])
+def test_gradient_scales_match_a_reference(tiny_factory, rules, paths):
     model = tiny_factory("llama")
     _, _, target = input_gradient(model)
-    with model.gim(**{**NEUTRAL, "q_scale": 0.25, "k_scale": 0.5, "v_scale": 0.75}):
+    with model.gim(**{**NEUTRAL, **rules}):
         got, _, _ = input_gradient(model, target)
-    handles = scaled_at(model, [("self_attn.q_proj", 0.25), ("self_attn.k_proj", 0.5), ("self_attn.v_proj", 0.75)])
-    try:
-        expected, _, _ = input_gradient(model, target)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert torch.allclose(got, expected, atol=1e-6)
-
-
-def test_gate_and_up_scales_match_a_reference(tiny_factory):
-    model = tiny_factory("llama")
-    _, _, target = input_gradient(model)
-    with model.gim(**{**NEUTRAL, "gate_scale": 0.3, "up_scale": 0.6}):
-        got, _, _ = input_gradient(model, target)
-    handles = scaled_at(model, [("mlp.gate_proj", 0.3), ("mlp.up_proj", 0.6)])
+    handles = scaled_at(model, paths)
     try:
         expected, _, _ = input_gradient(model, target)
     finally:
