@@ -33,8 +33,13 @@ METHODS = ("gim", "gradient", "grad_x_input", "integrated_gradients")
 
 
 def attribute(model, prompt: str, target=None, method: str = "gim", steps: int = 20,
-              baseline: torch.Tensor | None = None) -> Result:
-    """Attribution of the target logit to each token of `prompt` (see module doc)."""
+              baseline: torch.Tensor | None = None, sites=None) -> Result:
+    """Attribution of the target logit to each token of `prompt` (see module doc).
+
+    With `sites` (`head.*.*`, `mlp_out.*`, ...), the attribution goes to components
+    instead: value . gradient summed over positions and dimensions (`grad_x_input`,
+    `gim`) or the gradient's norm (`gradient`), as a `layer [head]` grid.
+    """
     import pandas as pd
 
     from .batch import Batch
@@ -47,6 +52,8 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
         raise MechnbError("attribute reads one non-empty prompt string")
     if steps < 1:
         raise MechnbError(f"steps must be at least 1, got {steps}")
+    if sites is not None:
+        return _components(model, prompt, target, method, sites)
     batch = Batch.of(model.tokenizer, prompt)
     inputs = batch.inputs(model.device)
     embed = submodule(model.hf, model.arch.embed)
@@ -103,3 +110,57 @@ def _gradient(model, embeddings, inputs, target: int) -> torch.Tensor:
         logits = _logits(model, leaf, inputs)
         (grad,) = torch.autograd.grad(logits[:, -1, target].sum(), leaf)
     return grad.float()
+
+
+def _components(model, prompt: str, target, method: str, sites) -> Result:
+    """Attribution of the target logit to the components named by `sites`."""
+    from .batch import Batch
+    from .interventions import Context
+    from .metrics import token_id
+    from .patching import Grid, capturing
+    from .trace import read_part
+
+    if method == "integrated_gradients":
+        raise MechnbError("integrated gradients attribute to input tokens; for components use "
+                          "grad_x_input, gradient or gim")
+    batch = Batch.of(model.tokenizer, prompt)
+    tokens = batch.tokens[0]
+    grid = Grid(model, sites, False, (prompt, prompt, tokens, tokens))
+    inputs = batch.inputs(model.device)
+    notes = []
+    model._context = Context(batch.tokens)
+    try:
+        rules = model.gim() if method == "gim" else _Nothing()
+        with capturing(model, grid.base_names) as captured, rules, torch.enable_grad():
+            logits = model.hf(**inputs, use_cache=False).logits[0, -1]
+            if target is None:
+                target = int(logits.argmax())
+            else:
+                target, note = token_id(model, target, "target")
+                notes += [note] if note else []
+            names = list(grid.base_names)
+            grads = torch.autograd.grad(logits[target], [captured[n] for n in names], allow_unused=True)
+    finally:
+        model._context = None
+    values = []
+    per_site = {}
+    for name, grad in zip(names, grads):
+        grad = torch.zeros_like(captured[name]) if grad is None else grad
+        per_site[name] = (grad.float(), captured[name].detach().float())
+    for site, _ in grid.cells:
+        grad, value = per_site[site.base.name]
+        part_grad, part_value = read_part(grad, site, None), read_part(value, site, None)
+        values.append(part_grad.norm() if method == "gradient" else (part_grad * part_value).sum())
+    target_token = model.tokenizer.decode([target])
+    meta = {"title": f"{method} attribution of {target_token!r} to {', '.join(grid.patterns)}",
+            "prompt": prompt, "method": method, "target": target_token, "target_id": target,
+            "sites": grid.patterns, "model": model.name, "notes": notes}
+    return grid.result(torch.stack(values).cpu().reshape(grid.shape), meta)
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

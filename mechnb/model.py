@@ -342,17 +342,20 @@ class Model:
         return GIM(self, GIMRules(freeze_norm, softmax_temperature, q_scale, k_scale, v_scale,
                                   gate_scale, up_scale))
 
-    def attribute(self, prompt: str, target=None, method: str = "gim", steps: int = 20, baseline=None):
+    def attribute(self, prompt: str, target=None, method: str = "gim", steps: int = 20, baseline=None,
+                  sites=None):
         """Attribution of the target token's logit to every input token.
 
         `method`: `gim`, `gradient`, `grad_x_input` or `integrated_gradients` (with
         `steps` and a `baseline` embedding, default zeros); `target`: a token string
         or id (default: the top prediction). Returns a `Result` (`pos`, `token`,
-        `value`) shown as coloured tokens. See `mechnb.attribution`.
+        `value`) shown as coloured tokens. `sites=` (`head.*.*`, `mlp_out.*`) attributes
+        to components instead (value . gradient per site). See `mechnb.attribution`.
         """
         from .attribution import attribute
 
-        return attribute(self, prompt, target=target, method=method, steps=steps, baseline=baseline)
+        return attribute(self, prompt, target=target, method=method, steps=steps, baseline=baseline,
+                         sites=sites)
 
     # -- seeing inside ---------------------------------------------------------
 

@@ -29,6 +29,7 @@ patch restores the clean behaviour, 0 that it does nothing.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -93,18 +94,13 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
     return grid.result(values.reshape(grid.shape), meta)
 
 
-def _attribution(model, grid: "Grid", source_cache, target: str):
-    """Run the target once with gradients kept; returns its last logits and `effects(metric)`.
-
-    `effects(metric)` backpropagates the metric and gives `(metric value, per-cell
-    effect)`, the effect being `(source - target) . d metric / d value` summed over
-    the cell.
-    """
+@contextmanager
+def capturing(model, names):
+    """Within the block, forwards keep the values of the base sites `names`, with their
+    autograd history: a dict filled as the model runs. Gradients start at the embeddings,
+    so they reach these values without accumulating in the weights' `.grad`."""
     from .arch import hook_value, locate, submodule
-    from .batch import Batch
-    from .interventions import Context
 
-    batch = Batch.of(model.tokenizer, target)
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -115,21 +111,36 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
         return store
 
     def leaf(module, args, output):
-        # Gradients flow from here on without touching the weights' .grad.
         return output if output.requires_grad else output.detach().requires_grad_()
 
     try:
         handles.append(submodule(model.hf, model.arch.embed).register_forward_hook(leaf))
-        for name in grid.base_names:
+        for name in names:
             path, io, _ = locate(model, parse(name))
             handles.append(hook_value(submodule(model.hf, path), io, keep(name)))
-        model._context = Context(batch.tokens)
-        with torch.enable_grad():
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attribution(model, grid: "Grid", source_cache, target: str):
+    """Run the target once with gradients kept; returns its last logits and `effects(metric)`.
+
+    `effects(metric)` backpropagates the metric and gives `(metric value, per-cell
+    effect)`, the effect being `(source - target) . d metric / d value` summed over
+    the cell.
+    """
+    from .batch import Batch
+    from .interventions import Context
+
+    batch = Batch.of(model.tokenizer, target)
+    model._context = Context(batch.tokens)
+    try:
+        with capturing(model, grid.base_names) as captured, torch.enable_grad():
             logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]
     finally:
         model._context = None
-        for handle in handles:
-            handle.remove()
 
     def effects(metric_fn):
         names = list(grid.base_names)

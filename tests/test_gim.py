@@ -199,3 +199,28 @@ def test_integrated_gradients_complete(tiny_factory):
     assert abs(result.values.sum().item() - (full - empty).item()) < 0.05 * abs((full - empty).item()) + 1e-3
     with pytest.raises(Exception, match="unknown attribution method"):
         model.attribute(PROMPT, method="lime")
+
+
+def test_component_attribution(tiny_factory):
+    model = tiny_factory("llama")
+    heads = model.attribute(PROMPT, target=" Mary", method="grad_x_input", sites="head.*.*")
+    assert heads.values.shape == (3, 4) and list(heads.df.columns) == ["layer", "head", "value"]
+    # Reference: gradient of the logit w.r.t. head 2.1's output, dotted with that output.
+    mary = model.tokenizer.encode(" Mary")[0]
+    batch = model.tokenizer(PROMPT, return_tensors="pt")
+    kept = {}
+    hook_z = submodule(model.hf, model.arch.layers)[2].self_attn.hook_z
+    handle = hook_z.register_forward_hook(lambda m, a, out: kept.setdefault("z", out))
+    try:
+        embeds = submodule(model.hf, model.arch.embed)(batch["input_ids"]).detach().requires_grad_()
+        logits = model.hf(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        (grad,) = torch.autograd.grad(logits[0, -1, mary], kept["z"])
+    finally:
+        handle.remove()
+    expected = (grad[:, :, 1] * kept["z"][:, :, 1]).sum()
+    assert abs(heads.values[2, 1].item() - expected.item()) < 1e-5
+    mlps = model.attribute(PROMPT, method="gim", sites=["mlp_out.*"])
+    assert mlps.values.shape == (3,)
+    with pytest.raises(Exception, match="integrated gradients attribute to input tokens"):
+        model.attribute(PROMPT, method="integrated_gradients", sites="head.*.*")
+    assert all(p.grad is None for p in model.hf.parameters())
