@@ -18,6 +18,15 @@ def shell():
     shell.run_cell("%unload_ext mechnb", store_history=False)
 
 
+def assert_one_line_errors(shell, capsys, cases):
+    """Each magic line fails with one readable line holding its text, and no traceback."""
+    for line, text in cases:
+        result = run(shell, line)
+        err = capsys.readouterr().err
+        assert not result.success and text in err, (line, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def run(shell, source):
     """Run a cell; return (result, stderr text is read by the caller via capsys)."""
     return shell.run_cell(source, store_history=False)
@@ -128,16 +137,12 @@ def test_trace_errors_are_one_line_and_leave_the_model_clean(shell, llama, capsy
 
 
 def test_bad_magic_arguments_are_one_line(shell, llama, capsys):
-    for line, text in [("%mechnb nonsense", "unknown command 'nonsense'"),
+    assert_one_line_errors(shell, capsys, [("%mechnb nonsense", "unknown command 'nonsense'"),
                        ('%mechnb top "x" --bogus 1', "unknown option --bogus"),
                        ('%mechnb top "x" -k many', "takes a int"),
                        ("%mechnb top {undefined_name}", "cannot evaluate"),
                        ("%mechnb load ./no/such/dir", "no such file or directory"),
-                       ("%%trace\nx = 1", "takes one prompt")]:
-        result = run(shell, line)
-        err = capsys.readouterr().err
-        assert not result.success and text in err, (line, err)
-        assert "Traceback" not in err
+                       ("%%trace\nx = 1", "takes one prompt")])
 
 
 def test_help_lists_the_commands(shell, capsys):
@@ -205,17 +210,13 @@ def test_patch_magic_returns_a_result(shell, llama):
 
 def test_patch_magic_errors_are_one_line(shell, llama, capsys):
     shell.user_ns.update(clean=PROMPT)
-    for line, text in [('%patch --clean {clean} --corrupt "Hello" --answer " Mary" --wrong " John" --sites resid_pre.*',
+    assert_one_line_errors(shell, capsys, [('%patch --clean {clean} --corrupt "Hello" --answer " Mary" --wrong " John" --sites resid_pre.*',
                         "different lengths"),
                        ('%patch --clean {clean} --corrupt {clean} --answer " Mary"', "needs --sites"),
                        ("%ablate", "at least one site"),
                        ("%ablate head.1.0 --mode mean", "needs reference prompts"),
                        ("%ablate head.1.0 --mode average --ref x", "unknown ablation mode"),
-                       ("%interventions --remove 7", "--remove takes numbers")]:
-        result = run(shell, line)
-        err = capsys.readouterr().err
-        assert not result.success and text in err, (line, err)
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+                       ("%interventions --remove 7", "--remove takes numbers")])
     assert llama.interventions == []
 
 
@@ -234,14 +235,10 @@ def test_view_magics(shell, llama):
 
 
 def test_view_magic_errors_are_one_line(shell, llama, capsys):
-    for line, text in [("%attention", "takes one prompt"), ('%dla "x y"', "needs --answer"),
+    assert_one_line_errors(shell, capsys, [("%attention", "takes one prompt"), ('%dla "x y"', "needs --answer"),
                        ('%heads --detect copying', "unknown head kind"),
                        ('%attention "x y" --layers 9', "out of range"),
-                       ("%activations neuron.1.5", "takes a site")]:
-        result = run(shell, line)
-        err = capsys.readouterr().err
-        assert not result.success and text in err, (line, err)
-        assert "Traceback" not in err
+                       ("%activations neuron.1.5", "takes a site")])
 
 
 def test_features_magic(shell, llama):
