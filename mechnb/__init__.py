@@ -20,7 +20,7 @@ from .sites import Site, parse as parse_site
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "Site", "parse_site", "MechnbError", "SiteError", "ModelError",
+    "load", "Model", "Circuit", "Site", "parse_site", "MechnbError", "SiteError", "ModelError",
     "TraceError", "MagicError", "load_ipython_extension", "unload_ipython_extension",
 ]
 
@@ -37,6 +37,10 @@ def __getattr__(name):
         from .model import Model
 
         return Model
+    if name == "Circuit":
+        from .circuits import Circuit
+
+        return Circuit
     raise AttributeError(f"module 'mechnb' has no attribute {name!r}")
 
 

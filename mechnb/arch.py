@@ -15,6 +15,8 @@ fields, to one decoder layer (`self_attn.o_proj`). Conventions:
   `use_parallel_residual`), where no such point exists.
 - `neuron` values are the input of the MLP's output projection (after the activation
   and any gating), so `neuron.L.N` is what TransformerLens calls `hook_post`.
+- `attn_norm` / `mlp_norm` are the norms whose outputs attention and the MLP read
+  (their inputs are the residual stream each reads, also where they run in parallel).
 - `o_proj_conv1d` marks GPT-2's `Conv1D`, whose weight is stored `(in, out)`.
 
 Example:
@@ -46,10 +48,14 @@ class Arch:
     attn_out: str
     mlp_out: str
     resid_mid: str | None
+    attn_norm: str
+    mlp_norm: str
     o_proj_conv1d: bool = False
     # The gated MLP's two input branches (SwiGLU / GeGLU), where the family has them.
     mlp_gate: str | None = None
     mlp_up: str | None = None
+    # Separate query, key and value projections, where the family has them (not fused).
+    qkv: tuple[str, str, str] | None = None
 
     def resid_mid_for(self, config) -> str | None:
         """The resid_mid module of this config (None when attention and MLP are parallel)."""
@@ -70,8 +76,11 @@ _LLAMA_LIKE = dict(
     attn_out="self_attn",
     mlp_out="mlp",
     resid_mid="post_attention_layernorm",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
     mlp_gate="mlp.gate_proj",
     mlp_up="mlp.up_proj",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
 
 ARCHS: tuple[Arch, ...] = (
@@ -89,6 +98,8 @@ ARCHS: tuple[Arch, ...] = (
         attn_out="attn",
         mlp_out="mlp",
         resid_mid="ln_2",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
         o_proj_conv1d=True,
     ),
     Arch(name="llama", model_types=("llama",), **_LLAMA_LIKE),
@@ -108,6 +119,8 @@ ARCHS: tuple[Arch, ...] = (
         attn_out="attention",
         mlp_out="mlp",
         resid_mid="post_attention_layernorm",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
     ),
     Arch(
         name="gemma2",
@@ -115,7 +128,8 @@ ARCHS: tuple[Arch, ...] = (
         # Gemma normalises each branch before adding it: the normed value is what the
         # residual stream receives.
         **{**_LLAMA_LIKE, "attn_out": "post_attention_layernorm",
-           "mlp_out": "post_feedforward_layernorm", "resid_mid": "pre_feedforward_layernorm"},
+           "mlp_out": "post_feedforward_layernorm", "resid_mid": "pre_feedforward_layernorm",
+           "mlp_norm": "pre_feedforward_layernorm"},
     ),
 )
 

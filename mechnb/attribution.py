@@ -22,6 +22,8 @@ left untouched.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from .arch import submodule
@@ -130,7 +132,7 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
     notes = []
     model._context = Context(batch.tokens)
     try:
-        rules = model.gim() if method == "gim" else _Nothing()
+        rules = model.gim() if method == "gim" else nullcontext()
         with capturing(model, grid.base_names) as captured, rules, torch.enable_grad():
             logits = model.hf(**inputs, use_cache=False).logits[0, -1]
             if target is None:
@@ -156,11 +158,3 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
             "prompt": prompt, "method": method, "target": target_token, "target_id": target,
             "sites": grid.patterns, "model": model.name, "notes": notes}
     return grid.result(torch.stack(values).cpu().reshape(grid.shape), meta)
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

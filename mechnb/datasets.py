@@ -122,3 +122,50 @@ def ioi(n: int, tokenizer, seed: int = 0) -> list[dict]:
         pairs.append({"clean": clean, "corrupt": corrupt, "answer": " " + io_name, "wrong": " " + s_name,
                       "template": IOI_TEMPLATES.index(template)})
     return pairs
+
+
+# Greater-than (Hanna et al. 2023): "The war lasted from the year 1732 to the year 17"
+# should continue with a later year; the corrupt prompt starts at "01", which carries no
+# threshold.
+GREATER_THAN_NOUNS = ("war", "dynasty", "expedition", "drought", "reign", "project", "siege",
+                      "journey", "rebellion", "campaign", "pilgrimage", "famine")
+GREATER_THAN_TEMPLATE = "The {noun} lasted from the year {century}{year:02d} to the year {century}"
+
+
+def greater_than(n: int, tokenizer, seed: int = 0) -> list[dict]:
+    """`n` greater-than prompt pairs for `tokenizer`: `clean`, `corrupt`, `answer`, `wrong`.
+
+    `answer` and `wrong` are sets of tokens, for the `prob_diff` metric (probability of
+    a later year minus probability of an earlier one). Tokenizers that write years as
+    two-digit tokens (GPT-2: " 17", "32") get the two-digit years after the start
+    (answer) and up to it (wrong), as in the paper; tokenizers that split digits
+    (Llama, SmolLM2) continue with the tens digit, so the answer is the tens digits
+    above the start's and `wrong` those below it (its own is ambiguous and left out).
+    """
+    import random
+
+    pieces = [tokenizer.decode([t]) for t in tokenizer.encode("1732", add_special_tokens=False)]
+    if pieces == ["1", "7", "3", "2"]:
+        digits = True
+    elif [p.strip() for p in pieces] == ["17", "32"]:
+        digits = False
+    else:
+        raise ValueError(f"this tokenizer writes 1732 as {pieces}: greater-than needs years split "
+                         "into digits or into two-digit tokens")
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        noun, century, year = rng.choice(GREATER_THAN_NOUNS), rng.randint(11, 17), rng.randint(10, 89)
+        clean = GREATER_THAN_TEMPLATE.format(noun=noun, century=century, year=year)
+        corrupt = GREATER_THAN_TEMPLATE.format(noun=noun, century=century, year=1)
+        if len(tokenizer.encode(clean)) != len(tokenizer.encode(corrupt)):
+            continue
+        if digits:
+            tens = year // 10
+            answer = {str(d) for d in range(tens + 1, 10)}
+            wrong = {str(d) for d in range(0, tens)}
+        else:
+            answer = {f"{y:02d}" for y in range(year + 1, 100)}
+            wrong = {f"{y:02d}" for y in range(0, year + 1)}
+        pairs.append({"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong, "year": year})
+    return pairs

@@ -30,6 +30,12 @@ Gotchas:
   `mechnb_record` receives each call's keys and values, and a `(keys, values)` pair
   in `mechnb_prefix` is prepended to them, so a forward can recompute only the
   positions after a given one.
+- Two more serve circuit discovery (`mechnb.circuits`): a list in `mechnb_capture`
+  receives the query, key and value each head uses (`batch head pos d_head`, keys
+  and values repeated per query head), and an object in `mechnb_split` picks each
+  head's query, key and value from a batch that stacks one input per head and kind
+  (`select`), then stacks the output back (`expand`): that is how one head's query
+  can read a residual stream different from its key's.
 """
 
 from __future__ import annotations
@@ -89,6 +95,12 @@ def attention(
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    split = getattr(module, "mechnb_split", None)
+    if split is not None:
+        query, key, value, attention_mask = split.select(query, key, value, attention_mask)
+    capture = getattr(module, "mechnb_capture", None)
+    if capture is not None:
+        capture.append((query, key, value))
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -106,6 +118,8 @@ def attention(
     pattern_used = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
     z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()
     z = module.hook_z(z)
+    if split is not None:
+        z = split.expand(z)
     return z, pattern
 
 

@@ -144,13 +144,17 @@ def dla(model, prompt: str, answer, wrong=None) -> Result:
 
 def head_outputs(model, o_proj, z: torch.Tensor):
     """Each head's output through the output projection, `head d_model`, and the bias."""
+    per_head = torch.einsum("hd,hdm->hm", z, output_weights(model, o_proj))
+    bias = o_proj.bias.float() if getattr(o_proj, "bias", None) is not None else None
+    return per_head, bias
+
+
+def output_weights(model, o_proj) -> torch.Tensor:
+    """The output projection split by head, `head d_head d_model` (float32)."""
     weight = o_proj.weight.float()
     # Conv1D (GPT-2) stores (in, out); Linear stores (out, in).
     w = weight if model.arch.o_proj_conv1d else weight.T  # (head*d_head) d_model
-    w = w.reshape(model.n_heads, model.d_head, model.d_model)
-    per_head = torch.einsum("hd,hdm->hm", z, w)
-    bias = o_proj.bias.float() if getattr(o_proj, "bias", None) is not None else None
-    return per_head, bias
+    return w.reshape(model.n_heads, model.d_head, model.d_model)
 
 
 class Frozen:

@@ -3,11 +3,14 @@
     logit_diff   logit of the answer minus logit of the wrong token (needs both)
     prob         probability of the answer
     logprob      log-probability of the answer
+    prob_diff    probability of the answer minus probability of the wrong token
     kl           KL divergence from the clean run's next-token distribution, KL(clean || run)
     a callable   f(logits) -> one number per row, for logits `batch vocab`
 
 An answer is a string (its first token is used, and `Metric.notes` says so when it
-has several) or a token id.
+has several), a token id, or a set of them: a set counts as one answer whose logit is
+the mean of its tokens' logits and whose probability is the sum of theirs (the
+greater-than task's "any later year").
 
 Example:
     >>> metric = make(model, "logit_diff", " Mary", " John")
@@ -22,7 +25,7 @@ import torch
 
 from .errors import MechnbError
 
-METRICS = ("logit_diff", "prob", "logprob", "kl")
+METRICS = ("logit_diff", "prob", "logprob", "prob_diff", "kl")
 
 
 class MetricError(MechnbError, ValueError):
@@ -46,6 +49,17 @@ def token_id(model, answer, role: str = "answer") -> tuple[int, str | None]:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         note = f"{role} {answer!r} is {len(ids)} tokens {pieces}: only the first, {pieces[0]!r}, is used"
     return ids[0], note
+
+
+def token_ids(model, answer, role: str = "answer") -> tuple[list[int], list[str]]:
+    """The token ids of an answer or a set of answers, and notes on multi-token ones."""
+    if isinstance(answer, (set, frozenset)):
+        if not answer:
+            raise MetricError(f"{role} is an empty set: give at least one token")
+        found = [token_id(model, a, role) for a in sorted(answer, key=str)]
+        return sorted({i for i, _ in found}), [n for _, n in found if n]
+    found, note = token_id(model, answer, role)
+    return [found], [note] if note else []
 
 
 class Metric:
@@ -86,15 +100,21 @@ def make(model, metric, answer=None, wrong=None, clean_logits: torch.Tensor | No
         return Metric("kl", kl, notes)
     if answer is None:
         raise MetricError(f"the {metric} metric needs an answer token, e.g. answer=' Mary'")
-    answer_id, note = token_id(model, answer)
-    notes += [note] if note else []
-    if metric == "logit_diff":
+    answer_ids, found = token_ids(model, answer)
+    notes += found
+    if metric in ("logit_diff", "prob_diff"):
         if wrong is None:
-            raise MetricError("the logit_diff metric needs a wrong token too, e.g. wrong=' John' "
+            raise MetricError(f"the {metric} metric needs a wrong token too, e.g. wrong=' John' "
                               "(or use metric='logprob')")
-        wrong_id, note = token_id(model, wrong, "wrong")
-        notes += [note] if note else []
-        return Metric("logit_diff", lambda l: l[:, answer_id] - l[:, wrong_id], notes)
+        wrong_ids, found = token_ids(model, wrong, "wrong")
+        notes += found
+        if metric == "logit_diff":
+            return Metric("logit_diff", lambda l: l[:, answer_ids].mean(-1) - l[:, wrong_ids].mean(-1), notes)
+        return Metric("prob_diff", lambda l: _probs(l, answer_ids) - _probs(l, wrong_ids), notes)
     if metric == "prob":
-        return Metric("prob", lambda l: torch.softmax(l.float(), -1)[:, answer_id], notes)
-    return Metric("logprob", lambda l: torch.log_softmax(l.float(), -1)[:, answer_id], notes)
+        return Metric("prob", lambda l: _probs(l, answer_ids), notes)
+    return Metric("logprob", lambda l: torch.logsumexp(torch.log_softmax(l.float(), -1)[:, answer_ids], -1), notes)
+
+
+def _probs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    return torch.softmax(logits.float(), -1)[:, ids].sum(-1)

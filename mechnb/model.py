@@ -357,6 +357,35 @@ class Model:
         return attribute(self, prompt, target=target, method=method, steps=steps, baseline=baseline,
                          sites=sites)
 
+    def circuit(self, clean, corrupt, answer, wrong=None, method: str = "eap-ig", level: str = "edge",
+                steps: int = 5, metric="logit_diff", batch_size: int | None = None):
+        """Score every edge (or node) of the model's graph for a clean/corrupt task.
+
+        Args:
+            clean, corrupt: a prompt each, or equal-length lists of pairs (scores average
+                over pairs). A pair must tokenize to one length; pairs may differ.
+            answer, wrong: single-token answers (one for all pairs or one per pair), or
+                sets of single tokens (`{" 5", " 6"}`: logit_diff uses their mean logit,
+                prob and prob_diff their summed probability).
+            method: `eap`, `eap-ig` (integrated over `steps` inputs from corrupt to
+                clean), `gim` (eap under GIM's backward rules) or `exact` (node
+                patching, `level="node"` only). See `mechnb.circuits.discover`.
+            level: `edge` (each writer into each head's q, k, v input, MLP, logits) or
+                `node` (heads and MLPs).
+            metric: `logit_diff`, `prob`, `logprob`, `prob_diff`, `kl` or a function of
+                the last position's logits (`batch vocab -> batch`).
+            batch_size: prompt pairs per forward (default 8).
+
+        Returns:
+            A `Circuit`: `.scores` (`upstream downstream`, NaN where no edge; `upstream`
+            at node level), `.df`, `.top(n)`, `.plot()`, `.faithfulness()`, `.save()`.
+            Example: `model.circuit(clean, corrupt, " Mary", " John").top("2%")`.
+        """
+        from .circuits.discover import discover
+
+        return discover(self, clean, corrupt, answer, wrong, method=method, level=level, steps=steps,
+                        metric=metric, batch_size=batch_size)
+
     # -- seeing inside ---------------------------------------------------------
 
     def attention(self, prompts, layers=None, heads=None):

@@ -267,7 +267,12 @@ def _relative(positions: list[int] | None, offset: int):
 
 def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm, unembedding and (Gemma) logit soft-capping, as the model's head does."""
-    logits = submodule(model.hf, model.arch.unembed)(submodule(model.hf, model.arch.final_norm)(hidden))
+    return unembed_normed(model, submodule(model.hf, model.arch.final_norm)(hidden))
+
+
+def unembed_normed(model, normed: torch.Tensor) -> torch.Tensor:
+    """Unembedding and (Gemma) logit soft-capping of the final norm's output."""
+    logits = submodule(model.hf, model.arch.unembed)(normed)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

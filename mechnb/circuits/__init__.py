@@ -1,0 +1,15 @@
+"""Circuit discovery: score every edge of the model's graph from gradients, keep the top,
+and measure how much of the behaviour the kept part carries.
+
+    >>> circ = model.circuit(clean, corrupt, answer, wrong, method="eap-ig")
+    >>> circ.top("2%").plot(); circ.faithfulness()
+
+`graph` names the nodes and edges, `engine` runs the forwards (writer outputs, reader
+gradients, patched runs), `discover` scores, `circuit` holds the result.
+"""
+
+from .circuit import FRACTIONS, Circuit
+from .discover import METHODS, CircuitError
+from .graph import Graph
+
+__all__ = ["Circuit", "CircuitError", "FRACTIONS", "Graph", "METHODS"]

@@ -1,0 +1,290 @@
+"""The three forwards circuit discovery needs, each one pass however many edges there are.
+
+- `writer_outputs`: every writer's output, `upstream batch pos d_model` (heads through
+  their share of the output projection), from one forward without gradients.
+- `reader_gradients`: the gradient of the metric with respect to every reader's input,
+  from one forward and one backward. The input of each norm that attention, the MLP and
+  the unembedding read is branched off the residual stream (a clone whose only consumer
+  is that norm), so its gradient counts that reader's path only. All heads of a layer
+  read one branch; each head's share of its gradient is a vector-Jacobian product from
+  the query, key and value that head used (captured in mechnb's attention function)
+  back to the branch, batched over heads.
+- `patched_logits`: a forward in which every reader's input is its input in this run
+  minus `(this run's - corrupt run's)` output of each removed upstream edge. Heads of a
+  layer then read different inputs for their queries, keys and values: the layer's
+  attention runs once on a batch that stacks the 3 x n_heads inputs, and mechnb's
+  attention function picks each head's query, key and value from its own row
+  (`_Split`). Layers where no attention input changes run as usual.
+
+All hooks are removed and all attributes reset when a forward ends, however it ends.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..arch import hook_value, submodule
+from ..interventions import Context
+from ..lens import output_weights
+from .graph import Graph
+
+
+@contextmanager
+def _hooked(model, batch):
+    """Registered hooks and attention attributes are undone on exit; the batch's tokens
+    are the context of interventions meanwhile."""
+    handles, attention = [], []
+    model._context = Context(batch.tokens)
+    try:
+        yield handles, attention
+    finally:
+        model._context = None
+        for handle in handles:
+            handle.remove()
+        for module in attention:
+            module.__dict__.pop("mechnb_capture", None)
+            module.__dict__.pop("mechnb_split", None)
+
+
+def last_logits(model, batch, **inputs) -> torch.Tensor:
+    """Logits at each prompt's last position, `batch vocab`, unembedding only those rows."""
+    from ..runner import unembed_normed
+
+    base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
+    if not inputs:
+        inputs = batch.inputs(model.device)
+    out = base(**inputs, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return unembed_normed(model, hidden[torch.arange(len(batch)), batch.last.to(hidden.device)])
+
+
+def _layers(model):
+    return list(submodule(model.hf, model.arch.layers))
+
+
+def _heads_out(model, layer_module, z: torch.Tensor) -> torch.Tensor:
+    """Per-head outputs `head batch pos d_model` from `z` (`batch pos head d_head`)."""
+    weights = output_weights(model, submodule(layer_module, model.arch.o_proj))
+    return torch.einsum("bphd,hdm->hbpm", z.float(), weights)
+
+
+def _record_writers(model, graph: Graph, handles, store):
+    """Hooks that put each writer's output, or `fn(index, output)`, into `store`."""
+    arch = model.arch
+    handles.append(hook_value(submodule(model.hf, arch.embed), "output",
+                              lambda value: store(0, value.float())))
+    for layer, module in enumerate(_layers(model)):
+        first = graph.head(layer, 0)
+        handles.append(hook_value(submodule(module, f"{arch.attn}.hook_z"), "output",
+                                  lambda z, module=module, first=first: store(
+                                      slice(first, first + graph.n_heads), _heads_out(model, module, z))))
+        handles.append(hook_value(submodule(module, arch.mlp_out), "output",
+                                  lambda value, index=graph.mlp(layer): store(index, value.float())))
+
+
+def writer_outputs(model, graph: Graph, batch) -> torch.Tensor:
+    """Every writer's output in one run of `batch`: `upstream batch pos d_model`."""
+    rows, positions = batch.input_ids.shape
+    outputs = torch.zeros(graph.n_upstream, rows, positions, model.d_model, device=model.device)
+
+    def store(index, value):
+        outputs[index] = value
+
+    with _hooked(model, batch) as (handles, _), torch.no_grad():
+        _record_writers(model, graph, handles, store)
+        base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
+        base(**batch.inputs(model.device), use_cache=False)
+    return outputs
+
+
+def embeddings(model, batch) -> torch.Tensor:
+    """The token embeddings of a batch, `batch pos d_model`."""
+    with torch.no_grad():
+        return submodule(model.hf, model.arch.embed)(batch.input_ids.to(model.device))
+
+
+def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Tensor, readers: torch.Tensor):
+    """Add d metric / d each reader's input, at the given input embeddings, to `readers`
+    (`downstream batch pos d_model`); `metric(last_logits) -> batch` is summed over
+    rows. Returns the metric values."""
+    arch = model.arch
+    attn_in, mlp_in, final_in, used = {}, {}, {}, {}
+
+    def branch(store, key):
+        def clone(value):
+            store[key] = value.clone()
+            return store[key]
+
+        return clone
+
+    with _hooked(model, batch) as (handles, attention), torch.enable_grad():
+        for layer, module in enumerate(_layers(model)):
+            handles.append(hook_value(submodule(module, arch.attn_norm), "input", branch(attn_in, layer)))
+            handles.append(hook_value(submodule(module, arch.mlp_norm), "input", branch(mlp_in, layer)))
+            attn = submodule(module, arch.attn)
+            used[layer] = attn.mechnb_capture = []
+            attention.append(attn)
+        handles.append(hook_value(submodule(model.hf, arch.final_norm), "input", branch(final_in, 0)))
+        leaf = inputs_embeds.detach().to(model.dtype).requires_grad_()
+        last = last_logits(model, batch, inputs_embeds=leaf,
+                           attention_mask=batch.attention_mask.to(model.device))
+        values = metric(last)
+        targets = [t for layer in range(graph.n_layers) for t in used[layer][0]]
+        targets += [mlp_in[layer] for layer in range(graph.n_layers)] + [final_in[0]]
+        grads = torch.autograd.grad(values.sum(), targets, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
+        heads = torch.arange(graph.n_heads, device=model.device)
+        for layer in range(graph.n_layers):
+            for k in range(3):
+                used_value, grad = used[layer][0][k], grads[3 * layer + k]
+                # One cotangent per head: that head's slice of the gradient, zeros elsewhere.
+                cotangent = torch.zeros((graph.n_heads, *grad.shape), dtype=grad.dtype, device=grad.device)
+                cotangent[heads, :, heads] = grad.transpose(0, 1)
+                (per_head,) = torch.autograd.grad(used_value, attn_in[layer], cotangent,
+                                                  retain_graph=True, is_grads_batched=True)
+                start = graph.head_input(layer, "qkv"[k], 0)
+                readers[start:start + graph.n_heads] += per_head
+            readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer]
+        readers[graph.logits_input] += grads[-1]
+    return values.detach()
+
+
+class _Split:
+    """Each head's query, key and value from its own row of a stacked batch (see module doc).
+
+    `inverse` (`3 * head`, kind-major: q heads, k heads, v heads) gives the variant
+    each head's query, key or value reads; the batch stacks `variant batch` rows, so
+    inputs that happen to be equal (the corrupt residual, say) are computed once.
+    """
+
+    def __init__(self, inverse: torch.Tensor, rows: int):
+        self.variants = int(inverse.max()) + 1
+        self.inverse, self.rows = inverse.reshape(3, -1), rows
+
+    def stack(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`variant batch pos d_model` -> `(variant*batch) pos d_model`."""
+        return inputs.reshape(-1, *inputs.shape[2:])
+
+    def select(self, query, key, value, mask):
+        heads = torch.arange(self.inverse.shape[1], device=query.device)
+
+        def pick(t, kind):
+            t = t.reshape(self.variants, self.rows, *t.shape[1:])
+            return t[self.inverse[kind].to(t.device), :, heads].transpose(0, 1)  # batch head pos d_head
+
+        if mask is not None and mask.shape[0] == self.variants * self.rows:
+            mask = mask[: self.rows]
+        return pick(query, 0), pick(key, 1), pick(value, 2), mask
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        return z.repeat(self.variants, *([1] * (z.dim() - 1)))
+
+    def expand_arguments(self, args, kwargs):
+        """The attention module's other arguments, repeated along the stacked batch."""
+        def grow(value):
+            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == self.rows:
+                return value.repeat(self.variants, *([1] * (value.dim() - 1)))
+            if isinstance(value, tuple):
+                return tuple(grow(v) for v in value)
+            return value
+
+        return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _project_only_needed(model, layer_module, split: _Split) -> list:
+    """Hooks that run each projection on the stacked rows someone reads, and no others.
+
+    A query projection's rows for variants only keys read are never used (they become
+    zeros), and the output projection sees one copy of the heads' output (the stacked
+    copies are equal). Where the family fuses q, k, v into one module, only the output
+    projection is narrowed.
+    """
+    rows, handles = split.rows, []
+
+    def narrow(needed):
+        return lambda module, args: (args[0][needed], *args[1:])
+
+    def widen(needed):
+        def hook(module, args, output):
+            full = output.new_zeros((split.variants * rows, *output.shape[1:]))
+            full[needed] = output
+            return full
+
+        return hook
+
+    for kind, path in enumerate(model.arch.qkv or ()):
+        variants = torch.unique(split.inverse[kind])
+        needed = (variants[:, None] * rows + torch.arange(rows)).flatten()
+        projection = submodule(layer_module, path)
+        handles.append(projection.register_forward_pre_hook(narrow(needed)))
+        handles.append(projection.register_forward_hook(widen(needed)))
+    o_proj = submodule(layer_module, model.arch.o_proj)
+    handles.append(o_proj.register_forward_pre_hook(lambda module, args: (args[0][:rows], *args[1:])))
+    handles.append(o_proj.register_forward_hook(
+        lambda module, args, output: output.repeat(split.variants, *([1] * (output.dim() - 1)))))
+    return handles
+
+
+def _combine(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`weights`-weighted sums of writer outputs: `upstream ...` x `upstream n` -> `n ...`."""
+    return (weights.T @ values.reshape(values.shape[0], -1)).reshape(weights.shape[1], *values.shape[1:])
+
+
+def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of `batch` with the `removed` edges (`upstream downstream`
+    bool) carrying the corrupt run's outputs (`corrupt`: `upstream batch pos d_model`)."""
+    arch = model.arch
+    rows = len(batch)
+    difference = torch.zeros_like(corrupt)
+    removed = removed.to(device=corrupt.device, dtype=corrupt.dtype)
+
+    def store(index, value):
+        difference[index] = value - corrupt[index]
+
+    def minus(column):
+        """The input of reader `column`: this run's minus the removed edges' differences."""
+        reads = graph.reads(column)
+        weights = removed[:reads, column]
+        if not bool(weights.any()):
+            return None
+        return lambda x: x - _combine(difference[:reads], weights[:, None])[0].to(x.dtype)
+
+    with _hooked(model, batch) as (handles, attention), torch.no_grad():
+        _record_writers(model, graph, handles, store)
+        for layer, module in enumerate(_layers(model)):
+            columns = graph.attention_inputs(layer)
+            reads = graph.reads(columns.start)
+            weights = removed[:reads, columns]
+            if bool(weights.any()):
+                attn = submodule(module, arch.attn)
+                attention.append(attn)
+                variants, inverse = torch.unique(weights, dim=1, return_inverse=True)
+                split = _Split(inverse, rows)
+
+                def stacked(x, variants=variants, reads=reads, split=split):
+                    inputs = x[None].float() - _combine(difference[:reads], variants)
+                    return split.stack(inputs).to(x.dtype)
+
+                def arrive(module, args, kwargs, attn=attn, split=split):
+                    attn.mechnb_split = split
+                    return split.expand_arguments(args, kwargs)
+
+                def leave(module, args, output, attn=attn):
+                    attn.__dict__.pop("mechnb_split", None)
+                    if isinstance(output, tuple):
+                        return (output[0][:rows], *output[1:])
+                    return output[:rows]
+
+                handles.append(hook_value(submodule(module, arch.attn_norm), "input", stacked))
+                handles.append(attn.register_forward_pre_hook(arrive, with_kwargs=True))
+                handles.append(attn.register_forward_hook(leave))
+                handles += _project_only_needed(model, module, split)
+            change = minus(graph.mlp_input(layer))
+            if change is not None:
+                handles.append(hook_value(submodule(module, arch.mlp_norm), "input", change))
+        change = minus(graph.logits_input)
+        if change is not None:
+            handles.append(hook_value(submodule(model.hf, arch.final_norm), "input", change))
+        return last_logits(model, batch).float()
