@@ -68,6 +68,11 @@ mechnb magics
   %features PROMPT --sae SAE [-k K]                      top SAE features per token
   %attribute PROMPT [--method gim|gradient|grad_x_input|integrated_gradients] [--target T]
         which input tokens drive the prediction (coloured tokens)
+  %circuit --clean C --corrupt X --answer A --wrong W [--method eap|eap-ig|gim|exact]
+         [--level edge|node] [--steps N] [--metric M] [--top 2%] [--fractions F...]
+         [--no-faithfulness] [-o NAME]
+        circuit discovery: the graph of the top edges and its faithfulness curve; the
+        Circuit in _ (and NAME)
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -124,6 +129,14 @@ def split_args(line: str, namespace: dict) -> list:
         word = re.sub(r"\x00(\d+)\x00", lambda m: str(value(m.group(1))), word)
         result.append(word.replace("\x01", "{").replace("\x02", "}"))
     return result
+
+
+def _number(text: str, option: str):
+    """An int or float option value."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise MagicError(f"{option} takes a number or a percentage such as 2%, got {text!r}") from None
 
 
 def _is_option(word) -> bool:
@@ -368,6 +381,35 @@ class MechnbMagics(Magics):
                                               "-o": str}, "%attribute")
         output = options.pop("o", None)
         return self._keep(self.session.require().attribute(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def circuit(self, line: str):
+        """`%circuit --clean C --corrupt X --answer A --wrong W [--method M] [--level L]
+        [--steps N] [--metric M] [--top 2%] [--fractions F...] [--no-faithfulness] [-o NAME]`"""
+        from IPython.display import display
+
+        options = self._options(line, {"--clean": object, "--corrupt": object, "--answer": object,
+                                       "--wrong": object, "--method": str, "--level": str, "--steps": int,
+                                       "--metric": str, "--top": str, "--fractions": list,
+                                       "--no-faithfulness": bool, "--batch-size": int, "-o": str}, "%circuit")
+        output, top = options.pop("o", None), options.pop("top", None)
+        fractions, skip = options.pop("fractions", None), options.pop("no_faithfulness", False)
+        for needed in ("clean", "corrupt", "answer"):
+            if needed not in options:
+                raise MagicError(f"%circuit needs --{needed}, e.g. %circuit --clean {{clean}} "
+                                 "--corrupt {corrupt} --answer {answers} --wrong {wrongs}")
+        circuit = self.session.require().circuit(options.pop("clean"), options.pop("corrupt"),
+                                                 options.pop("answer"), **options)
+        if not skip:
+            try:
+                values = [float(f) for f in fractions] if fractions else None
+            except (TypeError, ValueError):
+                raise MagicError(f"--fractions takes numbers in (0, 1], got {fractions}") from None
+            display(circuit.faithfulness(values) if values else circuit.faithfulness())
+        if top is not None:
+            circuit = circuit.top(top if top.endswith("%") else _number(top, "--top"))
+        return self._keep(circuit, output)
 
     @no_var_expand
     @line_magic

@@ -254,3 +254,30 @@ def test_attribute_magic(shell, llama):
     result = run(shell, f'%attribute "{PROMPT}" --method grad_x_input --target " Mary" -o attr').result
     assert result.values.shape == (14,) and shell.user_ns["attr"] is result
     assert result.meta["target"] == " Mary"
+
+
+def test_circuit_magic_shows_the_curve_and_returns_the_top_edges(shell, llama, capsys):
+    from mechnb.circuits import Circuit
+
+    shell.user_ns.update(clean=[PROMPT, PROMPT.replace("store", "park")],
+                         corrupt=[PROMPT.replace("John gave", "Mary gave"),
+                                  PROMPT.replace("store", "park").replace("John gave", "Mary gave")],
+                         answers=[" Mary", " Mary"], wrongs=[" John", " John"])
+    result = run(shell, "%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} "
+                        "--method eap --top 5% --fractions 0.05 0.5 1 -o circ")
+    assert result.success, result.error_in_exec
+    circuit = result.result
+    assert isinstance(circuit, Circuit) and shell.user_ns["circ"] is circuit
+    assert circuit.n_kept <= int(0.05 * circuit.n_items) and circuit.meta["method"] == "eap"
+    assert "faithfulness of eap edges" in capsys.readouterr().out
+    nodes = run(shell, "%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} "
+                       "--method exact --level node --no-faithfulness --top 3").result
+    assert nodes.level == "node" and nodes.n_kept == 3
+    assert_one_line_errors(shell, capsys, [
+        ("%circuit --clean {clean} --corrupt {corrupt}", "needs --answer"),
+        ("%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} --top lots "
+         "--no-faithfulness", "--top takes a number"),
+        ("%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} "
+         "--fractions 2", "fractions must increase"),
+        ("%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} --method exact",
+         "level='node'")])
