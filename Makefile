@@ -48,6 +48,7 @@ bench: model
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/load_time.py
 	$(PY) bench/patching.py
+	$(PY) bench/circuits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,3 +43,17 @@ def test_quickstart_runs_end_to_end():
     assert "Traceback" not in text
     assert "Paris" in text and "bound to `model`" in text
     assert "h is an ordinary tensor: Tensor (1, 14, 576)" in text
+
+
+@pytest.mark.slow
+def test_circuits_tutorial_runs_end_to_end():
+    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("05_circuits_gim.ipynb")])
+    text = "\n".join(texts(notebook))
+    assert "Traceback" not in text and "Error" not in text
+    assert "forward unchanged under GIM: True" in text
+    assert "faithfulness of eap-ig edges" in text
+    assert "same edges: True" in text
+    shared = int(text.split("shared: ")[1].split(" of 10")[0])
+    assert shared >= 5
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
