@@ -1,7 +1,7 @@
 """Interventions: data that describes a change at a site, kept active on the model until removed.
 
 An intervention is a small object, not a closure: `Ablate(site, mode="mean")`,
-`Hook(site, fn)`. It can be listed (`model.interventions`), printed as a table,
+`Hook(site, fn)`, `Steer(site, vector, scale)`. It can be listed (`model.interventions`), printed as a table,
 compared and removed. While active it is applied by a PyTorch hook on the module
 that holds its site (a pre-hook for values that are a module's input, such as
 `resid_pre` or `neuron`, a forward hook for outputs), so it acts on every forward
@@ -118,15 +118,39 @@ class Hook(Intervention):
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
 
+@dataclass(eq=False, repr=False)
+class Steer(Intervention):
+    """Add `scale * vector` to a site's value (activation addition, Turner et al. 2023).
+
+    `vector` is shaped like the last axis of the site's part (`d_model` for the
+    residual stream); `source` says where it came from (an SAE feature, a contrast).
+    """
+
+    vector: object = None
+    scale: float = 1.0
+    source: str = ""
+
+    kind = "steer"
+
+    def replacement(self, part):
+        return part + self.scale * self.vector.to(part)
+
+    def detail(self) -> str:
+        norm = float(self.vector.float().norm())
+        return f"{self.scale:g} x {self.source or 'vector'} (norm {norm:.3g})"
+
+
 class Context:
     """The prompts a forward runs on, for resolving positions inside hooks.
 
     `tokens` has one list per batch row; `offset` is the first position the forward
-    computes (a patching sweep re-runs only positions from `offset` on).
+    computes (a patching sweep re-runs only positions from `offset` on); `active`
+    (one bool per row, or None for all) says which rows interventions change, so
+    one batch can hold runs with and without them.
     """
 
-    def __init__(self, tokens: list[list[str]] | None = None, offset: int = 0):
-        self.tokens, self.offset = tokens, offset
+    def __init__(self, tokens: list[list[str]] | None = None, offset: int = 0, active=None):
+        self.tokens, self.offset, self.active = tokens, offset, active
 
     def resolve(self, positions, rows: int, length: int):
         """Position indices `batch n` within this forward, or None if none fall in it."""
@@ -160,6 +184,11 @@ def apply(intervention: Intervention, full, context: Context):
             return full
     part = read_part(full, site, positions)
     assign_part(updated, site, intervention.replacement(part), positions)
+    if context.active is not None:
+        import torch
+
+        rows = torch.tensor(context.active, device=full.device).reshape(-1, *[1] * (full.dim() - 1))
+        updated = torch.where(rows, updated, full)
     return updated
 
 
@@ -191,8 +220,6 @@ def reference_pool(model, site: Site, ref) -> object:
 
 def ablations(model, sites, mode: str, ref, positions, seed: int) -> list[Ablate]:
     """The `Ablate` interventions for `Model.ablate` (validated, pools computed)."""
-    from .sites import _parse_positions, parse
-
     if mode not in MODES:
         raise SiteError(f"unknown ablation mode {mode!r}: use one of {', '.join(MODES)}")
     if mode != "zero" and not ref:
@@ -201,18 +228,9 @@ def ablations(model, sites, mode: str, ref, positions, seed: int) -> list[Ablate
     names = [sites] if isinstance(sites, (str, Site)) else list(sites)
     if not names:
         raise SiteError("ablate needs at least one site, e.g. model.ablate('head.9.6')")
-    if isinstance(positions, slice):
-        positions = f"{'' if positions.start is None else positions.start}:" \
-                    f"{'' if positions.stop is None else positions.stop}"
-    elif positions is not None:
-        positions = str(positions)
     made = []
     for name in names:
-        parsed = parse(name)
-        if positions is not None:
-            parsed = Site(parsed.kind, parsed.layer, parsed.index,
-                          _parse_positions(positions, str(name)))
-        for concrete in parsed.expand(model):
+        for concrete in with_positions(name, positions).expand(model):
             if concrete.kind == "pattern" and mode != "zero":
                 raise SiteError(f"{mode} ablation of {concrete} is undefined (a pattern's shape "
                                 "depends on the prompt's length): ablate head outputs instead")
@@ -223,3 +241,17 @@ def ablations(model, sites, mode: str, ref, positions, seed: int) -> list[Ablate
             n_ref = 0 if ref is None else (1 if isinstance(ref, str) else len(ref))
             made.append(Ablate(concrete, mode=mode, pool=pool, seed=seed, n_ref=n_ref))
     return made
+
+
+def with_positions(site, positions) -> Site:
+    """`site` parsed, its positions replaced by `positions` (`-1`, `"3:7"`, a slice,
+    `"'John'"`) when given."""
+    from .sites import _parse_positions, parse
+
+    parsed = parse(site)
+    if positions is None:
+        return parsed
+    if isinstance(positions, slice):
+        positions = f"{'' if positions.start is None else positions.start}:" \
+                    f"{'' if positions.stop is None else positions.stop}"
+    return Site(parsed.kind, parsed.layer, parsed.index, _parse_positions(str(positions), str(site)))

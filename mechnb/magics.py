@@ -73,6 +73,14 @@ mechnb magics
          [--no-faithfulness] [-o NAME]
         circuit discovery: the graph of the top edges and its faithfulness curve; the
         Circuit in _ (and NAME)
+  %generate PROMPT|{prompts} [--max-new-tokens N] [--compare] [--sample] [--temperature T]
+         [--top-p P] [--seed S] [--stream] [-o NAME]
+        continue prompts with the active interventions (--compare: also without them)
+  %steer SITE {vector}|sae.L.F [--scale S] [--positions P]   steer until removed
+        (%interventions lists it; %steer --clear removes every steering)
+  %causal_trace PROMPT --subject S [--answer A] [--kind hidden|mlp|attn] [--samples N]
+         [--noise X] [--window W] [-o NAME]
+        Meng et al.'s causal tracing: restore one state at a time, a layer x token heatmap
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -410,6 +418,51 @@ class MechnbMagics(Magics):
         if top is not None:
             circuit = circuit.top(top if top.endswith("%") else _number(top, "--top"))
         return self._keep(circuit, output)
+
+    @no_var_expand
+    @line_magic
+    def generate(self, line: str):
+        """`%generate PROMPT [--max-new-tokens N] [--compare] [--sample] [--temperature T]
+        [--top-p P] [--seed S] [--stream] [-o NAME]`"""
+        prompt, options = self._prompt(line, {"--max-new-tokens": int, "--compare": bool, "--sample": bool,
+                                              "--temperature": float, "--top-p": float, "--seed": int,
+                                              "--stream": bool, "-o": str}, "%generate")
+        output = options.pop("o", None)
+        options["do_sample"] = options.pop("sample", False)
+        return self._keep(self.session.require().generate(prompt, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def steer(self, line: str):
+        """`%steer SITE {vector}|sae.L.F [--scale S] [--positions P]`, or `%steer --clear`."""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--scale": float, "--positions": str, "--clear": bool},
+                                            "%steer")
+        model = self.session.require()
+        if options.get("clear"):
+            from .interventions import Steer
+
+            model.remove([i for i in model.interventions if isinstance(i, Steer)])
+            return None
+        if len(positional) != 2:
+            raise MagicError("%steer takes a site and a vector: %steer resid_pre.12 {v} --scale 8 "
+                             "(or an SAE feature: %steer resid_post.12 sae.12.1234)")
+        model.steer(positional[0], positional[1], scale=options.get("scale", 1.0),
+                    positions=options.get("positions"))
+        return model.interventions_table()
+
+    @no_var_expand
+    @line_magic
+    def causal_trace(self, line: str):
+        """`%causal_trace PROMPT --subject S [--answer A] [--kind K] [--samples N] [--noise X]
+        [--window W] [-o NAME]`"""
+        prompt, options = self._prompt(line, {"--subject": str, "--answer": object, "--kind": str,
+                                              "--samples": int, "--noise": float, "--window": int,
+                                              "-o": str}, "%causal_trace")
+        output = options.pop("o", None)
+        if "subject" not in options:
+            raise MagicError('%causal_trace needs --subject, e.g. --subject "Eiffel Tower"')
+        return self._keep(self.session.require().causal_trace(prompt, options.pop("subject"), **options), output)
 
     @no_var_expand
     @line_magic

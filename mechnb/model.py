@@ -54,6 +54,8 @@ class Model:
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
         self._trace = None
         self._context = None  # the prompts of the running forward, for hook positions
+        self._edits: list = []  # active weight edits (mechnb.rome), oldest first
+        self._edit_base: dict = {}  # id(module) -> its weight before the first active edit
         self._installed: list = []  # (intervention, torch hook handle), in order added
 
     # -- dimensions ---------------------------------------------------------
@@ -266,6 +268,108 @@ class Model:
     def hooked(self, site, fn):
         """`with model.hooked(site, fn):` a hook active inside the block only."""
         return _Scoped(self, self.hook(site, fn))
+
+    def steer(self, site, vector, scale: float = 1.0, positions=None) -> list:
+        """Add `scale * vector` to a site's value in every forward, until removed.
+
+        Args:
+            site: a vector-valued site (`resid_pre.12`, `mlp_out.3`, `head.9.6`, ranges).
+            vector: a tensor as wide as the site (`d_model`), or an attached SAE feature
+                (`"sae.12.1234"`: its decoder direction).
+            scale: the multiplier (0 leaves the model as it is).
+            positions: positions (`-1`, `"3:7"`, a slice); default every position.
+
+        Returns:
+            The `Steer` interventions added. Example: `model.steer("resid_pre.12", v, 8)`.
+        """
+        from .steering import steerings
+
+        return self.add(steerings(self, site, vector, scale, positions))
+
+    def steered(self, site, vector, scale: float = 1.0, positions=None):
+        """`with model.steered(...):` steering active inside the block only."""
+        return _Scoped(self, self.steer(site, vector, scale=scale, positions=positions))
+
+    def steering_vector(self, positive, negative, site, positions=-1):
+        """Mean activation of the `positive` prompts minus that of the `negative` ones at
+        `site` (`d_model`), at each prompt's last token (`positions=-1`) or averaged over
+        its tokens (`"mean"`). See `mechnb.steering`."""
+        from .steering import steering_vector
+
+        return steering_vector(self, positive, negative, site, positions=positions)
+
+    def generate(self, prompts, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, compare: bool = False, stream=None):
+        """Continue prompts with every active intervention applied at every step.
+
+        Args:
+            prompts: a prompt or a list of them (one batch).
+            max_new_tokens: tokens to add (rows stop early at end-of-sequence).
+            do_sample, temperature, top_p, seed: greedy by default; sampling draws from
+                softmax(logits / temperature) cut to the top_p mass, seeded by `seed`.
+            compare: each prompt also without interventions, in the same batch.
+            stream: True shows continuations as they grow; a function receives the list
+                of texts after each step.
+
+        Returns:
+            A `Result`: `.values` token ids `row token` (-1 padded); `.df` with `prompt`,
+            `interventions`, `continuation`, `n_tokens`. Example:
+            `model.generate("The Eiffel Tower is in", max_new_tokens=10).df.continuation[0]`.
+        """
+        from .generation import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, seed=seed, compare=compare, stream=stream)
+
+    def causal_trace(self, prompt: str, subject: str, answer=None, noise: float = 3.0, samples: int = 10,
+                     kind: str = "hidden", window: int = 10, seed: int = 0, layers=None, positions=None,
+                     batch_size: int | None = None):
+        """Causal tracing (Meng et al. 2022): corrupt the subject's embeddings with noise,
+        restore one state at a time from the clean run, report the answer's probability.
+
+        Args:
+            prompt: the fact's prompt; subject: a substring of it (`"Eiffel Tower"`).
+            answer: the answer token (default: the clean run's top prediction).
+            noise: the noise's standard deviation in units of the embeddings' std.
+            samples: noise draws averaged (seeded from `seed`).
+            kind: `hidden` (resid_post), `mlp` or `attn` (outputs over `window` layers
+                centred on each layer).
+            layers, positions: restrict the grid (default all).
+
+        Returns:
+            A `Result`, `layer pos` probabilities (a heatmap; subject tokens starred);
+            `.meta` has `clean_prob` and `corrupt_prob`. See `mechnb.causal`.
+        """
+        from .causal import causal_trace
+
+        return causal_trace(self, prompt, subject, answer=answer, noise=noise, samples=samples, kind=kind,
+                            window=window, seed=seed, layers=layers, positions=positions, batch_size=batch_size)
+
+    def edit(self, prompt: str, subject: str, target: str, layer: int | None = None, method: str = "rome",
+             paraphrases=None, neighbours=None, **settings):
+        """Rewrite a fact with ROME: a rank-one update of one MLP's output projection.
+
+        Args:
+            prompt: the fact's prompt (`"The Eiffel Tower is located in the city of"`).
+            subject: the subject, a substring of the prompt (`"Eiffel Tower"`).
+            target: the new answer (`" Rome"`; several tokens are fine).
+            layer: the MLP to edit (default: the MLP causal trace's peak at the subject).
+            paraphrases, neighbours: prompts for the report (defaults: the prompt behind
+                short prefixes; the prompt with other landmarks as subject).
+            settings: `steps`, `lr`, `kl_factor`, `weight_decay`, `clamp`, `cov_tokens`.
+
+        Returns:
+            A `WeightEdit` (active): `.report()`, `.revert()`. See `mechnb.rome`.
+        """
+        from .rome import edit
+
+        return edit(self, prompt, subject, target, layer=layer, method=method, paraphrases=paraphrases,
+                    neighbours=neighbours, **settings)
+
+    @property
+    def edits(self) -> list:
+        """The active weight edits, oldest first."""
+        return list(self._edits)
 
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""

@@ -260,6 +260,16 @@ def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor
     return start
 
 
+def last_logits(model, batch, **inputs) -> torch.Tensor:
+    """Logits at each prompt's last position, `batch vocab`, unembedding only those rows."""
+    base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
+    if not inputs:
+        inputs = batch.inputs(model.device)
+    out = base(**inputs, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return unembed_normed(model, hidden[torch.arange(len(batch)), batch.last.to(hidden.device)])
+
+
 def _relative(positions: list[int] | None, offset: int):
     """Absolute positions as a `1 n` index into a forward that starts at `offset`."""
     return None if positions is None else torch.tensor([[p - offset for p in positions]])

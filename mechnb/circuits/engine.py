@@ -28,6 +28,7 @@ import torch
 from ..arch import hook_value, submodule
 from ..interventions import Context
 from ..lens import output_weights
+from ..runner import last_logits
 from .graph import Graph
 
 
@@ -46,18 +47,6 @@ def _hooked(model, batch):
         for module in attention:
             module.__dict__.pop("mechnb_capture", None)
             module.__dict__.pop("mechnb_split", None)
-
-
-def last_logits(model, batch, **inputs) -> torch.Tensor:
-    """Logits at each prompt's last position, `batch vocab`, unembedding only those rows."""
-    from ..runner import unembed_normed
-
-    base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
-    if not inputs:
-        inputs = batch.inputs(model.device)
-    out = base(**inputs, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return unembed_normed(model, hidden[torch.arange(len(batch)), batch.last.to(hidden.device)])
 
 
 def _layers(model):
