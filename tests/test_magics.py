@@ -281,3 +281,23 @@ def test_circuit_magic_shows_the_curve_and_returns_the_top_edges(shell, llama, c
          "--fractions 2", "fractions must increase"),
         ("%circuit --clean {clean} --corrupt {corrupt} --answer {answers} --wrong {wrongs} --method exact",
          "level='node'")])
+
+
+def test_generate_steer_and_causal_trace_magics(shell, llama, capsys):
+    shell.user_ns["v"] = torch.ones(llama.d_model)
+    table = run(shell, "%steer resid_pre.1 {v} --scale 4").result
+    assert table.kind.tolist() == ["steer"] and "4 x vector" in table.detail[0]
+    both = run(shell, f'%generate "{PROMPT}" --max-new-tokens 5 --compare -o gen').result
+    assert both.df.interventions.tolist() == ["on", "off"] and shell.user_ns["gen"] is both
+    assert both.df.continuation[0] != both.df.continuation[1]
+    assert run(shell, "%steer --clear").success and llama.interventions == []
+    trace = run(shell, f'%causal_trace "{PARIS}" --subject "Eiffel Tower" --samples 2 --kind mlp').result
+    assert trace.values.shape == (3, len(llama.tokens(PARIS))) and trace.meta["kind"] == "mlp"
+    assert_one_line_errors(shell, capsys, [
+        ("%steer resid_pre.1", "takes a site and a vector"),
+        ("%steer resid_pre.1 {v} --scale lots", "takes a float"),
+        (f'%causal_trace "{PARIS}"', "needs --subject"),
+        (f'%causal_trace "{PARIS}" --subject Louvre', "does not occur"),
+        ('%generate "" --max-new-tokens 3', "non-empty"),
+        ('%generate "Hi" --max-new-tokens 0', "max_new_tokens")])
+    assert llama.interventions == []
