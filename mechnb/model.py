@@ -371,6 +371,26 @@ class Model:
         """The active weight edits, oldest first."""
         return list(self._edits)
 
+    def ov(self, layer: int, head: int):
+        """The OV circuit of head `layer.head`, `vocab x vocab`, as a `FactoredMatrix`
+        (`.top_pairs(k)`, `.eigenvalues()`, `.copying_score()`, `.svd()`). See `mechnb.weights`."""
+        from .weights import ov
+
+        return ov(self, layer, head)
+
+    def qk(self, layer: int, head: int):
+        """The QK circuit of head `layer.head` (destination x source token scores), factored."""
+        from .weights import qk
+
+        return qk(self, layer, head)
+
+    def composition(self, kind: str = "k"):
+        """Q-, K- or V-composition scores between every head and every later head: a
+        `Result` over (head, later head), a heatmap. See `mechnb.weights`."""
+        from .weights import composition
+
+        return composition(self, kind)
+
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""
         import pandas as pd
