@@ -391,6 +391,17 @@ class Model:
 
         return composition(self, kind)
 
+    def coactivation(self, site, texts, components: int = 10, method: str = "pca", max_tokens: int = 20_000,
+                     seed: int = 0):
+        """Principal components (`pca`) or correlation clusters of units (`kmeans`) of a
+        site's activations over the tokens of `texts`. Returns a `Result`: explained
+        variance per component with each one's top tokens in context, or the unit
+        correlation matrix ordered by cluster. See `mechnb.coactivation`."""
+        from .coactivation import coactivation
+
+        return coactivation(self, site, texts, components=components, method=method,
+                            max_tokens=max_tokens, seed=seed)
+
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""
         import pandas as pd
