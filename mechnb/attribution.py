@@ -97,7 +97,11 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
         return view("ColoredTokens", {"tokens": tokens, "values": compact(values.tolist(), 4)},
                     title=meta["title"])
 
-    return Result(values, df, meta, html=html)
+    def rerun(**changes):
+        settings = dict(prompt=prompt, target=target, method=method, steps=steps, baseline=baseline)
+        return attribute(model, **{**settings, **changes})
+
+    return Result(values, df, meta, html=html, rerun=rerun)
 
 
 def _logits(model, embeddings, inputs):
@@ -157,4 +161,7 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
     meta = {"title": f"{method} attribution of {target_token!r} to {', '.join(grid.patterns)}",
             "prompt": prompt, "method": method, "target": target_token, "target_id": target,
             "sites": grid.patterns, "model": model.name, "notes": notes}
-    return grid.result(torch.stack(values).cpu().reshape(grid.shape), meta)
+    result = grid.result(torch.stack(values).cpu().reshape(grid.shape), meta)
+    result.rerun = lambda **changes: attribute(
+        model, **{**dict(prompt=prompt, target=target, method=method, sites=sites), **changes})
+    return result

@@ -28,10 +28,13 @@ class Result:
             maps an axis name to its tick labels, `title` titles the plot.
     """
 
-    def __init__(self, values, df, meta: dict, html=None):
+    def __init__(self, values, df, meta: dict, html=None, rerun=None):
         self.values, self.df, self.meta = values, df, meta
         # A function of the result giving its HTML view (circuitsvis); None: a heatmap.
         self._html = html
+        # A function of keyword changes (prompt=..., steps=...) giving the same method's
+        # result with them: what `stability` compares against.
+        self.rerun = rerun
 
     def __repr__(self) -> str:
         shape = "x".join(str(n) for n in self.values.shape)
@@ -90,6 +93,41 @@ class Result:
             bundle["image/png"] = self.png()
         return bundle
 
+    def stability(self, prompts=(), **settings) -> "Result":
+        """Spearman rank correlation of these values with the same method's values on
+        other `prompts` (paraphrases) and with other settings (`steps=[10, 40]`).
+
+        Values must keep their shape: component attributions (`sites=`) compare across
+        paraphrases, token attributions across settings. Returns a `Result` with one
+        row per variation (`variation`, `spearman`) and the mean in `meta`.
+        """
+        import pandas as pd
+        import torch
+
+        from .errors import MechnbError
+
+        if self.rerun is None:
+            raise MechnbError("this result cannot be recomputed: stability needs a result of "
+                              "model.attribute")
+        variations = [(f"prompt {p!r}", {"prompt": p}) for p in prompts]
+        for key, values in settings.items():
+            variations += [(f"{key} {v}", {key: v}) for v in values]
+        if not variations:
+            raise MechnbError("give paraphrases (prompts=[...]) or settings to vary (steps=[10, 40])")
+        rows = []
+        for name, change in variations:
+            other = self.rerun(**change)
+            if other.values.shape != self.values.shape:
+                raise MechnbError(f"{name} gives values of shape {tuple(other.values.shape)}, not "
+                                  f"{tuple(self.values.shape)}: paraphrases are compared on component "
+                                  "attributions (sites=...), which keep their shape")
+            rows.append({"variation": name, "spearman": _spearman(self.values, other.values)})
+        df = pd.DataFrame(rows)
+        meta = {"title": f"stability of {self.meta.get('title', 'the result')} (Spearman)",
+                "mean": float(df.spearman.mean()), "axes": ["variation"],
+                "labels": {"variation": df.variation.tolist()}}
+        return Result(torch.tensor(df.spearman.tolist()), df, meta)
+
     def save(self, path) -> Path:
         """Write the result to a directory: values (safetensors), meta (JSON), df (CSV)."""
         from safetensors.torch import save_file
@@ -111,3 +149,16 @@ class Result:
         values = load_file(str(directory / "values.safetensors"))["values"]
         meta = json.loads((directory / "meta.json").read_text())
         return cls(values, pd.read_csv(directory / "df.csv"), meta)
+
+
+def _spearman(a, b) -> float:
+    """Spearman's rank correlation of two tensors of one shape (flattened)."""
+    import torch
+
+    def ranks(x):
+        x = x.detach().float().flatten()
+        return torch.argsort(torch.argsort(x)).float()
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))

@@ -359,3 +359,18 @@ def test_embedded_model_prefers_later_years_in_greater_than(real):
     clean = task.metric(task.clean_logits)
     assert (clean > 0).sum() >= 12
     assert task.corrupt_metric < 0 < task.clean_metric
+
+
+def test_stability_is_one_for_a_resample_of_one_pair_and_varies_with_steps(llama):
+    circuit = llama.circuit(CLEAN[0], CORRUPT[0], ANSWERS[0], WRONGS[0], method="eap-ig", steps=2)
+    result = circuit.stability(n_resamples=2, top=20)
+    assert result.df.variation.tolist() == ["resample 0", "resample 1", "steps 1", "steps 4"]
+    assert result.meta["resample_mean"] == 1.0  # one pair resampled is the same pair
+    assert 0 <= result.meta["steps_mean"] <= 1
+    both = llama.circuit(CLEAN, CORRUPT, ANSWERS, WRONGS, method="eap")
+    table = both.quality(fractions=(0.1, 1.0), n_resamples=2)
+    assert list(table.columns) == ["method", "level", "pairs", "CPR", "CMD", "f at 0.1", "f at 1",
+                                   "stability (resamples)", "stability (steps)"]
+    assert 0 <= table["stability (resamples)"][0] <= 1 and table["f at 1"][0] == pytest.approx(1, abs=1e-4)
+    with pytest.raises(CircuitError, match="random ranking"):
+        both.randomized().stability()

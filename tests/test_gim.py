@@ -224,3 +224,19 @@ def test_component_attribution(tiny_factory):
     with pytest.raises(Exception, match="integrated gradients attribute to input tokens"):
         model.attribute(PROMPT, method="integrated_gradients", sites="head.*.*")
     assert all(p.grad is None for p in model.hf.parameters())
+
+
+def test_attribution_stability_compares_ranks_across_paraphrases_and_steps(tiny_factory):
+    from mechnb.errors import MechnbError
+
+    model = tiny_factory("llama")
+    heads = model.attribute(PROMPT, method="grad_x_input", sites="head.*.*")
+    same = heads.stability(prompts=[PROMPT])
+    assert same.values.tolist() == [pytest.approx(1.0)]
+    other = heads.stability(prompts=["When Alice and Bob went to the park, Bob gave a ball to"])
+    assert -1 <= other.values[0] < 1
+    tokens = model.attribute(PROMPT, method="integrated_gradients", steps=4)
+    steps = tokens.stability(steps=[2, 16])
+    assert steps.df.variation.tolist() == ["steps 2", "steps 16"] and (steps.values > 0).all()
+    with pytest.raises(MechnbError, match="component attributions"):
+        tokens.stability(prompts=["Hi there"])

@@ -220,6 +220,71 @@ class Circuit:
                 "method": self.meta["method"], "level": self.level, "n_pairs": len(task)}
         return _Curve(f, df, meta)
 
+    def stability(self, n_resamples: int = 5, top=0.01, steps=None, seed: int = 0) -> Result:
+        """How much the top of the ranking moves when the evidence changes.
+
+        Jaccard overlap of the top `top` items (a count, fraction or percentage as in
+        `top()`, by |score|) between this circuit and the same method run on
+        `n_resamples` bootstrap resamples of the prompt pairs (seeded), and, for
+        `eap-ig`, with other numbers of integration `steps` (default half and double).
+        Returns a `Result` with one row per variation (`variation`, `jaccard`); its
+        meta holds the mean over resamples and over steps.
+        """
+        import random
+
+        import pandas as pd
+
+        if self.task is None or self.model is None:
+            raise CircuitError("this circuit has no model to run: load it with Circuit.load(path, model)")
+        if self.meta["method"] in ("random",):
+            raise CircuitError("a random ranking has no method to rerun")
+        if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
+            raise CircuitError(f"n_resamples must be a non-negative integer, got {n_resamples!r}")
+        count = max(1, self._count(top))
+        reference = self._mask(count, True) if self.level == "node" else self._top_items(count)
+        task, rows = self.task, []
+        settings = dict(method=self.meta["method"], level=self.level, metric=task.metric_name,
+                        steps=self.meta.get("steps") or 5)
+        generator = random.Random(seed)
+        for r in range(n_resamples):
+            picks = [generator.randrange(len(task)) for _ in range(len(task))]
+            other = self.model.circuit([task.clean[i] for i in picks], [task.corrupt[i] for i in picks],
+                                       [task.answers[i] for i in picks], [task.wrongs[i] for i in picks],
+                                       **settings)
+            rows.append({"variation": f"resample {r}", "jaccard": _jaccard(reference, other, count, self.level)})
+        if self.meta["method"] == "eap-ig":
+            base = settings["steps"]
+            for value in steps if steps is not None else sorted({max(1, base // 2), base * 2}):
+                other = self.model.circuit(task.clean, task.corrupt, task.answers, task.wrongs,
+                                           **{**settings, "steps": value})
+                rows.append({"variation": f"steps {value}", "jaccard": _jaccard(reference, other, count, self.level)})
+        df = pd.DataFrame(rows, columns=["variation", "jaccard"])
+        resampled = df[df.variation.str.startswith("resample")].jaccard
+        stepped = df[df.variation.str.startswith("steps")].jaccard
+        meta = {"title": f"stability of the top {count} {self.level}s of {self.meta['method']} (Jaccard)",
+                "top": count, "resample_mean": float(resampled.mean()) if len(resampled) else None,
+                "steps_mean": float(stepped.mean()) if len(stepped) else None,
+                "axes": ["variation"], "labels": {"variation": df.variation.tolist()}}
+        return Result(torch.tensor(df.jaccard.tolist()), df, meta)
+
+    def quality(self, fractions=(0.01, 0.1, 1.0), n_resamples: int = 3, top=0.01) -> "pd.DataFrame":
+        """Fidelity and stability side by side: faithfulness (CPR, CMD, f at each
+        fraction) and the Jaccard stability of the top items, one row."""
+        import pandas as pd
+
+        curve = self.faithfulness(fractions, progress=False)
+        stable = self.stability(n_resamples=n_resamples, top=top)
+        row = {"method": self.meta["method"], "level": self.level, "pairs": len(self.task),
+               "CPR": curve.meta["cpr"], "CMD": curve.meta["cmd"]}
+        row.update({f"f at {f:g}": v for f, v in zip(fractions, curve.values.tolist())})
+        row.update({"stability (resamples)": stable.meta["resample_mean"],
+                    "stability (steps)": stable.meta["steps_mean"]})
+        return pd.DataFrame([row])
+
+    def _top_items(self, count: int) -> set:
+        """The top `count` items by |score|, unpruned: what a ranking puts first."""
+        return set(self._ranked(True)[:count].tolist())
+
     def _removed(self, kept: torch.Tensor) -> torch.Tensor:
         """`upstream downstream` bool: the edges that carry corrupt values."""
         valid = self.graph.valid
@@ -366,6 +431,15 @@ class Circuit:
                 task = Task(model, meta["clean"], meta["corrupt"], [answer(a) for a in meta["answer"]],
                             [answer(w) for w in meta["wrong"]], meta["metric"])
         return cls(graph, scores, meta, model=model, task=task, kept=kept)
+
+
+def _jaccard(reference, other: "Circuit", count: int, level: str) -> float:
+    if level == "node":
+        mine = set(reference.nonzero().flatten().tolist()) - {0}
+        theirs = set(other._mask(count, True).nonzero().flatten().tolist()) - {0}
+    else:
+        mine, theirs = reference, other._top_items(count)
+    return len(mine & theirs) / max(len(mine | theirs), 1)
 
 
 class _Curve(Result):
