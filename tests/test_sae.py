@@ -247,6 +247,12 @@ def test_evaluate_dashboard_and_features(attached):
     assert "<b>brown</b>" not in listed.html()
 
 
+def real_tmp(model):
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mechnb-labels-")
+
+
 @pytest.mark.slow
 def test_an_sae_on_the_embedded_model(real):
     from mechnb.datasets import python_docs
@@ -266,3 +272,10 @@ def test_an_sae_on_the_embedded_model(real):
         assert len(listed.df) > 0
     finally:
         real.detach(sae)
+    # Labels from the embedded instruct model, scored by simulation on held-out contexts.
+    sae.record_contexts(real, python_docs("eval"), n_tokens=10_000, per_feature=20)
+    firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:8]
+    labels = sae.label(firing, labeler="local", n_examples=20, cache_dir=str(real_tmp(real)))
+    assert len(labels) == 8 and all(isinstance(t, str) and t.strip() for t in labels.label)
+    # Measured: mean simulation score 0.25 against -0.01 for shuffled activations (8 features).
+    assert labels.score.mean() > labels.shuffled_score.mean() + 0.05

@@ -71,6 +71,7 @@ class SAE(torch.nn.Module):
         self.hook_features = HookPoint()
         self.history = None
         self.meta: dict = {}
+        self.contexts: dict = {}  # feature -> top and quiet contexts (record_contexts)
 
     # -- the autoencoder ------------------------------------------------------
 
@@ -159,6 +160,18 @@ class SAE(torch.nn.Module):
         from .evaluate import evaluate
 
         return evaluate(self, model, texts, n_tokens=n_tokens, context=context, batch_size=batch_size)
+
+    def record_contexts(self, model, texts, n_tokens: int = 20_000, per_feature: int = 40) -> dict:
+        """Keep each feature's top-activating contexts and as many quiet ones, for `label`."""
+        from .label import record_contexts
+
+        return record_contexts(self, model, texts, n_tokens=n_tokens, per_feature=per_feature)
+
+    def label(self, features, labeler="local", n_examples: int = 20, cache_dir=None):
+        """Plain-language labels for features, scored by simulation (see `mechnb.sae.label`)."""
+        from .label import label
+
+        return label(self, features, labeler=labeler, n_examples=n_examples, cache_dir=cache_dir)
 
     def dashboard(self, feature: int, model, texts, n_tokens: int = 20_000, top: int = 10):
         """One feature: top contexts, activation histogram, promoted / suppressed tokens."""

@@ -1,0 +1,246 @@
+"""Plain-language names for SAE features, scored by how well they predict activations.
+
+Automated interpretability (Bills et al. 2023, "LLMs as meta-interpreters"): show a
+labeller the contexts where a feature fires most, ask for a short description, then
+check the description by simulation: given only the label, the labeller judges
+held-out contexts (half where the feature fires, half where it does not), and the
+score is the correlation between its judgements and the true activations.
+
+    >>> sae.record_contexts(model, python_docs("eval"))      # top and quiet contexts per feature
+    >>> sae.label(range(20), labeler="local")                # the embedded instruct model
+    >>> sae.label([5, 9], labeler="http://127.0.0.1:8000/v1")  # an OpenAI-compatible server
+    >>> sae.label([5], labeler=lambda prompt: my_llm(prompt))
+
+Labellers: `"local"` (SmolLM2-135M-Instruct, offline; it judges by the probability
+it gives "Yes"), a URL speaking the OpenAI chat completions API (judgements are
+numbers 0-10 parsed from its replies), or a function from prompt text to reply
+text. Labels and scores are cached on disk per SAE, feature and labeller, and saved
+after every feature, so an interrupted or failed run keeps what it had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .model import SAEError
+
+WINDOW_BEFORE, WINDOW_AFTER = 12, 4
+_LOCAL = {}
+
+
+class LabelError(SAEError):
+    """A labeller that cannot be reached or used."""
+
+
+def record_contexts(sae, model, texts, n_tokens: int = 20_000, per_feature: int = 40, context: int = 64) -> dict:
+    """Keep, for every feature, its top-activating contexts and as many quiet ones."""
+    from .evaluate import _take_documents, _windows
+    from .store import _documents, collect
+
+    documents = list(_take_documents(_documents(texts), n_tokens, model))
+    windows = _windows(model, documents, context, n_tokens)
+    store = collect(model, sae.site, windows, n_tokens=n_tokens, context=context, progress=False)
+    x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
+    owners = [(w, p) for w, ids in enumerate(windows) for p in range(1, len(ids))][: len(x)]
+    best_values = torch.full((per_feature, sae.d_sae), -1.0)
+    best_rows = torch.zeros((per_feature, sae.d_sae), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(x), 2048):
+            acts = sae.encode(x[start:start + 2048]).float().cpu()
+            values = torch.cat([best_values, acts])
+            rows = torch.cat([best_rows, torch.arange(start, start + len(acts))[:, None].expand_as(acts)])
+            top = values.topk(per_feature, dim=0)
+            best_values, best_rows = top.values, rows.gather(0, top.indices)
+    generator = torch.Generator().manual_seed(0)
+    quiet_pool = torch.randperm(len(x), generator=generator)[: 4 * per_feature]
+    with torch.no_grad():
+        quiet_acts = sae.encode(x[quiet_pool]).float().cpu()
+
+    def window_of(row, feature):
+        window, position = owners[row]
+        ids = windows[window]
+        start = max(1, position - WINDOW_BEFORE)
+        stop = min(len(ids), position + WINDOW_AFTER)
+        rows = [i for i, (w, p) in enumerate(owners[max(0, row - WINDOW_BEFORE):row + WINDOW_AFTER],
+                                             start=max(0, row - WINDOW_BEFORE)) if w == window and start <= p < stop]
+        with torch.no_grad():
+            values = sae.encode(x[rows])[:, feature].float().tolist()
+        tokens = [model.tokenizer.decode([t]) for t in ids[start:stop]]
+        return {"tokens": tokens, "values": values, "focus": position - start,
+                "activation": max(values) if values else 0.0}
+
+    contexts = {}
+    for feature in range(sae.d_sae):
+        positive = [window_of(int(r), feature) for v, r in zip(best_values[:, feature], best_rows[:, feature]) if v > 0]
+        if not positive:
+            continue
+        quiet_rows = quiet_pool[quiet_acts[:, feature] <= 0][: len(positive)]
+        negative = [window_of(int(r), feature) for r in quiet_rows]
+        contexts[feature] = {"positive": positive, "negative": negative}
+    sae.contexts = contexts
+    return contexts
+
+
+def label(sae, features, labeler="local", n_examples: int = 20, cache_dir=None):
+    """Labels and simulation scores for `features`; see the module docstring.
+
+    Returns a DataFrame: `feature`, `label`, `score` (correlation of the labeller's
+    judgements with the true activations on held-out contexts), `shuffled_score` (the
+    same label judged on another feature's contexts: what chance looks like),
+    `n_examples`.
+    """
+    import pandas as pd
+
+    contexts = getattr(sae, "contexts", None)
+    if not contexts:
+        raise SAEError(f"{sae.name} has no recorded contexts: run sae.record_contexts(model, texts) first")
+    features = [features] if isinstance(features, int) else list(features)
+    missing = [f for f in features if f not in contexts]
+    if missing:
+        raise SAEError(f"features {missing[:10]} never fired in the recorded contexts (or are out of "
+                       f"range 0-{sae.d_sae - 1}): record more text or pick features that fire")
+    ask, judge, name = _labeller(labeler)
+    path = _cache_path(sae, name, cache_dir)
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    rows = []
+    for feature in features:
+        key = f"{feature}|{n_examples}"
+        if key not in cached:
+            found = contexts[feature]
+            shown, held = found["positive"][: n_examples // 2], found["positive"][n_examples // 2: n_examples]
+            text = ask(_explain_prompt(shown)).strip().split("\n")[0].strip()
+            if not text:
+                raise LabelError(f"the labeller returned an empty label for feature {feature}")
+            trials = held + found["negative"][: len(held)]
+            judged = judge(text, trials)
+            actual = [c["activation"] for c in trials]
+            score = _correlation(judged, actual)
+            # Chance level: the same judgements against the activations shuffled among the contexts.
+            generator = torch.Generator().manual_seed(feature)
+            shuffled_score = sum(_correlation(judged, [actual[i] for i in torch.randperm(len(actual),
+                                                                                         generator=generator)])
+                                 for _ in range(20)) / 20
+            cached[key] = {"label": text, "score": score, "shuffled_score": shuffled_score, "n_examples": len(shown)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached, indent=1))
+        rows.append({"feature": feature, **cached[key]})
+    return pd.DataFrame(rows, columns=["feature", "label", "score", "shuffled_score", "n_examples"])
+
+
+def _explain_prompt(contexts) -> str:
+    lines = ["Here are text excerpts where a feature of a language model is active. The token "
+             "where it is most active is marked with [[ ]].", ""]
+    for i, c in enumerate(contexts, 1):
+        tokens = list(c["tokens"])
+        tokens[c["focus"]] = f"[[{tokens[c['focus']]}]]"
+        lines.append(f"{i}. {''.join(tokens).strip()}")
+    lines += ["", "In a few words, what does this feature detect? Answer with a short label only."]
+    return "\n".join(lines)
+
+
+def _judge_prompt(label_text: str, context) -> str:
+    return (f"A feature of a language model detects: {label_text}.\n"
+            f"Text: {''.join(context['tokens']).strip()}\n"
+            "Is this feature active in the text? Answer Yes or No.")
+
+
+def _labeller(labeler):
+    """`(ask(prompt) -> text, judge(label, contexts) -> numbers, name)` for a labeller."""
+    if labeler == "local":
+        return _local_ask, _local_judge, "local"
+    if callable(labeler):
+        def judge(label_text, contexts):
+            return [_number(labeler(_judge_prompt(label_text, c) + " Then rate 0-10.")) for c in contexts]
+
+        return labeler, judge, getattr(labeler, "__qualname__", "callable")
+    if isinstance(labeler, str) and re.match(r"https?://", labeler):
+        def ask(prompt):
+            return _chat(labeler, prompt)
+
+        def judge(label_text, contexts):
+            return [_number(_chat(labeler, _judge_prompt(label_text, c) +
+                                  " Reply with one number from 0 (no) to 10 (strongly).")) for c in contexts]
+
+        return ask, judge, labeler
+    raise LabelError(f"labeler must be 'local', a function of the prompt text, or an http(s) URL of an "
+                     f"OpenAI-compatible server, got {labeler!r}")
+
+
+def _chat(url: str, prompt: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": 32, "temperature": 0}).encode()
+    request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            reply = json.loads(response.read())
+        return reply["choices"][0]["message"]["content"]
+    except (urllib.error.URLError, OSError) as error:
+        raise LabelError(f"the labeller at {endpoint} could not be reached ({getattr(error, 'reason', error)}); "
+                         "labels finished so far are kept in the cache") from None
+    except (KeyError, IndexError, ValueError) as error:
+        raise LabelError(f"the labeller at {endpoint} did not answer like the OpenAI chat API: {error!r}") from None
+
+
+def _local():
+    if "model" not in _LOCAL:
+        from ..loading import load
+
+        _LOCAL["model"] = load()
+    return _LOCAL["model"]
+
+
+def _chat_text(model, prompt: str) -> str:
+    return model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+
+
+def _local_ask(prompt: str) -> str:
+    model = _local()
+    result = model.generate(_chat_text(model, prompt), max_new_tokens=12)
+    return result.df.continuation[0]
+
+
+def _local_judge(label_text: str, contexts) -> list[float]:
+    """P(Yes) against P(No) for each context, in one batch."""
+    from ..batch import Batch
+    from ..runner import last_logits
+
+    model = _local()
+    batch = Batch.of(model.tokenizer, [_chat_text(model, _judge_prompt(label_text, c)) for c in contexts])
+    with torch.no_grad():
+        logits = last_logits(model, batch).float()
+    yes, no = (model.tokenizer.encode(word, add_special_tokens=False)[0] for word in ("Yes", "No"))
+    return torch.softmax(logits[:, [yes, no]], -1)[:, 0].tolist()
+
+
+def _number(text: str) -> float:
+    match = re.search(r"-?\d+(\.\d+)?", text or "")
+    return float(match.group()) if match else 0.0
+
+
+def _correlation(predicted, actual) -> float:
+    p, a = torch.tensor(predicted, dtype=torch.float64), torch.tensor(actual, dtype=torch.float64)
+    if len(p) < 2 or p.std() == 0 or a.std() == 0:
+        return 0.0
+    p, a = p - p.mean(), a - a.mean()
+    return float((p * a).sum() / (p.norm() * a.norm()))
+
+
+def _cache_path(sae, labeller_name: str, cache_dir) -> Path:
+    from ..embedded import cache_root
+
+    digest = hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()[:1 << 20]).hexdigest()[:12]
+    who = hashlib.sha256(labeller_name.encode()).hexdigest()[:8]
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "labels"
+    return root / f"{sae.name}-{digest}-{who}.json"

@@ -1,0 +1,106 @@
+"""Automatic feature labels: recorded contexts, labellers (function, HTTP server, local), cache."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from mechnb.sae import train
+from mechnb.sae.label import LabelError
+from mechnb.sae.model import SAEError
+from test_sae import DOCS
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_factory):
+    model = tiny_factory("llama")
+    store = model.collect("resid_post.1", DOCS, n_tokens=700, progress=False)
+    sae = train(store, kind="topk", d_sae=64, k=4, batch_size=128, epochs=2, progress=False)
+    sae.record_contexts(model, DOCS, n_tokens=700, per_feature=10)
+    return model, sae
+
+
+def firing(sae, n=3):
+    return [f for f, c in sae.contexts.items() if len(c["positive"]) >= 6 and len(c["negative"]) >= 3][:n]
+
+
+def test_recorded_contexts_hold_top_and_quiet_windows(recorded):
+    _, sae = recorded
+    feature = firing(sae, 1)[0]
+    found = sae.contexts[feature]
+    top = [c["activation"] for c in found["positive"]]
+    assert top == sorted(top, reverse=True) and top[0] > 0
+    assert all(c["values"][c["focus"]] == pytest.approx(c["activation"]) for c in found["positive"][:3])
+    assert all(max(c["values"][c["focus"]], 0) == 0 for c in found["negative"])
+
+
+def test_a_function_labeller_labels_scores_and_caches(recorded, tmp_path):
+    _, sae = recorded
+    features = firing(sae)
+    calls = []
+
+    def labeller(prompt):
+        calls.append(prompt)
+        if prompt.startswith("Here are text excerpts"):
+            assert "[[" in prompt
+            return "a made-up label\nextra line"
+        return "9" if "[[" not in prompt and "the" in prompt else "2"
+
+    table = sae.label(features, labeler=labeller, n_examples=6, cache_dir=tmp_path)
+    assert table.feature.tolist() == features and set(table.label) == {"a made-up label"}
+    assert table.score.between(-1, 1).all() and table.n_examples.tolist() == [3] * len(features)
+    count = len(calls)
+    again = sae.label(features, labeler=labeller, n_examples=6, cache_dir=tmp_path)
+    assert len(calls) == count and again.equals(table)  # served from the cache
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+class ChatServer(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        text = "punctuation" if prompt.startswith("Here are") else "7"
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_openai_compatible_server_labels_and_a_refusing_one_fails_clearly(recorded, tmp_path):
+    _, sae = recorded
+    features = firing(sae, 2)
+    server = HTTPServer(("127.0.0.1", 0), ChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        table = sae.label(features[:1], labeler=url, n_examples=6, cache_dir=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert table.label.tolist() == ["punctuation"]
+    with pytest.raises(LabelError, match="could not be reached"):
+        sae.label(features, labeler=url, n_examples=6, cache_dir=tmp_path)
+    cached = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert list(cached) == [f"{features[0]}|6"]  # the first label survived the failure
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda sae: sae.label([0], labeler="ftp://x"), LabelError, "OpenAI-compatible"),
+    (lambda sae: sae.label([10_000]), SAEError, "never fired"),
+])
+def test_bad_labelling_requests_get_clear_errors(recorded, call, error, message):
+    with pytest.raises(error, match=message):
+        call(recorded[1])
+
+
+def test_an_sae_without_recorded_contexts_says_what_to_do():
+    from mechnb.sae import SAE
+
+    with pytest.raises(SAEError, match="record_contexts"):
+        SAE(8, 16, kind="relu").label([0])
