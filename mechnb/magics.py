@@ -81,6 +81,11 @@ mechnb magics
   %causal_trace PROMPT --subject S [--answer A] [--kind hidden|mlp|attn] [--samples N]
          [--noise X] [--window W] [-o NAME]
         Meng et al.'s causal tracing: restore one state at a time, a layer x token heatmap
+  %ov head.L.H [-k K]     what a head copies, from its weights: top source -> output tokens
+  %qk head.L.H [-k K]     what a head attends to, from its weights: top destination x source
+  %composition [--kind q|k|v]        composition scores between heads of earlier and later layers
+  %coactivation SITE {texts} [--components N] [--method pca|kmeans]   co-activating directions
+  %stability {circuit} [--resamples N] [--top 1%]   fidelity and stability of a circuit, one table
 sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
        neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
 """
@@ -463,6 +468,73 @@ class MechnbMagics(Magics):
         if "subject" not in options:
             raise MagicError('%causal_trace needs --subject, e.g. --subject "Eiffel Tower"')
         return self._keep(self.session.require().causal_trace(prompt, options.pop("subject"), **options), output)
+
+    def _head(self, line: str, command: str):
+        from .sites import parse
+
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"-k": int}, command)
+        site = parse(positional[0]) if len(positional) == 1 and isinstance(positional[0], str) else None
+        if site is None or site.kind != "head" or not isinstance(site.index, int) or not isinstance(site.layer, int):
+            raise MagicError(f"{command} takes one head, e.g. {command} head.18.6")
+        return site, options.get("k", 10)
+
+    @no_var_expand
+    @line_magic
+    def ov(self, line: str):
+        """`%ov head.L.H [-k K]`: the OV circuit's top pairs and copying score."""
+        from IPython.display import display
+
+        site, k = self._head(line, "%ov")
+        circuit = self.session.require().ov(site.layer, site.index)
+        print(f"{circuit.kind}: copying score {circuit.copying_score():.3f} (1 copies, 0 anti-copies)")
+        display(circuit.top_pairs(k))
+        return circuit
+
+    @no_var_expand
+    @line_magic
+    def qk(self, line: str):
+        """`%qk head.L.H [-k K]`: the QK circuit's top destination x source pairs."""
+        from IPython.display import display
+
+        site, k = self._head(line, "%qk")
+        circuit = self.session.require().qk(site.layer, site.index)
+        display(circuit.top_pairs(k))
+        return circuit
+
+    @no_var_expand
+    @line_magic
+    def composition(self, line: str):
+        """`%composition [--kind q|k|v] [-o NAME]`: composition scores, a heatmap."""
+        options = self._options(line, {"--kind": str, "-o": str}, "%composition")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().composition(options.get("kind", "k")), output)
+
+    @no_var_expand
+    @line_magic
+    def coactivation(self, line: str):
+        """`%coactivation SITE {texts} [--components N] [--method pca|kmeans] [-o NAME]`"""
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--components": int, "--method": str, "-o": str},
+                                            "%coactivation")
+        if len(positional) != 2:
+            raise MagicError("%coactivation takes a site and texts: %coactivation mlp_out.12 {texts}")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().coactivation(positional[0], positional[1], **options), output)
+
+    @no_var_expand
+    @line_magic
+    def stability(self, line: str):
+        """`%stability {circuit} [--resamples N] [--top 1%]`: fidelity and stability, one table."""
+        from .circuits import Circuit
+
+        words = split_args(line, self.shell.user_ns)
+        positional, options = parse_options(words, {"--resamples": int, "--top": str}, "%stability")
+        if len(positional) != 1 or not isinstance(positional[0], Circuit):
+            raise MagicError("%stability takes a circuit: %stability {circ} (from model.circuit or %circuit)")
+        top = options.get("top", "1%")
+        return positional[0].quality(n_resamples=options.get("resamples", 3),
+                                     top=top if top.endswith("%") else _number(top, "--top"))
 
     @no_var_expand
     @line_magic

@@ -301,3 +301,23 @@ def test_generate_steer_and_causal_trace_magics(shell, llama, capsys):
         ('%generate "" --max-new-tokens 3', "non-empty"),
         ('%generate "Hi" --max-new-tokens 0', "max_new_tokens")])
     assert llama.interventions == []
+
+
+def test_weight_coactivation_and_stability_magics(shell, llama, capsys):
+    ov = run(shell, "%ov head.1.2 -k 3").result
+    assert ov.kind == "OV head.1.2" and "copying score" in capsys.readouterr().out
+    assert run(shell, "%qk head.0.1").result.kind == "QK head.0.1"
+    comp = run(shell, "%composition --kind q -o comp").result
+    assert comp.meta["kind"] == "q" and shell.user_ns["comp"] is comp
+    shell.user_ns["texts"] = [PROMPT, PARIS]
+    pca = run(shell, "%coactivation mlp_out.1 {texts} --components 3").result
+    assert pca.values.shape == (3,)
+    shell.user_ns["circ"] = llama.circuit([PROMPT], [PROMPT.replace("John gave", "Mary gave")], " Mary", " John",
+                                          method="eap")
+    table = run(shell, "%stability {circ} --resamples 1 --top 10").result
+    assert table["stability (resamples)"][0] == 1.0
+    assert_one_line_errors(shell, capsys, [("%ov mlp_out.3", "takes one head"),
+                                           ("%ov head.7.0", "layer 7 out of range"),
+                                           ("%composition --kind z", "'q', 'k' or 'v'"),
+                                           ("%coactivation mlp_out.1", "takes a site and texts"),
+                                           ("%stability 3", "takes a circuit")])
