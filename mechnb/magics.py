@@ -81,8 +81,9 @@ mechnb magics
   %causal_trace PROMPT --subject S [--answer A] [--kind hidden|mlp|attn] [--samples N]
          [--noise X] [--window W] [-o NAME]
         Meng et al.'s causal tracing: restore one state at a time, a layer x token heatmap
-  %ov head.L.H [-k K]     what a head copies, from its weights: top source -> output tokens
-  %qk head.L.H [-k K]     what a head attends to, from its weights: top destination x source
+  %ov head.L.H [-k K] [--vocab N]   what a head copies, from its weights: top source -> output
+        tokens among the first N token ids (default 8192)
+  %qk head.L.H [-k K] [--vocab N]   what a head attends to, from its weights
   %composition [--kind q|k|v]        composition scores between heads of earlier and later layers
   %coactivation SITE {texts} [--components N] [--method pca|kmeans]   co-activating directions
   %stability {circuit} [--resamples N] [--top 1%]   fidelity and stability of a circuit, one table
@@ -473,11 +474,11 @@ class MechnbMagics(Magics):
         from .sites import parse
 
         words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"-k": int}, command)
+        positional, options = parse_options(words, {"-k": int, "--vocab": int}, command)
         site = parse(positional[0]) if len(positional) == 1 and isinstance(positional[0], str) else None
         if site is None or site.kind != "head" or not isinstance(site.index, int) or not isinstance(site.layer, int):
             raise MagicError(f"{command} takes one head, e.g. {command} head.18.6")
-        return site, options.get("k", 10)
+        return site, options.get("k", 10), options.get("vocab", 8192)
 
     @no_var_expand
     @line_magic
@@ -485,10 +486,11 @@ class MechnbMagics(Magics):
         """`%ov head.L.H [-k K]`: the OV circuit's top pairs and copying score."""
         from IPython.display import display
 
-        site, k = self._head(line, "%ov")
+        site, k, vocab = self._head(line, "%ov")
         circuit = self.session.require().ov(site.layer, site.index)
-        print(f"{circuit.kind}: copying score {circuit.copying_score():.3f} (1 copies, 0 anti-copies)")
-        display(circuit.top_pairs(k))
+        print(f"{circuit.kind}: copying score {circuit.copying_score():.3f} (1 copies, 0 anti-copies); "
+              f"top pairs among the first {vocab} token ids")
+        display(circuit.top_pairs(k, vocab=vocab))
         return circuit
 
     @no_var_expand
@@ -497,9 +499,9 @@ class MechnbMagics(Magics):
         """`%qk head.L.H [-k K]`: the QK circuit's top destination x source pairs."""
         from IPython.display import display
 
-        site, k = self._head(line, "%qk")
+        site, k, vocab = self._head(line, "%qk")
         circuit = self.session.require().qk(site.layer, site.index)
-        display(circuit.top_pairs(k))
+        display(circuit.top_pairs(k, vocab=vocab))
         return circuit
 
     @no_var_expand

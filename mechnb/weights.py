@@ -66,18 +66,26 @@ class FactoredMatrix:
         u, s, vh = torch.linalg.svd(ra @ rb.T)
         return qa @ u, s, qb @ vh.T
 
-    def top_pairs(self, k: int = 10, block: int = 2048):
+    def top_pairs(self, k: int = 10, vocab: int | None = None, centre: bool = True, block: int = 1024):
         """The `k` largest entries as a DataFrame (`row`, `column`, tokens, `value`),
-        computed in blocks of rows."""
+        computed in blocks of rows. `vocab` keeps rows and columns below that id (BPE
+        ids grow roughly as tokens get rarer, so the first ids are the common tokens,
+        and rare tokens with large norms no longer crowd the top). `centre` subtracts each
+        column's mean over rows (in factored form: the mean row of `A`), so columns every
+        row raises alike (outputs the head boosts whatever it reads) leave the top to
+        row-specific pairs."""
         import pandas as pd
 
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise SiteError(f"top_pairs takes a positive number of pairs, got {k!r}")
         best_values = torch.empty(0)
         best_index = torch.empty(0, dtype=torch.long)
-        columns = self.shape[1]
-        for start in range(0, self.shape[0], block):
-            chunk = (self.A[start:start + block] @ self.B).flatten()
+        A, B = (self.A, self.B) if vocab is None else (self.A[:vocab], self.B[:, :vocab])
+        if centre:
+            A = A - A.mean(0)
+        columns = B.shape[1]
+        for start in range(0, A.shape[0], block):
+            chunk = (A[start:start + block] @ B).flatten()
             values, index = chunk.topk(min(k, chunk.numel()))
             best_values = torch.cat([best_values, values])
             best_index = torch.cat([best_index, index + start * columns])

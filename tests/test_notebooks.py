@@ -57,3 +57,13 @@ def test_circuits_tutorial_runs_end_to_end():
     assert shared >= 5
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+
+@pytest.mark.slow
+def test_weights_tutorial_runs_end_to_end():
+    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("07_weights_and_concepts.ipynb")])
+    text = "\n".join(texts(notebook))
+    assert "Traceback" not in text and "Error" not in text
+    assert "OV head.18.6: copying score" in text
+    assert "of the variance in 6 of 576 components" in text
+    assert "stability (resamples)" in text

@@ -104,3 +104,11 @@ def test_an_sae_without_recorded_contexts_says_what_to_do():
 
     with pytest.raises(SAEError, match="record_contexts"):
         SAE(8, 16, kind="relu").label([0])
+
+
+def test_features_that_never_fired_are_left_out_with_a_warning(recorded, tmp_path):
+    _, sae = recorded
+    feature = firing(sae, 1)[0]
+    with pytest.warns(UserWarning, match="never fired"):
+        table = sae.label([feature, 10_000], labeler=lambda prompt: "a label 5", n_examples=6, cache_dir=tmp_path)
+    assert table.feature.tolist() == [feature]

@@ -32,10 +32,12 @@ def test_factored_matrix_agrees_with_the_full_matrix(tiny_factory):
     ov = model.ov(1, 2)
     small = type(ov)(ov.A[:300], ov.B[:, :200])
     full = small.full()
-    top = small.top_pairs(5, block=64)
-    values, index = full.flatten().topk(5)
-    assert torch.allclose(torch.tensor(top.value.tolist()), values, atol=1e-5)
-    assert [r * 200 + c for r, c in zip(top.row, top.column)] == index.tolist()
+    for centre, matrix in ((False, full), (True, full - full.mean(0))):
+        top = small.top_pairs(5, centre=centre, block=64)
+        values, index = matrix.flatten().topk(5)
+        assert torch.allclose(torch.tensor(top.value.tolist()), values, atol=1e-5)
+        assert [r * 200 + c for r, c in zip(top.row, top.column)] == index.tolist()
+    assert small.top_pairs(3, vocab=50).row.max() < 50
     u, s, v = small.svd()
     assert torch.allclose(u @ torch.diag(s) @ v.T, full, atol=1e-4)
     square = type(ov)(ov.A[:300], ov.B[:, :300])

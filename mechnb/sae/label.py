@@ -102,8 +102,14 @@ def label(sae, features, labeler="local", n_examples: int = 20, cache_dir=None):
     features = [features] if isinstance(features, int) else list(features)
     missing = [f for f in features if f not in contexts]
     if missing:
-        raise SAEError(f"features {missing[:10]} never fired in the recorded contexts (or are out of "
-                       f"range 0-{sae.d_sae - 1}): record more text or pick features that fire")
+        message = (f"features {missing[:10]}{' ...' if len(missing) > 10 else ''} never fired in the "
+                   f"recorded contexts (or are out of range 0-{sae.d_sae - 1})")
+        if len(missing) == len(features):
+            raise SAEError(f"{message}: record more text or pick features that fire")
+        import warnings
+
+        warnings.warn(f"{message}: they are left out", stacklevel=3)
+        features = [f for f in features if f in contexts]
     ask, judge, name = _labeller(labeler)
     path = _cache_path(sae, name, cache_dir)
     cached = json.loads(path.read_text()) if path.exists() else {}
