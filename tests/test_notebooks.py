@@ -67,3 +67,13 @@ def test_weights_tutorial_runs_end_to_end():
     assert "OV head.18.6: copying score" in text
     assert "of the variance in 6 of 576 components" in text
     assert "stability (resamples)" in text
+
+
+@pytest.mark.slow
+def test_steering_and_editing_tutorial_runs_end_to_end():
+    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("06_steering_and_editing.ipynb")])
+    text = "\n".join(texts(notebook))
+    assert "Traceback" not in text and "Error" not in text
+    assert "clean p(Paris) 0.70" in text
+    assert "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'" in text
+    assert "[]  Paris" in text  # reverted: no edits, Paris again
