@@ -77,3 +77,17 @@ def test_steering_and_editing_tutorial_runs_end_to_end():
     assert "clean p(Paris) 0.70" in text
     assert "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'" in text
     assert "[]  Paris" in text  # reverted: no edits, Paris again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expected", [
+    ("02_activation_patching_ioi.ipynb", ["patches", "Pearson correlation of attribution"]),
+    ("03_induction_heads.ipynb", ["loss on the repeated half", "copying score"]),
+    ("04_sae_features.ipynb", ["strongest feature", "feature ablated"]),
+])
+def test_tutorial_runs_end_to_end(name, expected):
+    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)])
+    text = "\n".join(texts(notebook))
+    assert "Traceback" not in text and "Error" not in text
+    for phrase in expected:
+        assert phrase in text
