@@ -45,11 +45,17 @@ def test_quickstart_runs_end_to_end():
     assert "h is an ordinary tensor: Tensor (1, 14, 576)" in text
 
 
-@pytest.mark.slow
-def test_circuits_tutorial_runs_end_to_end():
-    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("05_circuits_gim.ipynb")])
+def run_tutorial(name):
+    """Execute the tutorial `name`; its notebook and all its text output, checked error-free."""
+    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)])
     text = "\n".join(texts(notebook))
     assert "Traceback" not in text and "Error" not in text
+    return notebook, text
+
+
+@pytest.mark.slow
+def test_circuits_tutorial_runs_end_to_end():
+    notebook, text = run_tutorial("05_circuits_gim.ipynb")
     assert "forward unchanged under GIM: True" in text
     assert "faithfulness of eap-ig edges" in text
     assert "same edges: True" in text
@@ -60,34 +66,16 @@ def test_circuits_tutorial_runs_end_to_end():
 
 
 @pytest.mark.slow
-def test_weights_tutorial_runs_end_to_end():
-    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("07_weights_and_concepts.ipynb")])
-    text = "\n".join(texts(notebook))
-    assert "Traceback" not in text and "Error" not in text
-    assert "OV head.18.6: copying score" in text
-    assert "of the variance in 6 of 576 components" in text
-    assert "stability (resamples)" in text
-
-
-@pytest.mark.slow
-def test_steering_and_editing_tutorial_runs_end_to_end():
-    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index("06_steering_and_editing.ipynb")])
-    text = "\n".join(texts(notebook))
-    assert "Traceback" not in text and "Error" not in text
-    assert "clean p(Paris) 0.70" in text
-    assert "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'" in text
-    assert "[]  Paris" in text  # reverted: no edits, Paris again
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
     ("02_activation_patching_ioi.ipynb", ["patches", "Pearson correlation of attribution"]),
     ("03_induction_heads.ipynb", ["loss on the repeated half", "copying score"]),
     ("04_sae_features.ipynb", ["strongest feature", "feature ablated"]),
+    ("06_steering_and_editing.ipynb", ["clean p(Paris) 0.70", "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'",
+                                        "[]  Paris"]),  # reverted: no edits, Paris again
+    ("07_weights_and_concepts.ipynb", ["OV head.18.6: copying score", "of the variance in 6 of 576 components",
+                                        "stability (resamples)"]),
 ])
 def test_tutorial_runs_end_to_end(name, expected):
-    notebook = execute(NOTEBOOKS[[p.name for p in NOTEBOOKS].index(name)])
-    text = "\n".join(texts(notebook))
-    assert "Traceback" not in text and "Error" not in text
+    _, text = run_tutorial(name)
     for phrase in expected:
         assert phrase in text

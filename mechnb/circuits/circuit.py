@@ -52,8 +52,7 @@ class Circuit:
     def _all(self) -> torch.Tensor:
         if self.level == "edge":
             return self.graph.valid.clone()
-        kept = torch.ones(self.graph.n_upstream, dtype=torch.bool)
-        return kept
+        return torch.ones(self.graph.n_upstream, dtype=torch.bool)
 
     @property
     def n_items(self) -> int:
