@@ -36,60 +36,8 @@ import traceback
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from .errors import MagicError, MechnbError, ModelError, TraceError
+from .reference import help_text
 
-HELP = """\
-mechnb magics
-  %mechnb load [NAME] [--device D] [--dtype T] [--as VAR]
-        load a model (no NAME: the embedded SmolLM2-135M-Instruct, offline; NAME: a hub id,
-        a local directory or a .gguf file) and bind it to VAR (default `model`)
-  %mechnb use VAR        make a Model loaded from Python the session's model
-  %mechnb info           layers, heads, d_model, d_head, vocab, device, dtype, memory
-  %mechnb top PROMPT [-k K]   the K most likely next tokens
-  %mechnb unload         drop the session's model
-  %mechnb help           this text
-  %%trace PROMPT [--grad]
-        run the model on PROMPT (or {list_of_prompts}); in the cell, model[site] reads a
-        site (call .save() to keep it) and model[site] = value writes one
-  %ablate SITE... [--mode zero|mean|resample] [--ref {prompts}] [--positions P] [--seed N]
-        ablate until removed; %interventions lists them, --clear / --remove N removes them
-  %patch --clean C --corrupt X --answer A --wrong W --sites S... [--per-position]
-         [--method exact|attribution] [--metric logit_diff|prob|logprob|kl] [--normalize]
-         [--noising] [--batch-size N] [-o NAME]
-        activation or attribution patching: a heatmap, and a Result in _ (and NAME)
-  %path_patch --clean C --corrupt X --senders S... --receivers R... --answer A --wrong W
-         [--freeze heads|all|none] [--normalize] [-o NAME]
-        the senders' effect through the receivers only
-  %attention PROMPT [--layers 20:26] [--heads 0:4]      attention patterns (circuitsvis)
-  %activations SITE|{direction} PROMPT|{prompts} [--site resid_post.L]   coloured tokens
-  %lens PROMPT [-k K]                                    logit lens heatmap
-  %dla PROMPT --answer A [--wrong W]                     direct logit attribution
-  %heads [--detect induction previous_token duplicate_token]   head detector scores
-  %explore [PROMPT] [--answer A] [--wrong W]             interactive explorer widget
-  %features PROMPT --sae SAE [-k K]                      top SAE features per token
-  %attribute PROMPT [--method gim|gradient|grad_x_input|integrated_gradients] [--target T]
-        which input tokens drive the prediction (coloured tokens)
-  %circuit --clean C --corrupt X --answer A --wrong W [--method eap|eap-ig|gim|exact]
-         [--level edge|node] [--steps N] [--metric M] [--top 2%] [--fractions F...]
-         [--no-faithfulness] [-o NAME]
-        circuit discovery: the graph of the top edges and its faithfulness curve; the
-        Circuit in _ (and NAME)
-  %generate PROMPT|{prompts} [--max-new-tokens N] [--compare] [--sample] [--temperature T]
-         [--top-p P] [--seed S] [--stream] [-o NAME]
-        continue prompts with the active interventions (--compare: also without them)
-  %steer SITE {vector}|sae.L.F [--scale S] [--positions P]   steer until removed
-        (%interventions lists it; %steer --clear removes every steering)
-  %causal_trace PROMPT --subject S [--answer A] [--kind hidden|mlp|attn] [--samples N]
-         [--noise X] [--window W] [-o NAME]
-        Meng et al.'s causal tracing: restore one state at a time, a layer x token heatmap
-  %ov head.L.H [-k K] [--vocab N]   what a head copies, from its weights: top source -> output
-        tokens among the first N token ids (default 8192)
-  %qk head.L.H [-k K] [--vocab N]   what a head attends to, from its weights
-  %composition [--kind q|k|v]        composition scores between heads of earlier and later layers
-  %coactivation SITE {texts} [--components N] [--method pca|kmeans]   co-activating directions
-  %stability {circuit} [--resamples N] [--top 1%]   fidelity and stability of a circuit, one table
-sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H],
-       neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'
-"""
 
 _counter = itertools.count()
 
@@ -208,7 +156,7 @@ class MechnbMagics(Magics):
         """Load and inspect models: `%mechnb help` lists the commands."""
         words = split_args(line, self.shell.user_ns)
         if not words:
-            print(HELP)
+            print(help_text())
             return None
         command, rest = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None) if isinstance(command, str) else None
@@ -218,7 +166,7 @@ class MechnbMagics(Magics):
         return handler(rest)
 
     def _cmd_help(self, words):
-        print(HELP)
+        print(help_text())
 
     def _cmd_load(self, words):
         from .loading import load
