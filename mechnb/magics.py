@@ -60,7 +60,8 @@ def split_args(line: str, namespace: dict) -> list:
     """Split a magic's argument line like a shell; `{expr}` is evaluated in `namespace`.
 
     A word that is exactly `{expr}` becomes the object itself; `{expr}` inside a
-    longer word is formatted into it; `{{` and `}}` are literal braces.
+    longer word is formatted into it; `{{` and `}}` are literal braces; a `#` that
+    starts a word outside quotes begins a comment.
     """
     found = []
 
@@ -71,7 +72,7 @@ def split_args(line: str, namespace: dict) -> list:
     line = line.replace("{{", "\x01").replace("}}", "\x02")
     stashed = re.sub(r"\{([^{}]+)\}", stash, line)
     try:
-        words = shlex.split(stashed)
+        words = shlex.split(_without_comment(stashed))
     except ValueError as error:
         raise MagicError(f"cannot split the arguments {line!r}: {error}") from None
 
@@ -91,6 +92,19 @@ def split_args(line: str, namespace: dict) -> list:
         word = re.sub(r"\x00(\d+)\x00", lambda m: str(value(m.group(1))), word)
         result.append(word.replace("\x01", "{").replace("\x02", "}"))
     return result
+
+
+def _without_comment(line: str) -> str:
+    """The line up to a `#` that starts a word outside quotes, as a shell reads a comment."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
 
 
 def _number(text: str, option: str):

@@ -321,3 +321,11 @@ def test_weight_coactivation_and_stability_magics(shell, llama, capsys):
                                            ("%composition --kind z", "'q', 'k' or 'v'"),
                                            ("%coactivation mlp_out.1", "takes a site and texts"),
                                            ("%stability 3", "takes a circuit")])
+
+
+def test_split_args_drops_a_trailing_comment_as_a_shell_does():
+    ns = {"p": "a # b"}
+    assert split_args('top "The # sat" -k 3   # the sky', ns) == ["top", "The # sat", "-k", "3"]
+    assert split_args("load  # embedded", ns) == ["load"]
+    assert split_args("C#x {p} #", ns) == ["C#x", "a # b"]
+    assert split_args("'it''s' x#y", ns) == ["its", "x#y"]
