@@ -1,0 +1,208 @@
+"""JupyterLab in headless Chromium, for the tutorial tests: open a notebook, run every cell, save.
+
+The server runs on 127.0.0.1 with no token, on a copy of the notebooks, with the
+news feed and update check off and notebook windowing off (so every cell is in the
+page and measurable). Chromium is Debian's package driven by Playwright; every
+request the page makes is routed, and any that is not for 127.0.0.1 is refused and
+recorded. The kernel is a child of the server: its peak resident memory is read from
+`/proc/<pid>/status` (VmHWM) before it is shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+SETTINGS = {
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
+                                                                        "checkForUpdates": False},
+}
+
+# Polled in the page: done when every code cell ran and the kernel is idle, or a cell errored.
+PROGRESS = """() => {
+    const panel = window.jupyterapp.shell.currentWidget;
+    if (!panel || !panel.content || !panel.sessionContext) return null;
+    let total = 0, done = 0, error = null;
+    for (const cell of panel.content.widgets) {
+        if (cell.model.type !== 'code') continue;
+        total += 1;
+        const prompt = cell.promptNode ? cell.promptNode.textContent : '';
+        if (cell.model.executionCount !== null && !prompt.includes('*')) done += 1;
+        for (let i = 0; i < cell.model.outputs.length; i++) {
+            const out = cell.model.outputs.get(i).toJSON();
+            if (out.output_type === 'error') error = `${out.ename}: ${out.evalue}`;
+        }
+    }
+    const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+    const idle = kernel && kernel.status === 'idle';
+    return (error || (total > 0 && done === total && idle)) ? {total, done, error} : null;
+}"""
+
+# What rendered: circuitsvis views, widgets and images, each with its size.
+RENDERED = """() => {
+    const box = e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; };
+    const views = [...document.querySelectorAll('.jp-OutputArea-output .mechnb-view')]
+        .map(v => [v.childElementCount, ...box(v)]);
+    const widgets = [...document.querySelectorAll('.jp-OutputArea-output .jupyter-widgets')]
+        .filter(w => !w.parentElement.closest('.jupyter-widgets')).map(box);
+    const images = [...document.querySelectorAll('.jp-OutputArea-output img')]
+        .map(i => [i.naturalWidth, i.naturalHeight]);
+    const text = [...document.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText).join('\\n');
+    return {views, widgets, images, widget_failures: (text.match(/Error displaying widget|Loading widget/g) || []).length,
+            tracebacks: (text.match(/Traceback \\(most recent call last\\)/g) || []).length};
+}"""
+
+
+@dataclass
+class Run:
+    """One notebook run in the browser: the saved notebook and what the page showed."""
+
+    notebook: nbformat.NotebookNode
+    seconds: float
+    peak_rss: int
+    rendered: dict
+    outside: list = field(default_factory=list)
+    page_errors: list = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JupyterLab:
+    """A JupyterLab server and a Chromium page on it; `run(name)` executes one notebook."""
+
+    def __init__(self, notebooks: list[Path], root: Path, chromium: str, artifacts: Path):
+        self.root, self.artifacts = root, artifacts
+        for path in notebooks:
+            shutil.copy(path, root / path.name)
+        settings = root.parent / "lab-settings"
+        for name, values in SETTINGS.items():
+            target = settings / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(values))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+                   f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+                   "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+                   f"--ServerApp.root_dir={root}", "--expose-app-in-browser", "--LabApp.news_url=None",
+                   "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                   f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={root.parent / 'ws'}"]
+        if os.getuid() == 0:
+            command.append("--allow-root")
+        self.log = open(root.parent / "lab.log", "w")
+        self.server = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=root)
+        self._wait_for_server()
+        from playwright.sync_api import sync_playwright
+
+        self._playwright = sync_playwright().start()
+        self.browser = self._playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+
+    def _wait_for_server(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited: {(self.root.parent / 'lab.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/api/status", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("jupyter lab did not start within a minute")
+
+    def run(self, name: str, timeout: float = 600) -> Run:
+        """Open `name` in JupyterLab, run all cells, save; what ran and what the page showed."""
+        page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        outside, errors = [], []
+
+        def gate(route):
+            url = route.request.url
+            if url.startswith(("data:", "blob:", "about:")) or url.startswith(f"{self.url}/"):
+                return route.continue_()
+            outside.append(url)
+            return route.abort()
+
+        page.route("**/*", gate)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        try:
+            page.goto(f"{self.url}/lab/tree/{name}?reset")
+            page.wait_for_function("""() => { const p = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                return p && p.sessionContext && p.sessionContext.session && p.sessionContext.session.kernel
+                    && p.sessionContext.session.kernel.status === 'idle'; }""", timeout=120_000)
+            started = time.perf_counter()
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            progress = page.wait_for_function(PROGRESS, timeout=timeout * 1000, polling=500).json_value()
+            seconds = time.perf_counter() - started
+            peak = self._kernel_peak_rss()
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
+                                   timeout=30_000)
+            page.wait_for_timeout(1000)  # views draw after their output arrives
+            rendered = page.evaluate(RENDERED)
+            rendered["progress"] = progress
+            self._screenshot(page, name)
+        finally:
+            page.close()
+            self._shutdown_kernels()
+        notebook = nbformat.read(self.root / name, as_version=4)
+        return Run(notebook, seconds, peak, rendered, outside, errors)
+
+    def _screenshot(self, page, name: str) -> None:
+        """The first rich output (a view, a widget or a plot) in view, or the top of the notebook."""
+        self.artifacts.mkdir(exist_ok=True)
+        rich = page.locator(".jp-OutputArea-output .mechnb-view, .jp-OutputArea-output .jupyter-widgets, "
+                            ".jp-OutputArea-output img")
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+        if rich.count():
+            rich.first.evaluate("e => e.closest('.jp-Cell').scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(300)
+        page.screenshot(path=str(self.artifacts / f"{Path(name).stem}.png"))
+
+    def _kernels(self):
+        import psutil
+
+        return [p for p in psutil.Process(self.server.pid).children(recursive=True)
+                if "ipykernel" in " ".join(p.cmdline())]
+
+    def _kernel_peak_rss(self) -> int:
+        """Peak resident memory of the running kernel, bytes."""
+        peaks = []
+        for process in self._kernels():
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peaks.append(int(status.split("VmHWM:")[1].split()[0]) * 1024)
+        return max(peaks, default=0)
+
+    def _shutdown_kernels(self) -> None:
+        sessions = json.loads(urllib.request.urlopen(f"{self.url}/api/sessions", timeout=10).read())
+        for session in sessions:
+            request = urllib.request.Request(f"{self.url}/api/sessions/{session['id']}", method="DELETE")
+            urllib.request.urlopen(request, timeout=30).read()
+
+    def close(self) -> None:
+        try:
+            self.browser.close()
+            self._playwright.stop()
+        finally:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+            self.log.close()

