@@ -15,7 +15,7 @@ def test_attention_values_are_the_patterns(tiny_factory):
     assert torch.allclose(result.values[1, 1], cache["pattern.2.2"][0])
     assert set(result.df.columns) >= {"layer", "head", "pos_q", "pos_k", "value"}
     html = result.html()
-    assert html.count("AttentionHeads") == 2 and "Layer 2" in html and "L2H2" in html
+    assert html.count("window.CircuitsVis.AttentionHeads") == 2 and "Layer 2" in html and "L2H2" in html
     with pytest.raises(SiteError, match="layer 7 out of range"):
         model.attention(PROMPT, layers=[7])
 
