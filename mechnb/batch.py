@@ -39,18 +39,15 @@ class Batch:
         """
         if isinstance(prompts, Batch):
             return prompts
-        if hasattr(prompts, "dim") and prompts.dim() == 2:
-            ids = prompts.long().cpu()
-            tokens = [[tokenizer.decode([t]) for t in row.tolist()] for row in ids]
-            return cls(["".join(row) for row in tokens], ids, ids.new_ones(ids.shape), tokens)
+        if torch.is_tensor(prompts):
+            return cls._of_ids(tokenizer, prompts)
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompts = list(prompts) if prompts is not None else []
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TraceError(
-                "prompts must be a string or a non-empty list of strings, got "
-                f"{type(prompts).__name__}"
-            )
+        # A dict or a set iterates over its keys in no useful order: never a list of prompts.
+        if hasattr(prompts, "__iter__") and not isinstance(prompts, (dict, set, frozenset, bytes)):
+            prompts = list(prompts)
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TraceError(f"prompts must be a string or a non-empty list of strings, got {_given(prompts)}")
         if any(not p for p in prompts):
             raise TraceError("an empty prompt has no tokens to run on: give every prompt some text")
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right")
@@ -60,6 +57,18 @@ class Batch:
             for row, m in zip(ids, mask)
         ]
         return cls(prompts, ids, mask, tokens)
+
+    @classmethod
+    def _of_ids(cls, tokenizer, ids: torch.Tensor) -> "Batch":
+        """A `batch pos` tensor of token ids, checked, as a batch (no padding)."""
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise TraceError(f"token ids must be a non-empty batch x pos tensor, got shape "
+                             f"{tuple(ids.shape)}: for one prompt use ids[None]")
+        ids = ids.long().cpu()
+        if ids.min() < 0:
+            raise TraceError(f"token id {int(ids.min())} out of range: token ids are 0 or more")
+        tokens = [[tokenizer.decode([t]) for t in row.tolist()] for row in ids]
+        return cls(["".join(row) for row in tokens], ids, ids.new_ones(ids.shape), tokens)
 
     @property
     def lengths(self) -> list[int]:
@@ -74,9 +83,41 @@ class Batch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def select(self, rows) -> "Batch":
+        """The prompts at `rows` (a range or a list of indices), padded as long as in this batch."""
+        rows = list(rows)
+        return Batch([self.prompts[r] for r in rows], self.input_ids[rows], self.attention_mask[rows],
+                     [self.tokens[r] for r in rows])
+
     def inputs(self, device) -> dict[str, torch.Tensor]:
         """Model keyword inputs on `device`."""
         return {
             "input_ids": self.input_ids.to(device),
             "attention_mask": self.attention_mask.to(device),
         }
+
+
+def _given(prompts) -> str:
+    """What was passed in place of prompts, in words, for an error message."""
+    if isinstance(prompts, list):
+        if not prompts:
+            return "an empty list"
+        odd = next(p for p in prompts if not isinstance(p, str))
+        return f"a list holding {type(odd).__name__} {odd!r:.40}"
+    return f"{type(prompts).__name__} {prompts!r:.40}"
+
+
+def check_ids(model, batch: "Batch") -> None:
+    """A `TraceError` for token ids past the model's vocabulary (its embedding has no row)."""
+    largest = int(batch.input_ids.max())
+    if largest >= model.vocab_size:
+        raise TraceError(f"token id {largest} out of range: {model.name} has ids 0-{model.vocab_size - 1}")
+
+
+def check_length(model, n: int, what: str = "the prompt") -> None:
+    """A `TraceError` when `n` positions are more than the model takes (its config's
+    `max_position_embeddings`): past them GPT-2's position table has no row."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and n > limit:
+        raise TraceError(f"{what} is {n} tokens, more than the {limit} positions {model.name} takes: "
+                         "shorten it, or split the text")

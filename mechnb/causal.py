@@ -49,31 +49,43 @@ def subject_positions(model, prompt: str, subject: str) -> list[int]:
     return found
 
 
+def _indices(chosen, size: int, what: str) -> list[int]:
+    """`layers` or `positions`: None (all) or a non-empty list of ints in 0..size-1."""
+    if chosen is None:
+        return list(range(size))
+    found = list(chosen) if isinstance(chosen, (list, tuple, range)) else None
+    if not found or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size for i in found):
+        raise CausalTraceError(f"{what} must be None (all) or a non-empty list of ints in 0-{size - 1}, "
+                               f"got {chosen!r}")
+    return found
+
+
 def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3.0, samples: int = 10,
                  kind: str = "hidden", window: int = 10, seed: int = 0, layers=None,
                  positions=None, batch_size: int | None = None):
     """The answer's probability with each state restored; see `Model.causal_trace`."""
+    from .memory import Chunks
     from .metrics import token_id
     from .results import Result
     from .runner import Edit, Row, TargetRun, run_rows
     from .sites import Site
 
     start_time = time.perf_counter()
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise CausalTraceError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     if not isinstance(prompt, str) or not prompt:
         raise CausalTraceError("causal_trace reads one non-empty prompt string")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CausalTraceError(f"samples must be a positive integer, got {samples!r}")
-    if not noise > 0:
-        raise CausalTraceError(f"noise must be positive, got {noise!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < float("inf"):
+        raise CausalTraceError(f"noise must be a positive finite number (embedding stds), got {noise!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise CausalTraceError(f"window must be a positive integer, got {window!r}")
     subject_at = subject_positions(model, prompt, subject)
     clean = TargetRun(model, prompt)
     tokens = clean.tokens
-    layers = list(range(model.n_layers)) if layers is None else list(layers)
-    positions = list(range(clean.n)) if positions is None else list(positions)
+    layers = _indices(layers, model.n_layers, "layers")
+    positions = _indices(positions, clean.n, "positions")
     if answer is None:
         answer_id = int(clean.logits[0].argmax())
     else:
@@ -81,7 +93,9 @@ def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3
     site_kind = KINDS[kind]
     names = sorted({f"{site_kind}.{layer}" for layer in range(model.n_layers)})
     clean_values = model.cache(prompt, names)
-    embed = next(iter(model.hf.get_input_embeddings().parameters()))
+    from .devices import parameter
+
+    embed = parameter(model.hf.get_input_embeddings())  # loaded if offloaded (device_map)
     scale = noise * embed.detach().float().std().item()
 
     def restored(layer):
@@ -101,6 +115,7 @@ def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3
         return torch.softmax(logits.float(), -1)[:, answer_id]
 
     totals = torch.zeros(len(rows))
+    chunks = Chunks(batch_size, "causal tracing", "rows", advice="restrict layers or positions")
     corrupt_prob = 0.0
     first, last = subject_at[0], subject_at[-1] + 1
     for sample in range(samples):
@@ -113,7 +128,7 @@ def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3
         with model.hooked(f"embed@{first}:{last}", add_noise):
             corrupted = TargetRun(model, prompt)
         corrupt_prob += probability(corrupted.logits)[0].item()
-        totals += run_rows(model, corrupted, rows, batch_size, metric=probability)
+        totals += run_rows(model, corrupted, rows, chunks, metric=probability)
     values = (totals / samples).reshape(len(layers), len(positions))
     clean_prob = probability(clean.logits)[0].item()
     labels = [f"{tokens[p]!r}{'*' if p in subject_at else ''}" for p in positions]

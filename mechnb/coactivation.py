@@ -36,11 +36,15 @@ def coactivation(model, site, texts, components: int = 10, method: str = "pca", 
     if len(concrete) != 1 or parsed.kind in ("pattern", "logits") or parsed.index is not None and parsed.kind != "head":
         raise SiteError(f"coactivation reads one per-token vector site (mlp_out.12, resid_post.5, "
                         f"neuron.12, head.9.6), not {site!r}")
-    texts = [texts] if isinstance(texts, str) else list(texts or [])
+    if isinstance(texts, str):
+        texts = [texts]
+    ordered = hasattr(texts, "__iter__") and not isinstance(texts, (dict, set, frozenset, bytes))
+    texts = list(texts) if ordered else []
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise SiteError("coactivation needs a non-empty list of non-empty texts")
-    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-        raise SiteError(f"components must be a positive integer, got {components!r}")
+    for name, value in (("components", components), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SiteError(f"{name} must be a positive integer, got {value!r}")
     values, tokens, where = _activations(model, concrete[0], texts, max_tokens, batch_size)
     if len(values) < 2:
         raise SiteError("the texts hold fewer than 2 tokens: give more text")
@@ -51,11 +55,16 @@ def coactivation(model, site, texts, components: int = 10, method: str = "pca", 
 
 def _activations(model, site, texts, max_tokens: int, batch_size: int):
     """Values `tokens width`, each text's tokens, and (text, position) per value row."""
+    from .cache import cache as run_cache
+    from .memory import Chunks
+
+    # One budget for every call: a size halved after running out of memory stays halved.
+    chunks = Chunks(batch_size, "coactivation", "texts", advice="use shorter texts")
     rows, tokens, where = [], [], []
     count = 0
     for start in range(0, len(texts), batch_size):
         chunk = [text[:2000] for text in texts[start:start + batch_size]]
-        cache = model.cache(chunk, site.name)
+        cache = run_cache(model, chunk, site.name, batch_size=chunks)
         part = cache[site.name].float()
         for i, text_tokens in enumerate(cache.tokens):
             n = min(len(text_tokens), 256)

@@ -27,38 +27,34 @@ from .results import Result
 KINDS = ("induction", "previous_token", "duplicate_token")
 
 
-def detect_heads(model, kind="induction", n_samples: int = 8, seq_len: int = 24, seed: int = 0) -> Result:
-    """Scores `layer head` for one kind, or `kind layer head` for a list of kinds."""
+def detect_heads(model, kind="induction", n_samples: int = 8, seq_len: int = 24, seed: int = 0,
+                 batch_size: int | None = None) -> Result:
+    """Scores `layer head` for one kind, or `kind layer head` for a list of kinds; `batch_size`
+    sequences per forward (default all), halved when a chunk runs out of memory."""
     import pandas as pd
 
-    kinds = [kind] if isinstance(kind, str) else list(kind)
+    from .memory import Chunks
+
+    kinds = [kind] if isinstance(kind, str) else list(kind) if isinstance(kind, (list, tuple)) else [kind]
+    if not kinds:
+        raise SiteError(f"detect_heads needs a head kind or a list of them: {', '.join(KINDS)}")
     for name in kinds:
         if name not in KINDS:
             raise SiteError(f"unknown head kind {name!r}: use one of {', '.join(KINDS)}")
-    if n_samples < 1 or seq_len < 2:
-        raise SiteError("detect_heads needs n_samples >= 1 and seq_len >= 2")
+    for name, value, least in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SiteError(f"detect_heads needs n_samples >= 1 and seq_len >= 2 and seed >= 0, all "
+                            f"integers; got {name}={value!r}")
     tokens = random_repeated_tokens(model, n_samples, seq_len, seed)
+    chunks = Chunks(batch_size, "head detection", "sequences", advice="use a smaller seq_len")
+    parts = [part for _, part in chunks.run(
+        lambda rows: _picked(model, tokens[rows.start:rows.stop], kinds, seq_len), range(n_samples))]
     scores = {name: torch.zeros(model.n_layers, model.n_heads) for name in kinds}
-    found = {}
-    with model.trace(tokens):
-        for layer in range(model.n_layers):
-            found[layer] = model[f"pattern.{layer}"].save()
-        found["logits"] = model["logits"].save()
-    queries = torch.arange(seq_len, 2 * seq_len)
     for layer in range(model.n_layers):
-        pattern = found[layer].float().cpu()  # batch head q k
         for name in kinds:
-            if name == "previous_token":
-                q = torch.arange(1, 2 * seq_len)
-                picked = pattern[:, :, q, q - 1]
-            else:
-                shift = seq_len if name == "duplicate_token" else seq_len - 1
-                picked = pattern[:, :, queries, queries - shift]
+            picked = torch.cat([part[name][layer] for part, _ in parts])  # batch head q
             scores[name][layer] = picked.mean(dim=(0, 2))
-    logits = found["logits"].float()
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device), reduction="none"
-    ).reshape(n_samples, -1).cpu()
+    losses = torch.cat([part_losses for _, part_losses in parts])
     first, repeated = losses[:, : seq_len - 1].mean().item(), losses[:, seq_len - 1:].mean().item()
     values = scores[kinds[0]] if len(kinds) == 1 else torch.stack([scores[k] for k in kinds])
     rows = [{"kind": name, "layer": l, "head": h, "value": scores[name][l, h].item()}
@@ -70,6 +66,32 @@ def detect_heads(model, kind="induction", n_samples: int = 8, seq_len: int = 24,
             "loss_first_half": first, "loss_repeated_half": repeated,
             "notes": [f"loss on random tokens {first:.2f}, on their repetition {repeated:.2f}"]}
     return Result(values, pd.DataFrame(rows), meta)
+
+
+def _picked(model, tokens: torch.Tensor, kinds: list[str], seq_len: int):
+    """One forward of some sequences: per kind, per layer, the attention each behaviour
+    predicts (`batch head q`), and the next-token losses `batch pos`, all on CPU."""
+    found = {}
+    with model.trace(tokens):
+        for layer in range(model.n_layers):
+            found[layer] = model[f"pattern.{layer}"].save()
+        found["logits"] = model["logits"].save()
+    queries = torch.arange(seq_len, 2 * seq_len)
+    picked = {name: [] for name in kinds}
+    for layer in range(model.n_layers):
+        pattern = found[layer].float().cpu()  # batch head q k
+        for name in kinds:
+            if name == "previous_token":
+                q = torch.arange(1, 2 * seq_len)
+                picked[name].append(pattern[:, :, q, q - 1])
+            else:
+                shift = seq_len if name == "duplicate_token" else seq_len - 1
+                picked[name].append(pattern[:, :, queries, queries - shift])
+    logits = found["logits"].float()
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device), reduction="none"
+    ).reshape(len(tokens), -1).cpu()
+    return picked, losses
 
 
 def random_repeated_tokens(model, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 
 from . import metrics as metrics_module
 from .errors import MechnbError
+from .memory import Chunks
 from .results import Result
 from .runner import Edit, Row, TargetRun, run_rows
 from .sites import Site, parse
@@ -61,6 +62,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
     pairs = _pairs(model, clean, corrupt, per_position)
     grid = Grid(model, sites, per_position, pairs[0])
     tally = _Tally(grid.size, direction)
+    chunks = Chunks(batch_size, "exact patching", "rows", advice="patch fewer sites or positions")
     bar = _progress(progress, grid.size * len(pairs), f"{method} patching")
     try:
         for source, target, ans, wro in _runs(pairs, answer, wrong, direction):
@@ -77,7 +79,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
             if method == "exact":
                 target_metric = metric_fn(target_logits)[0].item()
                 rows = [Row([grid.edit(cell, source_cache)]) for cell in grid.cells]
-                values = run_rows(model, target_run, rows, batch_size, bar, metric=metric_fn)
+                values = run_rows(model, target_run, rows, chunks, bar, metric=metric_fn)
             else:
                 target_metric, values = effects(metric_fn)
                 values = target_metric + values
@@ -150,7 +152,8 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
         per_site = {}
         for name, grad in zip(names, grads):
             difference = source_cache[name].to(captured[name].device) - captured[name].detach()
-            per_site[name] = difference * (grad if grad is not None else torch.zeros_like(difference))
+            effect = difference * (grad if grad is not None else torch.zeros_like(difference))
+            per_site[name] = effect.to(model.device)  # gathered: a device_map spreads the layers
         cells = torch.stack([grid.attribution(cell, per_site) for cell in grid.cells]).cpu()
         return value[0].item(), cells
 
@@ -175,6 +178,7 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
             raise PatchError(f"{site} cannot be a receiver: name heads, patterns, attn_out, "
                              "mlp_out, neuron or resid sites")
     tally = _Tally(grid.size, direction)
+    chunks = Chunks(batch_size, "path patching", "rows", advice="patch fewer senders or receivers")
     bar = _progress(progress, 2 * grid.size * len(pairs), "path patching")
     try:
         for source, target, ans, wro in _runs(pairs, answer, wrong, direction):
@@ -191,12 +195,27 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
                 sender = grid.edit(cell, source_cache)
                 rows.append(Row([sender] + _freeze_edits(model, target_cache, frozen_names,
                                                          sender, receiver_sites)))
-            run_rows(model, target_run, rows, batch_size, bar, record=receiver_sites)
-            # Step 2: only the receivers' values from step 1, into the target run.
-            second = [Row([Edit(site, None, row.recorded[site.name]) for site in receiver_sites])
-                      for row in rows]
-            values = run_rows(model, target_run, second, batch_size, bar, metric=metric_fn)
-            tally.add(values, metric_fn(source_logits)[0].item(), metric_fn(target_run.logits)[0].item())
+            run_rows(model, target_run, rows, chunks, bar, record=receiver_sites)
+            # Step 2: only the receivers' values from step 1, into the target run. A row computed
+            # positions from its first patched one on, and that is what it recorded; a receiver
+            # below the row's first layer was not recorded, as it keeps its target value, and a
+            # row with no receiver recorded scores the target run itself.
+            target_metric = metric_fn(target_run.logits)[0].item()
+            values = torch.full((len(rows),), target_metric)
+            second, where = [], []
+            for index, row in enumerate(rows):
+                recorded = row.__dict__.get("recorded", {})
+                positions = list(range(row.offset, target_run.n)) if row.offset else None
+                edits = [Edit(site, positions, recorded[site.name]) for site in receiver_sites
+                         if site.name in recorded]
+                if edits:
+                    second.append(Row(edits))
+                    where.append(index)
+            if second:
+                values[where] = run_rows(model, target_run, second, chunks, bar, metric=metric_fn)
+            if bar is not None:
+                bar.update(len(rows) - len(second))
+            tally.add(values, metric_fn(source_logits)[0].item(), target_metric)
     finally:
         if bar is not None:
             bar.close()
@@ -295,7 +314,7 @@ class Grid:
 
     def __init__(self, model, sites, per_position: bool, pair):
         self.model = model
-        patterns = [sites] if isinstance(sites, (str, Site)) else list(sites)
+        patterns = list(sites) if isinstance(sites, (list, tuple)) else [sites]
         if not patterns:
             raise PatchError("patching needs at least one site pattern, e.g. 'resid_pre.*'")
         self.patterns = [str(p) for p in patterns]
@@ -383,7 +402,7 @@ class Grid:
 
 
 def _concrete(model, sites, what: str) -> list[Site]:
-    patterns = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    patterns = list(sites) if isinstance(sites, (list, tuple)) else [sites]
     if not patterns:
         raise PatchError(f"path patching needs at least one of the {what}")
     return [Site(s.kind, s.layer, s.index) for p in patterns for s in parse(p).expand(model)]
@@ -391,8 +410,7 @@ def _concrete(model, sites, what: str) -> list[Site]:
 
 def _pairs(model, clean, corrupt, per_position: bool) -> list[tuple]:
     """`(clean, corrupt, clean tokens, corrupt tokens)` per pair, checked for equal lengths."""
-    cleans = [clean] if isinstance(clean, str) else list(clean or [])
-    corrupts = [corrupt] if isinstance(corrupt, str) else list(corrupt or [])
+    cleans, corrupts = _prompt_list(clean, "clean"), _prompt_list(corrupt, "corrupt")
     if not cleans or not corrupts:
         raise PatchError("patching needs a clean and a corrupt prompt (or two lists of them)")
     if len(cleans) != len(corrupts):
@@ -400,7 +418,8 @@ def _pairs(model, clean, corrupt, per_position: bool) -> list[tuple]:
     pairs = []
     for clean_prompt, corrupt_prompt in zip(cleans, corrupts):
         if not isinstance(clean_prompt, str) or not isinstance(corrupt_prompt, str) or not clean_prompt or not corrupt_prompt:
-            raise PatchError("prompts must be non-empty strings")
+            raise PatchError(f"prompts must be non-empty strings, got the pair {clean_prompt!r:.40} and "
+                             f"{corrupt_prompt!r:.40}")
         clean_tokens, corrupt_tokens = model.tokens(clean_prompt), model.tokens(corrupt_prompt)
         if len(clean_tokens) != len(corrupt_tokens):
             raise PatchError(
@@ -412,6 +431,19 @@ def _pairs(model, clean, corrupt, per_position: bool) -> list[tuple]:
         raise PatchError(f"per-position patching over several pairs needs one length, got lengths "
                          f"{[len(p[2]) for p in pairs]}: use per_position=False or pairs of one length")
     return pairs
+
+
+def _prompt_list(value, role: str) -> list:
+    """The clean or corrupt prompts as a list (a string is one prompt)."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        return []
+    # Any sequence of prompts (a list, a tuple, a pandas Series); a dict or set has no order.
+    if hasattr(value, "__iter__") and not isinstance(value, (dict, set, frozenset, bytes)):
+        return list(value)
+    raise PatchError(f"the {role} prompts must be a string or a list of strings, got "
+                     f"{type(value).__name__} {value!r:.40}")
 
 
 def _per_pair(value, n: int, what: str) -> list:

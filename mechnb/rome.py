@@ -34,6 +34,7 @@ import torch
 from .errors import MechnbError
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+SETTINGS = ("steps", "lr", "kl_factor", "weight_decay", "clamp", "cov_tokens")
 NEIGHBOUR_SUBJECTS = ("the Colosseum", "Big Ben", "the Statue of Liberty", "the Brandenburg Gate",
                       "the Sydney Opera House", "the Golden Gate Bridge", "the Kremlin")
 
@@ -99,11 +100,19 @@ def edit(model, prompt: str, subject: str, target: str, layer: int | None = None
     """Rewrite the fact `prompt -> target`; see `Model.edit` for the arguments."""
     from .arch import submodule
     from .causal import subject_positions
+    from .devices import is_offloaded
     from .metrics import token_id
 
     start_time = time.perf_counter()
     if method != "rome":
         raise EditError(f"unknown edit method {method!r}: mechnb implements 'rome'")
+    for name, value in dict(steps=steps, cov_tokens=cov_tokens, lr=lr, kl_factor=kl_factor,
+                            weight_decay=weight_decay, clamp=clamp).items():
+        whole = name in ("steps", "cov_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not 0 <= value < float("inf") or (whole and value < 1):
+            raise EditError(f"{name} must be a {'positive integer' if whole else 'finite number >= 0'}, "
+                            f"got {value!r}")
     if not isinstance(prompt, str) or not prompt:
         raise EditError("edit needs a non-empty prompt")
     if not isinstance(target, str) or not target.strip():
@@ -114,6 +123,12 @@ def edit(model, prompt: str, subject: str, target: str, layer: int | None = None
         layer = int(trace.values[:, 0].argmax())
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.n_layers:
         raise EditError(f"layer {layer!r} out of range: this model has layers 0-{model.n_layers - 1}")
+    down = submodule(submodule(model.hf, model.arch.layers)[layer], model.arch.mlp_down)
+    if is_offloaded(down):
+        # accelerate loads an offloaded weight afresh for every forward: an edit would be lost.
+        raise EditError(f"layer {layer}'s MLP is offloaded by the device_map (its weights live on the "
+                        f"CPU or disk between forwards), so an edit would not stay: load with a "
+                        f"device_map that keeps model layer {layer} on a device, or edit another layer")
     target_ids = model.tokenizer.encode(target, add_special_tokens=False)
     answer_id = int(model.top(prompt, k=1).token_id[0])
     paraphrases = list(paraphrases) if paraphrases is not None else _default_paraphrases(prompt)
@@ -124,14 +139,15 @@ def edit(model, prompt: str, subject: str, target: str, layer: int | None = None
             "neighbours": neighbours}
     before = _measure(model, meta, generations=True)
 
-    down = submodule(submodule(model.hf, model.arch.layers)[layer], model.arch.mlp_down)
     contexts = [""] + [f"{text}. " for text in _prefixes(model)]
     key = _key(model, layer, contexts, prompt, subject)
     value = _value(model, layer, contexts, prompt, subject, target_ids, steps, lr, kl_factor, weight_decay, clamp)
     inverse = _inverse_second_moment(model, layer, cov_tokens)
-    left = inverse @ key
     with torch.no_grad():
         current = down(key[None].to(down.weight.dtype))[0].float()
+    # All on the MLP's own device: with a device_map, layers and caches live on several.
+    key, value, inverse = key.to(current.device), value.to(current.device), inverse.to(current.device)
+    left = inverse @ key
     right = (value - current) / (left @ key)
     update = torch.outer(right, left)  # d_model d_mlp: as a Linear weight (out, in)
     if type(down).__name__ == "Conv1D":
@@ -222,7 +238,7 @@ def _value(model, layer, contexts, prompt, subject, target_ids, steps, lr, kl_fa
                 break
     finally:
         handle.remove()
-    return (start + delta.detach()).float()
+    return (start + delta.detach().to(start.device)).float()
 
 
 def _logits(model, batch):
@@ -247,14 +263,19 @@ def _inverse_second_moment(model, layer: int, n_tokens: int) -> torch.Tensor:
     if path.exists():
         moment = load_file(str(path))["moment"]
     else:
+        from .cache import cache as run_cache
+        from .memory import Chunks
+
         moment = torch.zeros(model.d_mlp, model.d_mlp, dtype=torch.float64)
         count = 0
         texts = iter(python_docs("train"))
+        # One budget for every call: a size halved after running out of memory stays halved.
+        chunks = Chunks(8, "ROME's key statistics", "texts")
         while count < n_tokens:
             chunk = [next(texts)[:600] for _ in range(8)]
-            cache = model.cache(chunk, f"neuron.{layer}")
+            cache = run_cache(model, chunk, f"neuron.{layer}", batch_size=chunks)
             keys = cache[f"neuron.{layer}"][cache.attention_mask.bool()].double()
-            moment += keys.T @ keys
+            moment += (keys.T @ keys).cpu()
             count += len(keys)
         moment = (moment / count).float()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ attention keys and values), then answers a batch of edited runs ("rows") at once
   earlier positions cannot see later ones (causal attention), so their keys and
   values come from the record (`mechnb_prefix` in `mechnb.hookpoints`).
 - Rows are grouped by p, sorted by start layer, and join the batch as it reaches
-  their layer; chunks of `batch_size` rows bound the memory.
+  their layer; chunks of `batch_size` rows bound the memory, and a chunk that runs
+  out of memory is halved and run again (`mechnb.memory`).
 - Only the last position goes through the final norm and the unembedding.
 
 Edits at `resid_pre`/`resid_post` set a row's starting residual; edits inside a
@@ -97,12 +98,13 @@ class TargetRun:
     """One recorded forward of an unpadded prompt (see the module docstring)."""
 
     def __init__(self, model, prompt: str):
-        from .batch import Batch
+        from .batch import Batch, check_length
 
         self.model = model
         batch = Batch.of(model.tokenizer, prompt)
         self.tokens = batch.tokens[0]
         self.n = len(self.tokens)
+        check_length(model, self.n)
         layers = submodule(model.hf, model.arch.layers)
         final_norm = submodule(model.hf, model.arch.final_norm)
         self.resid: list[torch.Tensor] = [None] * (model.n_layers + 1)
@@ -147,7 +149,8 @@ class TargetRun:
             model._context = None
             for handle in handles:
                 handle.remove()
-            self.kv = [attn.__dict__.pop("mechnb_record", [None])[0] for attn in records]
+            # A forward that failed part-way left later layers' records empty: pop them all.
+            self.kv = [(attn.__dict__.pop("mechnb_record", None) or [None])[0] for attn in records]
 
     def call(self, layer: int, offset: int) -> tuple[str, dict]:
         """The name of the residual argument and the other arguments, for positions >= offset."""
@@ -172,28 +175,37 @@ def _slice_positions(key: str, value, offset: int):
     return value[..., offset:]
 
 
-def run_rows(model, target: TargetRun, rows: list[Row], batch_size: int | None = None,
+def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
              progress=None, record: list[Site] = (), metric=None) -> torch.Tensor:
     """Logits at the last position, `rows vocab`, of each edited run (see module doc).
 
-    With `metric` (logits `batch vocab` -> `batch`), its value per row instead,
-    computed chunk by chunk so that the logits of all rows are never held at once.
+    `batch_size` is the rows per forward (default from a 256 MiB budget), or a
+    `mechnb.memory.Chunks` shared by the calls of one sweep; a chunk that runs out
+    of memory is halved and run again. With `metric` (logits `batch vocab` ->
+    `batch`), its value per row instead, computed chunk by chunk so that the logits
+    of all rows are never held at once. Values move to CPU chunk by chunk.
     `progress`, if given, is a tqdm bar updated by the number of rows done.
     `record` names concrete sites whose whole values each row should report: they
     are stored, after the row's edits, in `row.recorded` (site name -> `1 pos ...`,
     positions from the row's offset on).
     """
+    from .memory import Chunks
+
     out = torch.empty(len(rows)) if metric is not None else torch.empty(len(rows), model.vocab_size)
     groups: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row.offset, []).append(index)
-    size = batch_size or default_batch_size(model, target.n)
+    chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(batch_size, "a patching sweep", "rows")
+    default = default_batch_size(model, target.n)
     for offset, members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start)
-        for begin in range(0, len(members), size):
-            chunk = members[begin:begin + size]
+
+        def run(chunk, offset=offset):
             logits = _run_chunk(model, target, [rows[i] for i in chunk], offset, record)
-            out[chunk] = metric(logits).cpu() if metric is not None else logits.cpu()
+            return metric(logits).cpu() if metric is not None else logits.cpu()
+
+        for chunk, values in chunks.run(run, members, default=default):
+            out[chunk] = values
             if progress is not None:
                 progress.update(len(chunk))
     return out

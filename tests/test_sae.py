@@ -237,6 +237,13 @@ def test_evaluate_dashboard_and_features(attached):
     assert metrics["l0"] <= 4 and metrics["loss_zero"] != metrics["loss_clean"]
     expected = (metrics["loss_zero"] - metrics["loss_spliced"]) / (metrics["loss_zero"] - metrics["loss_clean"])
     assert abs(metrics["loss_recovered"] - expected) < 1e-9
+    from mechnb.sae.evaluate import _take_documents, _windows
+
+    windows = _windows(model, list(_take_documents(iter(DOCS), 300, model)), 128, int(metrics["tokens"]))
+    with torch.no_grad():  # the model's own loss, window by window, weighted by predicted tokens
+        own = sum(model.hf(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss.item() * (len(w) - 1)
+                  for w in windows) / sum(len(w) - 1 for w in windows)
+    assert abs(metrics["loss_clean"] - own) < 1e-4
     feature = int(sae.encode(model.collect("resid_post.1", DOCS[:3], n_tokens=100, progress=False)
                              .rows(0, 100)).sum(0).argmax())
     board = sae.dashboard(feature, model, DOCS + ["<script>alert(1)</script> is here"], n_tokens=400)

@@ -161,7 +161,8 @@ class Circuit:
         Args:
             fractions: fractions of edges (or nodes) kept, increasing, in (0, 1].
             absolute: rank by |score| (MIB's CMD) or by signed score (MIB's CPR).
-            batch_size: prompt pairs per patched forward.
+            batch_size: prompt pairs per patched forward; a chunk that runs out of
+                memory is halved and run again (`mechnb.memory`).
             progress: a progress bar when it takes more than two seconds.
 
         Returns:
@@ -174,7 +175,11 @@ class Circuit:
 
         if self.task is None or self.model is None:
             raise CircuitError("this circuit has no model to run: load it with Circuit.load(path, model)")
-        fractions = [float(f) for f in fractions]
+        try:
+            fractions = [float(f) for f in fractions]
+        except (TypeError, ValueError):
+            raise CircuitError(f"fractions must be a list of numbers increasing within (0, 1], got "
+                               f"{fractions!r}") from None
         if not fractions or any(not 0 < f <= 1 for f in fractions) or fractions != sorted(fractions):
             raise CircuitError(f"fractions must increase within (0, 1], got {fractions}")
         masks = [self._mask(int(f * self.n_items), absolute) for f in fractions]
@@ -183,14 +188,16 @@ class Circuit:
         task, graph, model = self.task, self.graph, self.model
         totals = torch.zeros(len(masks))
         bar = _progress(progress, len(masks) * len(task), "faithfulness")
+        def chunk_totals(rows, clean, corrupt):
+            corrupt_outputs = writer_outputs(model, graph, corrupt)
+            return torch.tensor([task.metric(patched_logits(model, graph, clean, corrupt_outputs, mask), rows)
+                                 .sum().item() for mask in removed])
+
         try:
-            for rows, clean, corrupt in task.chunks(batch_size):
-                corrupt_outputs = writer_outputs(model, graph, corrupt)
-                for i, mask in enumerate(removed):
-                    logits = patched_logits(model, graph, clean, corrupt_outputs, mask)
-                    totals[i] += task.metric(logits, rows).sum().item()
-                    if bar is not None:
-                        bar.update(len(rows))
+            for rows, part in task.chunks(chunk_totals, batch_size, "faithfulness"):
+                totals += part
+                if bar is not None:
+                    bar.update(len(rows) * len(removed))
         finally:
             if bar is not None:
                 bar.close()

@@ -30,6 +30,7 @@ import torch
 
 from ..batch import Batch
 from ..errors import MechnbError
+from ..memory import Chunks
 from ..metrics import MetricError, make, token_ids
 from .engine import embeddings, last_logits, reader_gradients, writer_outputs
 from .graph import Graph
@@ -66,8 +67,10 @@ class Task:
         self.corrupt = [p[1] for p in pairs]
         self.answers, self.wrongs, self.metric_name = answers, wrongs, metric
         self.model = model
-        self.clean_logits = _plain_logits(model, self.clean)
-        self.corrupt_logits = _plain_logits(model, self.corrupt)
+        chunks = Chunks(16, "the task's clean and corrupt runs", "prompts",
+                        advice="use fewer or shorter prompts")
+        self.clean_logits = _plain_logits(model, self.clean, chunks)
+        self.corrupt_logits = _plain_logits(model, self.corrupt, chunks)
         self.metrics = [make(model, metric, a, w, self.clean_logits[i:i + 1])
                         for i, (a, w) in enumerate(zip(answers, wrongs))]
         self.notes = sorted({n for m in self.metrics for n in m.notes})
@@ -82,13 +85,21 @@ class Task:
         rows = rows or range(len(self))
         return torch.cat([self.metrics[r](last_logits[i:i + 1]) for i, r in enumerate(rows)])
 
-    def chunks(self, batch_size: int):
-        """`(rows, clean batch, corrupt batch)` per chunk of pairs."""
+    def chunks(self, run, batch_size, what: str = "circuit scoring"):
+        """`(rows, run(rows, clean batch, corrupt batch))` per chunk of pairs (`rows` a range).
+
+        `batch_size`: pairs per chunk, or a `mechnb.memory.Chunks`; a chunk that runs
+        out of memory is halved and `run` called again on its first half.
+        """
         tokenizer = self.model.tokenizer
-        for start in range(0, len(self), batch_size):
-            rows = range(start, min(start + batch_size, len(self)))
-            yield (rows, Batch.of(tokenizer, [self.clean[r] for r in rows]),
-                   Batch.of(tokenizer, [self.corrupt[r] for r in rows]))
+        chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(
+            batch_size, what, "prompt pairs", advice="use fewer or shorter prompt pairs")
+
+        def batches(rows):
+            return run(rows, Batch.of(tokenizer, [self.clean[r] for r in rows]),
+                       Batch.of(tokenizer, [self.corrupt[r] for r in rows]))
+
+        return chunks.run(batches, range(len(self)))
 
     def describe(self) -> dict:
         """The task as JSON-friendly data (answer sets become sorted lists)."""
@@ -101,26 +112,28 @@ class Task:
                 "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
 
 
-def _plain_logits(model, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+def _plain_logits(model, prompts: list[str], chunks: Chunks) -> torch.Tensor:
+    """Last-position logits of each prompt, `batch vocab`, in `chunks`."""
     from ..interventions import Context
 
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        batch = Batch.of(model.tokenizer, prompts[start:start + batch_size])
+    def run(chunk):
+        batch = Batch.of(model.tokenizer, chunk)
         model._context = Context(batch.tokens)
         try:
             with torch.no_grad():
-                rows.append(last_logits(model, batch).float())
+                return last_logits(model, batch).float()
         finally:
             model._context = None
-    return torch.cat(rows)
+
+    return torch.cat([logits for _, logits in chunks.run(run, prompts)])
 
 
 def edge_scores(model, graph: Graph, task: Task, method: str, steps: int, batch_size: int) -> torch.Tensor:
     """`upstream downstream` scores (NaN where no edge), averaged over the task's pairs."""
     scores = torch.zeros(graph.n_upstream, graph.n_downstream, device=model.device)
     alphas = [k / steps for k in range(1, steps + 1)] if method == "eap-ig" else [1.0]
-    for rows, clean, corrupt in task.chunks(batch_size):
+
+    def chunk_scores(rows, clean, corrupt):
         differences = writer_outputs(model, graph, clean) - writer_outputs(model, graph, corrupt)
         clean_embeds, corrupt_embeds = embeddings(model, clean), embeddings(model, corrupt)
         readers = torch.zeros(graph.n_downstream, *differences.shape[1:], device=model.device)
@@ -128,7 +141,10 @@ def edge_scores(model, graph: Graph, task: Task, method: str, steps: int, batch_
             inputs = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
             with model.gim() if method == "gim" else nullcontext():
                 reader_gradients(model, graph, clean, lambda l: task.metric(l, rows), inputs, readers)
-        scores += differences.flatten(1) @ readers.flatten(1).T / len(alphas)
+        return differences.flatten(1) @ readers.flatten(1).T / len(alphas)
+
+    for _, part in task.chunks(chunk_scores, batch_size, f"{method} edge scores"):
+        scores += part
     scores = (scores / len(task)).cpu()
     return scores.masked_fill(~graph.valid, float("nan"))
 

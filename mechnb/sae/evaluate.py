@@ -26,6 +26,7 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
     """A DataFrame of metrics (`metric`, `value`); see the module docstring."""
     import pandas as pd
 
+    from ..memory import Chunks
     from .store import _documents, collect
 
     documents = list(_take_documents(_documents(texts), n_tokens, model))
@@ -40,11 +41,13 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
         cosine = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean().item()
         frequency = active.float().mean(0)
     windows = _windows(model, documents, context, len(store))
-    clean = _loss(model, windows, batch_size)
+    # One budget for the three runs: a size halved after running out of memory stays halved.
+    chunks = Chunks(batch_size, "SAE evaluation", "windows", advice="use a smaller context")
+    clean = _loss(model, windows, chunks)
     with model.hooked(f"{sae.site}@1:", lambda part: sae(part.to(sae.W_enc.dtype)).to(part.dtype)):
-        spliced = _loss(model, windows, batch_size)
+        spliced = _loss(model, windows, chunks)
     with model.hooked(f"{sae.site}@1:", torch.zeros_like):
-        zero = _loss(model, windows, batch_size)
+        zero = _loss(model, windows, chunks)
     recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
     rows = [("l0", active.float().sum(-1).mean().item()), ("fvu", fvu), ("cosine", cosine),
             ("dead", (frequency == 0).float().mean().item()),
@@ -78,30 +81,42 @@ def _windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
     return windows
 
 
-def _loss(model, windows: list[list[int]], batch_size: int) -> float:
-    """Mean next-token cross-entropy over the windows (real tokens only)."""
-    from ..interventions import Context
-
+def _loss(model, windows: list[list[int]], chunks) -> float:
+    """Mean next-token cross-entropy over the windows (real tokens only), in `chunks`."""
     total, count = 0.0, 0
-    pad = model.tokenizer.pad_token_id or 0
-    for begin in range(0, len(windows), batch_size):
-        rows = windows[begin:begin + batch_size]
-        length = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-        # Every row as long as the batch: position ranges such as `@1:` then select
-        # the same columns in each (padding columns included, which nothing reads).
-        model._context = Context([[""] * length] * len(rows))
-        try:
-            with torch.no_grad():
-                logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                  use_cache=False).logits.float()
-        finally:
-            model._context = None
-        targets = ids[:, 1:].to(logits.device)
-        valid = mask[:, 1:].bool().to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                                                   reduction="none").reshape(targets.shape)
-        total += losses[valid].sum().item()
-        count += int(valid.sum())
+    for _, (chunk_total, chunk_count) in chunks.run(lambda rows: _chunk_loss(model, rows), windows):
+        total += chunk_total
+        count += chunk_count
     return total / max(count, 1)
+
+
+def _chunk_loss(model, rows: list[list[int]]) -> tuple[float, int]:
+    """Summed next-token cross-entropy over the real tokens of some windows, and their count."""
+    from ..interventions import Context
+    from ..runner import submodule, unembed_normed
+
+    base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
+    pad = model.tokenizer.pad_token_id or 0
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    # Every row as long as the batch: position ranges such as `@1:` then select
+    # the same columns in each (padding columns included, which nothing reads).
+    model._context = Context([[""] * length] * len(rows))
+    try:
+        with torch.no_grad():
+            out = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+    finally:
+        model._context = None
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    targets = ids[:, 1:].to(hidden.device)
+    valid = mask[:, 1:].bool().to(hidden.device)
+    total = 0.0
+    # One row's logits at a time (`pos vocab`): a whole chunk's would be
+    # rows x 128 x 49,152 floats, the largest allocation of an evaluation.
+    with torch.no_grad():
+        for row in range(len(rows)):
+            logits = unembed_normed(model, hidden[row, :-1]).float()
+            losses = torch.nn.functional.cross_entropy(logits, targets[row], reduction="none")
+            total += losses[valid[row]].sum().item()
+    return total, int(valid.sum())

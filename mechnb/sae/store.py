@@ -10,7 +10,9 @@ would dominate any SAE trained on them.
 With `store=path` the activations go to a memory-mapped file, `path/acts.f32`, so
 a store can exceed RAM; `path/progress.json` records how far collection got (rows,
 documents read, and the tokens read but not yet run), and collecting again into the
-same path with the same texts resumes exactly there.
+same path with the same texts resumes exactly there. Windows run `batch_size` at a
+time and each batch's values go to CPU (or the file) as it finishes; a batch that
+runs out of memory is halved and run again (`mechnb.memory`).
 
 `ActivationStore.batches(batch_size, seed)` yields shuffled batches: blocks of
 `buffer` rows are read in a random order and shuffled within, so a memory-mapped
@@ -95,12 +97,18 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
             context: int = 128, store=None, progress: bool = True) -> ActivationStore:
     """Run `model` over `texts` and keep `site`'s activations at `n_tokens` real tokens."""
     from ..arch import hook_value, locate, submodule
+    from ..memory import Chunks
 
     (concrete,) = _one_site(model, site)
-    if n_tokens < 1:
-        raise StoreError(f"n_tokens must be positive, got {n_tokens}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise StoreError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    # Each window drops its first position (the attention sink): one token needs two.
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise StoreError(f"context, the tokens per window, must be an integer >= 2, got {context!r}")
     width = _width(model, concrete)
     batch_size = batch_size or 16
+    chunks = Chunks(batch_size, f"collecting {concrete}", "windows",
+                    advice="use a smaller context (tokens per window)")
     data, written, documents_done, stream, progress_file = _open(store, n_tokens, width, str(concrete))
     path, io, _ = locate(model, concrete)
     module = submodule(model.hf, path)
@@ -140,7 +148,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
                     stream = stream[window:]
             if len(pending) < batch_size:
                 continue
-            written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
+            written = _run(model, pending, concrete, captured, data, written, n_tokens, chunks)
             pending = []
             _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
             if bar is not None:
@@ -152,7 +160,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
             pending.append(prefix + stream)
             stream = []
         if pending and written < n_tokens:
-            written = _run(model, pending, concrete, captured, data, written, n_tokens, adds_bos)
+            written = _run(model, pending, concrete, captured, data, written, n_tokens, chunks)
             _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
     finally:
         handle.remove()
@@ -172,8 +180,22 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     return ActivationStore(data, written, site=str(concrete), meta=meta)
 
 
-def _run(model, rows, site, captured, data, written, n_tokens, adds_bos) -> int:
-    """One padded batch of token windows up to the site; append its real tokens' values."""
+def _run(model, rows, site, captured, data, written, n_tokens, chunks) -> int:
+    """Token windows in chunks of `chunks`, up to the site; append their real tokens' values."""
+    for _, tokens in chunks.run(lambda chunk: _forward(model, chunk, site, captured), rows):
+        take = min(len(tokens), n_tokens - written)
+        if isinstance(data, np.memmap):
+            data[written:written + take] = tokens[:take].numpy()
+        else:
+            data[written:written + take] = tokens[:take]
+        written += take
+        if written >= n_tokens:
+            break
+    return written
+
+
+def _forward(model, rows, site, captured) -> torch.Tensor:
+    """One padded batch of token windows up to the site: its real tokens' values, on CPU."""
     from ..interventions import Context
     from ..trace import read_part
 
@@ -194,13 +216,7 @@ def _run(model, rows, site, captured, data, written, n_tokens, adds_bos) -> int:
     # Position 0 of every window is the model's attention sink (BOS or not): its residual
     # norm is ~100x the others' (about 23,000 against 150 in SmolLM2's resid_post.12).
     keep[:, 0] = False
-    tokens = value[keep.to(value.device)].reshape(-1, data.shape[1]).cpu()
-    take = min(len(tokens), n_tokens - written)
-    if isinstance(data, np.memmap):
-        data[written:written + take] = tokens[:take].numpy()
-    else:
-        data[written:written + take] = tokens[:take]
-    return written + take
+    return value[keep.to(value.device)].reshape(int(keep.sum()), -1).cpu()
 
 
 def _one_site(model, site):
@@ -238,6 +254,9 @@ def _documents(texts) -> Iterator[str]:
         texts = (row["text"] for row in texts)
     if isinstance(texts, str):
         texts = [texts]
+    if not hasattr(texts, "__iter__") or isinstance(texts, (dict, bytes)):
+        raise StoreError(f"collect reads texts: a list of strings or a datasets Dataset with a 'text' "
+                         f"column, got {type(texts).__name__}")
     for text in texts:
         if isinstance(text, list) and all(isinstance(t, int) for t in text):
             yield text  # token ids of one window
