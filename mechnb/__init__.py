@@ -14,22 +14,23 @@ or from Python:
 `import mechnb` stays fast: torch, transformers and nnsight load on first use.
 """
 
-from .errors import MagicError, MechnbError, ModelError, SiteError, TraceError
+from .errors import MagicError, MechnbError, ModelError, RemoteError, SiteError, TraceError
 from .sites import Site, parse as parse_site
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "Model", "Circuit", "Site", "parse_site", "MechnbError", "SiteError", "ModelError",
-    "TraceError", "MagicError", "load_ipython_extension", "unload_ipython_extension",
+    "TraceError", "MagicError", "RemoteError", "load_ipython_extension", "unload_ipython_extension",
 ]
 
 
-def load(name=None, device=None, dtype=None, **hf_kwargs):
-    """Load a model (default: the embedded SmolLM2-135M-Instruct); see `mechnb.loading.load`."""
+def load(name=None, device=None, dtype=None, device_map=None, remote=False, **hf_kwargs):
+    """Load a model (default: the embedded SmolLM2-135M-Instruct); see `mechnb.loading.load`
+    (`device_map="auto"` spreads it over every GPU, `remote=True` runs it on NDIF)."""
     from .loading import load as _load
 
-    return _load(name, device=device, dtype=dtype, **hf_kwargs)
+    return _load(name, device=device, dtype=dtype, device_map=device_map, remote=remote, **hf_kwargs)
 
 
 def __getattr__(name):

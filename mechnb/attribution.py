@@ -52,8 +52,12 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
         raise MechnbError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
     if not isinstance(prompt, str) or not prompt:
         raise MechnbError("attribute reads one non-empty prompt string")
-    if steps < 1:
-        raise MechnbError(f"steps must be at least 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise MechnbError(f"steps must be an integer of at least 1, got {steps!r}")
+    if baseline is not None and (not torch.is_tensor(baseline) or not torch.isfinite(baseline).all()):
+        raise MechnbError(f"baseline must be a finite tensor: a d_model={model.d_model} embedding, or one per "
+                          f"token; got {type(baseline).__name__}"
+                          f"{' with NaN or infinite entries' if torch.is_tensor(baseline) else ''}")
     if sites is not None:
         return _components(model, prompt, target, method, sites)
     batch = Batch.of(model.tokenizer, prompt)
@@ -71,7 +75,13 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
             target, note = token_id(model, target, "target")
             notes += [note] if note else []
         if method == "integrated_gradients":
-            base = torch.zeros_like(embeddings) if baseline is None else baseline.to(embeddings).expand_as(embeddings)
+            try:
+                base = torch.zeros_like(embeddings) if baseline is None else \
+                    baseline.to(embeddings).expand_as(embeddings)
+            except RuntimeError:
+                raise MechnbError(f"a baseline of shape {tuple(baseline.shape)} does not fit the prompt's "
+                                  f"embeddings, {tuple(embeddings.shape[1:])}: give ({model.d_model},) or one "
+                                  "embedding per token") from None
             alphas = (torch.arange(1, steps + 1, dtype=embeddings.dtype) / steps).to(embeddings.device)
             path = base + alphas[:, None, None] * (embeddings - base)  # steps pos d
             grads = _gradient(model, path, {k: v.expand(steps, -1) for k, v in inputs.items()}, target)
@@ -156,7 +166,8 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
     for site, _ in grid.cells:
         grad, value = per_site[site.base.name]
         part_grad, part_value = read_part(grad, site, None), read_part(value, site, None)
-        values.append(part_grad.norm() if method == "gradient" else (part_grad * part_value).sum())
+        value = part_grad.norm() if method == "gradient" else (part_grad * part_value).sum()
+        values.append(value.cpu())  # sites of layers on several devices (device_map)
     target_token = model.tokenizer.decode([target])
     meta = {"title": f"{method} attribution of {target_token!r} to {', '.join(grid.patterns)}",
             "prompt": prompt, "method": method, "target": target_token, "target_id": target,

@@ -24,3 +24,11 @@ class TraceError(MechnbError):
 
 class MagicError(MechnbError, ValueError):
     """Arguments to a magic that do not parse."""
+
+
+class MemoryBudgetError(MechnbError, MemoryError):
+    """A sweep that ran out of memory even one item at a time (see `mechnb.memory`)."""
+
+
+class RemoteError(MechnbError):
+    """A remote (NDIF) run that cannot start or failed, or a method that needs local weights."""

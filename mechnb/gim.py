@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import submodule
+from .devices import parameter
 from .errors import MechnbError
 from .hookpoints import scale_gradient
 
@@ -49,6 +50,11 @@ class GIM:
     """`with model.gim(...):` GIM's backward rules active on the live model (see module doc)."""
 
     def __init__(self, model, rules: GIMRules):
+        for name in ("softmax_temperature", "q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
+            value = getattr(rules, name)
+            # A bad number would surface only inside a backward pass, as a torch error.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < float("inf"):
+                raise MechnbError(f"{name} must be a finite number, got {value!r}")
         if rules.softmax_temperature <= 0:
             raise MechnbError(f"softmax_temperature must be positive, got {rules.softmax_temperature}")
         self.model, self.rules = model, rules
@@ -96,19 +102,21 @@ def _is_norm(module) -> bool:
 
 def _frozen_norm(module, args, kwargs, output, offsets: dict):
     """The norm's output, with the gradient of the norm whose statistics are constants."""
-    x = args[0] if args else next(iter(kwargs.values()))
+    # The input as the caller passed it: accelerate (device_map) may have computed the
+    # output on another device, and offloaded the weight again (read it via `parameter`).
+    x = (args[0] if args else next(iter(kwargs.values()))).to(output.device)
     centre = isinstance(module, torch.nn.LayerNorm)
     eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-6
     xf = x.float()
     mean = xf.mean(-1, keepdim=True).detach() if centre else 0.0
     spread = (xf - mean).pow(2).mean(-1, keepdim=True) if centre else xf.pow(2).mean(-1, keepdim=True)
     scale = torch.rsqrt(spread + eps).detach()
-    weight = getattr(module, "weight", None)
+    weight = parameter(module, "weight", output.device)
     gain = 1.0 if weight is None else weight.float()
     if weight is not None and id(module) not in offsets:
         # Gemma's RMSNorm multiplies by (1 + weight): tell which from the module's output.
         plain = (xf - mean) * scale * weight.float()
-        bias = getattr(module, "bias", None)
+        bias = parameter(module, "bias", output.device)
         if bias is not None:
             plain = plain + bias.float()
         offsets[id(module)] = 0.0 if torch.allclose(plain, output.float(), atol=1e-4, rtol=1e-3) else 1.0

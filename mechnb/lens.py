@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .arch import submodule
+from .devices import parameter
 from .errors import SiteError
 from .results import Result
 
@@ -33,6 +34,9 @@ def logit_lens(model, prompt: str, k: int = 1) -> Result:
 
     if not isinstance(prompt, str):
         raise SiteError("the logit lens reads one prompt string")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.vocab_size:
+        raise SiteError(f"k, the top tokens shown per layer and position, must be an int in "
+                        f"1-{model.vocab_size}, got {k!r}")
     sites = [f"resid_post.{l}" for l in range(model.n_layers)]
     cache = model.cache(prompt, sites + ["logits"])
     tokens = cache.tokens[0]
@@ -93,17 +97,20 @@ def dla(model, prompt: str, answer, wrong=None) -> Result:
     if gemma_norms:
         sites += [f"attn_out.{l}" for l in range(L)]
     cache = model.cache(prompt, sites)
-    unembed_module = submodule(model.hf, model.arch.unembed)
-    direction = unembed_module.weight[answer_id].float()
-    bias_term = 0.0
-    if getattr(unembed_module, "bias", None) is not None:
-        bias_term = unembed_module.bias[answer_id].item()
-    if wrong_id is not None:
-        direction = direction - unembed_module.weight[wrong_id].float()
-        if getattr(unembed_module, "bias", None) is not None:
-            bias_term -= unembed_module.bias[wrong_id].item()
-    final_norm = submodule(model.hf, model.arch.final_norm)
     final_in = cache[f"resid_post.{L - 1}@-1"][0].float()
+    # Weights are read onto the cache's device: with a device_map they live on several.
+    device = final_in.device
+    unembed_module = submodule(model.hf, model.arch.unembed)
+    unembed_weight, unembed_bias = parameter(unembed_module), parameter(unembed_module, "bias")
+    direction = unembed_weight[answer_id].float().to(device)
+    bias_term = 0.0
+    if unembed_bias is not None:
+        bias_term = unembed_bias[answer_id].item()
+    if wrong_id is not None:
+        direction = direction - unembed_weight[wrong_id].float().to(device)
+        if unembed_bias is not None:
+            bias_term -= unembed_bias[wrong_id].item()
+    final_norm = submodule(model.hf, model.arch.final_norm)
     frozen = Frozen(final_norm, final_in)
 
     def through(vectors):  # vectors ... d_model at the last position -> logit contributions
@@ -143,15 +150,17 @@ def dla(model, prompt: str, answer, wrong=None) -> Result:
 
 
 def head_outputs(model, o_proj, z: torch.Tensor):
-    """Each head's output through the output projection, `head d_model`, and the bias."""
-    per_head = torch.einsum("hd,hdm->hm", z, output_weights(model, o_proj))
-    bias = o_proj.bias.float() if getattr(o_proj, "bias", None) is not None else None
-    return per_head, bias
+    """Each head's output through the output projection, `head d_model`, and the bias
+    (on `z`'s device)."""
+    per_head = torch.einsum("hd,hdm->hm", z, output_weights(model, o_proj, z.device))
+    bias = parameter(o_proj, "bias", z.device)
+    return per_head, bias.float() if bias is not None else None
 
 
-def output_weights(model, o_proj) -> torch.Tensor:
-    """The output projection split by head, `head d_head d_model` (float32)."""
-    weight = o_proj.weight.float()
+def output_weights(model, o_proj, device=None) -> torch.Tensor:
+    """The output projection split by head, `head d_head d_model` (float32), on `device`
+    (default: the projection's own)."""
+    weight = parameter(o_proj, "weight", device).float()
     # Conv1D (GPT-2) stores (in, out); Linear stores (out, in).
     w = weight if model.arch.o_proj_conv1d else weight.T  # (head*d_head) d_model
     return w.reshape(model.n_heads, model.d_head, model.d_model)
@@ -167,13 +176,15 @@ class Frozen:
 
     def __init__(self, norm, x: torch.Tensor):
         self.norm = norm
+        self.device = x.device  # the norm's weights are read here, wherever the norm lives
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
         self.centre = isinstance(norm, torch.nn.LayerNorm)
         centred = x - x.mean(-1, keepdim=True) if self.centre else x
         self.scale = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
         with torch.no_grad():
-            out = norm(x[None].to(next(norm.parameters()).dtype))[0].float()
-        weight = norm.weight.float() if getattr(norm, "weight", None) is not None else torch.ones_like(x)
+            out = norm(x[None].to(next(norm.parameters()).dtype))[0].float().to(x.device)
+        weight = parameter(norm, "weight", x.device)
+        weight = weight.float() if weight is not None else torch.ones_like(x)
         bias = self.offset()
         # Gemma's RMSNorm multiplies by (1 + weight); tell which from the norm's own output.
         self.gain = weight
@@ -181,8 +192,9 @@ class Frozen:
             self.gain = 1 + weight
 
     def offset(self) -> torch.Tensor:
-        bias = getattr(self.norm, "bias", None)
-        return bias.float() if bias is not None else torch.zeros(self.norm.weight.shape[-1])
+        bias = parameter(self.norm, "bias", self.device)
+        return bias.float() if bias is not None else torch.zeros(self.norm.weight.shape[-1],
+                                                                 device=self.device)
 
     def linear(self, v: torch.Tensor) -> torch.Tensor:
         if self.centre:

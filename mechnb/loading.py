@@ -8,10 +8,13 @@ The architecture is checked from the config before any weights load.
 
     >>> model = load()                                  # offline
     >>> model = load("openai-community/gpt2", device="cpu")
+    >>> model = load("meta-llama/Llama-3.1-70B", device_map="auto")   # over every GPU
+    >>> model = load("meta-llama/Llama-3.1-70B", remote=True)         # on NDIF
 
 Gotchas: nothing here touches the network unless the name is a hub id that is not in
-the local Hugging Face cache; then an unreachable hub fails at once with a clear
-message, instead of huggingface_hub's 25 s of retries. Weights load only through
+the local Hugging Face cache (or `remote=True`, whose traces go to NDIF); then an
+unreachable hub fails at once with a clear message, instead of huggingface_hub's 25 s
+of retries. Weights load only through
 safetensors (transformers' default) or GGUF.
 """
 
@@ -27,7 +30,8 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kwargs) -> "Model":
+def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_map=None,
+         remote: bool = False, **hf_kwargs) -> "Model":
     """Load a model by name (or the embedded default) and wrap it as a `Model`.
 
     Args:
@@ -35,13 +39,26 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kw
             (`"openai-community/gpt2"`), a local directory saved by transformers, or
             a `.gguf` file (converted once and cached, like the embedded model).
         device: `"cuda"`, `"cpu"`, a `torch.device`; default cuda when available.
+            Not together with `device_map`.
         dtype: `torch.float32` / `"float32"`, `"float16"`, `"bfloat16"`; default
             float32 on CPU and bfloat16 on CUDA.
-        **hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained`; `device_map`
-            (e.g. `"auto"`) spreads a model larger than one GPU and skips `device`.
+        device_map: `"auto"`, or a dict from module names to `"cuda:1"`, `"cpu"` or
+            `"disk"` (with `offload_folder=DIR`): accelerate spreads the model over
+            every local GPU, the CPU and the disk (see `mechnb.devices`); sites,
+            patching and caches work unchanged.
+        remote: run the model on NDIF instead of here (`name` must be a hub id that
+            NDIF serves; needs an API key in `NDIF_API_KEY` or nnsight's config). Only
+            the config and tokenizer are read (from the Hugging Face cache, or the
+            hub); traces go to NDIF, and methods that need the weights here raise
+            `RemoteError` (see `mechnb.remote`). Not with `device`, `dtype` or
+            other loading options, which NDIF decides (`token=` is allowed, for the
+            config of a gated repo).
+        **hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained`
+            (`offload_folder`, `max_memory`, `revision`, ...).
 
     Returns:
-        A `Model`. Example: `model = mechnb.load("openai-community/gpt2", device="cpu")`.
+        A `Model`. Example: `model = mechnb.load("openai-community/gpt2", device="cpu")`;
+        `mechnb.load("meta-llama/Llama-3.1-8B", device_map="auto")` over every GPU.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +66,17 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kw
     from . import embedded
     from .arch import arch_for
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device_map is not None:
+        hf_kwargs["device_map"] = device_map
+    if remote:
+        return _load_remote(name, device=device, dtype=dtype, hf_kwargs=hf_kwargs)
+    if device is not None and hf_kwargs.get("device_map") is not None:
+        raise ModelError(
+            f"device={str(device)!r} and device_map={hf_kwargs['device_map']!r} contradict each other: "
+            "device puts the whole model on one device, device_map lets accelerate place each layer. "
+            "Give one of them (device_map='auto' alone spreads the model over every GPU)"
+        )
+    device = _device(device)
     dtype = _dtype(dtype, device)
     source, label, local = _source(name)
     kwargs = dict(local_files_only=local)
@@ -72,14 +99,79 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, **hf_kw
                                                         **kwargs, **hf_kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not load {label!r}: {_first_line(error)}") from None
+    except TypeError as error:  # an option from_pretrained does not know
+        raise ModelError(f"could not load {label!r}: {_first_line(error)} (the keyword arguments of "
+                         "mechnb.load go to transformers' from_pretrained)") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    if "device_map" not in hf_kwargs:
+    if hf_kwargs.get("device_map") is None:
         hf_model.to(device)
     from .model import Model
 
     return Model(hf_model, tokenizer, name=label)
+
+
+def _load_remote(name, device, dtype, hf_kwargs: dict) -> "Model":
+    """`load(name, remote=True)`: the config and tokenizer here, the weights on NDIF."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import remote
+    from .arch import arch_for
+    from .errors import RemoteError
+    from .model import Model
+
+    token = hf_kwargs.pop("token", None)  # reads a gated repo's config and tokenizer
+    given = {"device": device, "dtype": dtype, **hf_kwargs}
+    extra = [key for key, value in given.items() if value is not None]
+    if extra:
+        raise RemoteError(
+            f"remote=True runs the model on NDIF, which decides {', '.join(extra)} itself: drop "
+            f"{', '.join(f'{key}=' for key in extra)}, or drop remote=True to load the weights here"
+        )
+    text = None if name is None else os.fspath(name)
+    if text is None or text.endswith(".gguf") or Path(text).expanduser().exists():
+        what = "the embedded model" if text is None else repr(text)
+        raise RemoteError(
+            f"remote=True needs the hub id of a model NDIF serves (such as 'meta-llama/Llama-3.1-8B'), "
+            f"and {what} is local: load it without remote=True to run it here"
+        )
+    remote.api_key()  # a missing key fails now, before anything is read
+    source, label, _ = _source(text)
+    kwargs = dict(local_files_only=True)
+    if not _hub_cached(source):
+        _check_hub(source, remote=True)
+        kwargs = {} if token is None else {"token": token}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        arch_for(config)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not read the config and tokenizer of {label!r}: {_first_line(error)}") from None
+    config._name_or_path = source
+    return Model(remote.skeleton(config), tokenizer, name=label, remote=True)
+
+
+def _device(device):
+    """A torch device from a device, a name or None (cuda when available, else cpu)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = device
+    try:
+        device = torch.device(device) if isinstance(device, (str, int, torch.device)) and not isinstance(device, bool) else None
+    except RuntimeError:
+        device = None
+    if device is None or (isinstance(device.index, int) and device.index < 0):
+        raise ModelError(f"unknown device {given!r}: use 'cpu', 'cuda', 'cuda:1', 'mps' or a torch.device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU that torch "
+                         "can use: use device='cpu' (or leave it out)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _dtype(dtype, device):
@@ -101,6 +193,9 @@ def _source(name) -> tuple[str, str, bool]:
 
     if name is None:
         return str(embedded.converted()), EMBEDDED_NAME, True
+    if not isinstance(name, (str, os.PathLike)) or not os.fspath(name).strip():
+        raise ModelError(f"a model name is a hub id, a directory or a .gguf file (a str or a path), got {name!r}; "
+                         "call mechnb.load() with no name for the embedded SmolLM2-135M-Instruct")
     text = os.fspath(name)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
@@ -130,11 +225,12 @@ def _hub_cached(repo_id: str) -> bool:
         return False
 
 
-def _check_hub(repo_id: str) -> None:
+def _check_hub(repo_id: str, remote: bool = False) -> None:
     """Fail at once, with a clear message, when the hub cannot be reached.
 
     huggingface_hub retries an unreachable host for about 25 s and then speaks of
-    HEAD requests; a demanding user wants the reason now.
+    HEAD requests; a demanding user wants the reason now. `remote`: the model is
+    loaded with remote=True, which still reads its config and tokenizer here.
     """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         reason = "HF_HUB_OFFLINE is set"
@@ -146,6 +242,14 @@ def _check_hub(repo_id: str) -> None:
             return
         except OSError as error:
             reason = f"{host} is unreachable ({error.strerror or error})"
+    if remote:
+        from .errors import RemoteError
+
+        raise RemoteError(
+            f"cannot load hub model {repo_id!r} with remote=True: its config and tokenizer (a few "
+            f"kB; the weights stay on NDIF) are not in the local Hugging Face cache and {reason}. "
+            "Connect to the hub once, or copy the repo's config and tokenizer files into the cache"
+        )
     raise ModelError(
         f"cannot load hub model {repo_id!r}: it is not in the local Hugging Face cache and "
         f"{reason}. Give a local directory or a .gguf file, or call mechnb.load() with no "

@@ -95,7 +95,8 @@ def make(model, metric, answer=None, wrong=None, clean_logits: torch.Tensor | No
 
         def kl(logits):
             logprobs = torch.log_softmax(logits.float(), -1)
-            return (reference.exp() * (reference - logprobs)).sum(-1)
+            clean = reference.to(logprobs.device)  # a device_map computes logits elsewhere
+            return (clean.exp() * (clean - logprobs)).sum(-1)
 
         return Metric("kl", kl, notes)
     if answer is None:

@@ -35,11 +35,18 @@ class Model:
         hf_model: a transformers causal LM of a supported architecture.
         tokenizer: its tokenizer.
         name: a label for displays (default: the config's name or model type).
+        remote: run every trace on NDIF, on the hub model named by
+            `hf_model.name_or_path`; `hf_model` is then only its structure (on the
+            `meta` device, as `mechnb.load(name, remote=True)` builds it), and methods
+            that need the weights here raise `RemoteError` (see `mechnb.remote`).
+
+    A model spread over devices by accelerate (`from_pretrained(device_map=...)` or
+    `accelerate.dispatch_model`) works as it is; see `mechnb.devices`.
 
     Example: `Model(LlamaForCausalLM(config), tokenizer)` wraps a model built in code.
     """
 
-    def __init__(self, hf_model, tokenizer, name: str | None = None):
+    def __init__(self, hf_model, tokenizer, name: str | None = None, remote: bool = False):
         import nnsight
 
         from .arch import arch_for
@@ -47,9 +54,16 @@ class Model:
 
         self.arch = arch_for(hf_model.config)
         hf_model.eval()
-        install(hf_model, self.arch)
+        self.remote = bool(remote)
         self.hf = hf_model
-        self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
+        if self.remote:
+            from .remote import wrap
+
+            # NDIF runs the stock model: no hook points, no attention function of ours.
+            self.nn = wrap(hf_model, tokenizer)
+        else:
+            install(hf_model, self.arch)
+            self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
         self._trace = None
@@ -99,7 +113,22 @@ class Model:
 
     @property
     def device(self):
-        return next(self.hf.parameters()).device
+        """The device inputs go to: the embedding's (CPU for a remote model). A model
+        spread by `device_map` computes each layer on its own device (`devices`)."""
+        import torch
+
+        from .devices import input_device
+
+        if self.remote:
+            return torch.device("cpu")
+        return input_device(self.hf, self.arch)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the model runs on, in model order (`"disk"` for offloaded layers)."""
+        from .devices import devices
+
+        return ["ndif"] if self.remote else devices(self.hf)
 
     @property
     def dtype(self):
@@ -130,14 +159,30 @@ class Model:
             "d_mlp": self.d_mlp,
             "vocab_size": self.vocab_size,
             "parameters": f"{n_params / 1e6:.1f} M",
-            "device": str(self.device),
+            "device": self._where(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "memory": f"{n_bytes / 2**20:.0f} MiB",
         }
 
+    def _where(self) -> str:
+        """Where the model runs, in words: `cpu`, `cuda:0, cuda:1 (device_map)`, `NDIF (...)`."""
+        if self.remote:
+            from .remote import host
+
+            return f"NDIF ({host()})"
+        found = self.devices
+        return found[0] if len(found) == 1 else f"{', '.join(found)} (device_map)"
+
+    def _needs_local(self, method: str) -> None:
+        """`RemoteError` when this model is remote: `method` needs the model here."""
+        if self.remote:
+            from .remote import unavailable
+
+            raise unavailable(method)
+
     def __repr__(self) -> str:
         return (f"<mechnb.Model {self.name}: {self.arch.name}, {self.n_layers} layers, "
-                f"{self.n_heads} heads, d_model {self.d_model}, on {self.device}>")
+                f"{self.n_heads} heads, d_model {self.d_model}, on {self._where()}>")
 
     # -- tokens -------------------------------------------------------------
 
@@ -159,7 +204,10 @@ class Model:
         Returns:
             A `mechnb.trace.Trace`; `.batch` has the tokens. Inside the block,
             `model[site]` reads (call `.save()` to keep it) and `model[site] = v` writes.
+            On a remote model the block runs on NDIF (see `mechnb.remote`).
         """
+        if grad:
+            self._needs_local("trace(grad=True)")
         from .trace import Trace
 
         return Trace(self, prompts, grad=grad)
@@ -183,15 +231,13 @@ class Model:
             )
         return self._trace
 
+    # Through the trace's own methods, not an import: on NDIF this code runs where
+    # mechnb is not installed (see `mechnb.remote`).
     def __getitem__(self, site):
-        from .trace import read
-
-        return read(self, site, self._active(site))
+        return self._active(site).read(site)
 
     def __setitem__(self, site, value) -> None:
-        from .trace import write
-
-        write(self, site, value, self._active(site))
+        self._active(site).write(site, value)
 
     # -- persistent interventions ---------------------------------------------
 
@@ -202,6 +248,7 @@ class Model:
 
     def add(self, interventions) -> list:
         """Activate interventions (an `Intervention` or a list); returns them."""
+        self._needs_local("add")
         from .interventions import Intervention, install
 
         items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
@@ -211,9 +258,12 @@ class Model:
 
     def remove(self, interventions) -> None:
         """Deactivate the given interventions (others stay)."""
-        from .interventions import Intervention
+        from .interventions import Intervention, InterventionError
 
-        items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        items = [interventions] if isinstance(interventions, Intervention) else interventions
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, Intervention) for i in items):
+            raise InterventionError(f"remove takes interventions from model.interventions (one or a list), "
+                                    f"got {interventions!r:.60}; model.clear() removes them all")
         keep = []
         for intervention, handle in self._installed:
             if any(intervention is item for item in items):
@@ -244,6 +294,7 @@ class Model:
         Returns:
             The `Ablate` interventions added. Example: `model.ablate("head.9.6")`.
         """
+        self._needs_local("ablate")
         from .interventions import ablations
 
         return self.add(ablations(self, sites, mode, ref, positions, seed))
@@ -254,6 +305,7 @@ class Model:
         `value` is the part the site names (`head.9.6@-1` gives `batch d_head`).
         Returns the `Hook` interventions added (one per site of a range).
         """
+        self._needs_local("hook")
         from .interventions import Hook
         from .sites import parse
 
@@ -282,6 +334,7 @@ class Model:
         Returns:
             The `Steer` interventions added. Example: `model.steer("resid_pre.12", v, 8)`.
         """
+        self._needs_local("steer")
         from .steering import steerings
 
         return self.add(steerings(self, site, vector, scale, positions))
@@ -316,6 +369,7 @@ class Model:
             `interventions`, `continuation`, `n_tokens`. Example:
             `model.generate("The Eiffel Tower is in", max_new_tokens=10).df.continuation[0]`.
         """
+        self._needs_local("generate")
         from .generation import generate
 
         return generate(self, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -335,11 +389,14 @@ class Model:
             kind: `hidden` (resid_post), `mlp` or `attn` (outputs over `window` layers
                 centred on each layer).
             layers, positions: restrict the grid (default all).
+            batch_size: restored runs per batched forward (default from a 256 MiB
+                budget); a chunk that runs out of memory is halved and run again.
 
         Returns:
             A `Result`, `layer pos` probabilities (a heatmap; subject tokens starred);
             `.meta` has `clean_prob` and `corrupt_prob`. See `mechnb.causal`.
         """
+        self._needs_local("causal_trace")
         from .causal import causal_trace
 
         return causal_trace(self, prompt, subject, answer=answer, noise=noise, samples=samples, kind=kind,
@@ -361,8 +418,13 @@ class Model:
         Returns:
             A `WeightEdit` (active): `.report()`, `.revert()`. See `mechnb.rome`.
         """
-        from .rome import edit
+        self._needs_local("edit")
+        from .rome import SETTINGS, EditError, edit
 
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise EditError(f"unknown edit settings {', '.join(unknown)}: the settings are "
+                            f"{', '.join(SETTINGS)}")
         return edit(self, prompt, subject, target, layer=layer, method=method, paraphrases=paraphrases,
                     neighbours=neighbours, **settings)
 
@@ -374,12 +436,14 @@ class Model:
     def ov(self, layer: int, head: int):
         """The OV circuit of head `layer.head`, `vocab x vocab`, as a `FactoredMatrix`
         (`.top_pairs(k)`, `.eigenvalues()`, `.copying_score()`, `.svd()`). See `mechnb.weights`."""
+        self._needs_local("ov")
         from .weights import ov
 
         return ov(self, layer, head)
 
     def qk(self, layer: int, head: int):
         """The QK circuit of head `layer.head` (destination x source token scores), factored."""
+        self._needs_local("qk")
         from .weights import qk
 
         return qk(self, layer, head)
@@ -387,20 +451,22 @@ class Model:
     def composition(self, kind: str = "k"):
         """Q-, K- or V-composition scores between every head and every later head: a
         `Result` over (head, later head), a heatmap. See `mechnb.weights`."""
+        self._needs_local("composition")
         from .weights import composition
 
         return composition(self, kind)
 
     def coactivation(self, site, texts, components: int = 10, method: str = "pca", max_tokens: int = 20_000,
-                     seed: int = 0):
+                     seed: int = 0, batch_size: int = 8):
         """Principal components (`pca`) or correlation clusters of units (`kmeans`) of a
         site's activations over the tokens of `texts`. Returns a `Result`: explained
         variance per component with each one's top tokens in context, or the unit
-        correlation matrix ordered by cluster. See `mechnb.coactivation`."""
+        correlation matrix ordered by cluster. `batch_size`: texts per forward (halved
+        when a chunk runs out of memory). See `mechnb.coactivation`."""
         from .coactivation import coactivation
 
         return coactivation(self, site, texts, components=components, method=method,
-                            max_tokens=max_tokens, seed=seed)
+                            max_tokens=max_tokens, seed=seed, batch_size=batch_size)
 
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""
@@ -427,7 +493,9 @@ class Model:
             per_position: sweep every position separately (adds a `pos` axis).
             method: `exact` (batched patched forwards) or `attribution` (one backward).
             normalize: report `(patched - corrupt) / (clean - corrupt)`.
-            batch_size: rows per batched forward (default from a 256 MiB budget).
+            batch_size: rows per batched forward (default from a 256 MiB budget); a
+                chunk that runs out of memory is halved and run again, and the values
+                move to CPU chunk by chunk (see `mechnb.memory`).
             direction: `denoising` (clean into corrupt) or `noising` (corrupt into clean).
             progress: a progress bar for sweeps longer than two seconds.
 
@@ -437,6 +505,7 @@ class Model:
             where relevant, `pos`, `token`, `value`; `.meta` the clean and corrupt
             metrics. Example: `model.patch(clean, corrupt, "resid_pre.*", answer=" Mary", wrong=" John")`.
         """
+        self._needs_local("patch")
         from .patching import patch
 
         return patch(self, clean, corrupt, sites, answer=answer, wrong=wrong, metric=metric,
@@ -456,6 +525,7 @@ class Model:
         patched alone into the target run, and the metric measured. Other arguments
         as in `patch`. Returns a `Result` over the senders' grid.
         """
+        self._needs_local("path_patch")
         from .patching import path_patch
 
         return path_patch(self, clean, corrupt, senders, receivers, answer=answer, wrong=wrong,
@@ -472,6 +542,7 @@ class Model:
         `softmax_temperature`, gradients into Q, K, V and the gated MLP's gate and up
         branches scaled. Everything is restored when the block ends. See `mechnb.gim`.
         """
+        self._needs_local("gim")
         from .gim import GIM, GIMRules
 
         return GIM(self, GIMRules(freeze_norm, softmax_temperature, q_scale, k_scale, v_scale,
@@ -487,6 +558,7 @@ class Model:
         `value`) shown as coloured tokens. `sites=` (`head.*.*`, `mlp_out.*`) attributes
         to components instead (value . gradient per site). See `mechnb.attribution`.
         """
+        self._needs_local("attribute")
         from .attribution import attribute
 
         return attribute(self, prompt, target=target, method=method, steps=steps, baseline=baseline,
@@ -509,13 +581,15 @@ class Model:
                 `node` (heads and MLPs).
             metric: `logit_diff`, `prob`, `logprob`, `prob_diff`, `kl` or a function of
                 the last position's logits (`batch vocab -> batch`).
-            batch_size: prompt pairs per forward (default 8).
+            batch_size: prompt pairs per forward (default 8; rows per forward for
+                `exact`); a chunk that runs out of memory is halved and run again.
 
         Returns:
             A `Circuit`: `.scores` (`upstream downstream`, NaN where no edge; `upstream`
             at node level), `.df`, `.top(n)`, `.plot()`, `.faithfulness()`, `.save()`.
             Example: `model.circuit(clean, corrupt, " Mary", " John").top("2%")`.
         """
+        self._needs_local("circuit")
         from .circuits.discover import discover
 
         return discover(self, clean, corrupt, answer, wrong, method=method, level=level, steps=steps,
@@ -529,6 +603,7 @@ class Model:
         `layers` / `heads`: None (all), an int, a list, or a range string `"20:26"`.
         Shown per layer as circuitsvis `AttentionHeads` with the real tokens.
         """
+        self._needs_local("attention")
         from .views import attention
 
         return attention(self, prompts, layers=layers, heads=heads)
@@ -551,6 +626,7 @@ class Model:
         token (of the model's final prediction at the last position); `.df` has
         `layer`, `pos`, `token`, `top_token`, `prob`; shown as an annotated heatmap.
         """
+        self._needs_local("logit_lens")
         from .lens import logit_lens
 
         return logit_lens(self, prompt, k=k)
@@ -562,19 +638,24 @@ class Model:
         `.meta` has the embedding, bias and total terms, which sum to the logit
         difference.
         """
+        self._needs_local("dla")
         from .lens import dla
 
         return dla(self, prompt, answer, wrong=wrong)
 
-    def detect_heads(self, kind="induction", n_samples: int = 8, seq_len: int = 24, seed: int = 0):
+    def detect_heads(self, kind="induction", n_samples: int = 8, seq_len: int = 24, seed: int = 0,
+                     batch_size: int | None = None):
         """Induction, previous-token and duplicate-token scores in [0, 1] per layer and head.
 
-        `kind` is one of them or a list. Returns a `Result` (`layer head`, or
-        `kind layer head`); `.meta` has the loss on the first and repeated halves.
+        `kind` is one of them or a list. `batch_size`: sequences per forward (default
+        all; halved when a chunk runs out of memory). Returns a `Result` (`layer head`,
+        or `kind layer head`); `.meta` has the loss on the first and repeated halves.
         """
+        self._needs_local("detect_heads")
         from .heads import detect_heads
 
-        return detect_heads(self, kind, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        return detect_heads(self, kind, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                            batch_size=batch_size)
 
     # -- sparse autoencoders ------------------------------------------------------
 
@@ -585,7 +666,24 @@ class Model:
         Runs the model only up to the site's layer, drops padding and a leading BOS,
         and returns a `mechnb.sae.ActivationStore` of `n_tokens` rows, in memory or,
         with `store=path`, memory-mapped on disk and resumable. See `mechnb.sae.store`.
+
+        Args:
+            site: one per-token site (`resid_post.12`, `mlp_out.3`, `neuron.5`, `head.9.6`).
+            texts: strings, lists of token ids (one window each), or a Dataset with `text`.
+            n_tokens: rows to keep.
+            batch_size: windows per forward (default 16); each batch's values move to
+                CPU (or to the file) as it finishes, and a batch that runs out of
+                memory is halved and run again.
+            context: tokens per window.
+            store: a directory for a memory-mapped store (`acts.f32`), written batch
+                by batch and resumable; None keeps the rows in memory.
+            progress: a progress bar when it takes more than two seconds.
+
+        Returns:
+            An `ActivationStore` of `n_tokens width` float32 rows. Example:
+            `model.collect("resid_post.12", texts, 100_000, store="acts/")`.
         """
+        self._needs_local("collect")
         from .sae.store import collect
 
         return collect(self, site, texts, n_tokens, batch_size=batch_size, context=context,
@@ -593,6 +691,7 @@ class Model:
 
     def features(self, prompt: str, sae, k: int = 5):
         """The `k` most active features of `sae` at each token of `prompt` (a `Result`)."""
+        self._needs_local("features")
         from .sae.dashboard import features
 
         return features(self, prompt, sae, k=k)
@@ -606,6 +705,7 @@ class Model:
 
     def attach(self, sae, site=None, name: str | None = None):
         """Splice an SAE in at `site` (default its own): its features become sites `sae.L.F`."""
+        self._needs_local("attach")
         from .sae.attach import attach
 
         return attach(self, sae, site=site, name=name)
@@ -637,6 +737,7 @@ class Model:
     def explore(self, prompt: str = "When Mary and John went to the store, John gave a drink to",
                 answer: str | None = " Mary", wrong: str | None = " John"):
         """An interactive explorer widget: next tokens, attention, live head ablation."""
+        self._needs_local("explore")
         from .widgets import Explorer
 
         return Explorer(self, prompt, answer=answer, wrong=wrong)
@@ -658,10 +759,14 @@ class Model:
         if not isinstance(k, int) or k < 1:
             raise TraceError(f"k must be a positive int, got {k!r}")
         k = min(k, self.vocab_size)
+        import nnsight
+
         found = []
         with self.trace(prompt):
             found.append(self["logits@-1"].save())
-        logits = found[0][0].float()
+            # Saved as a whole so that a remote run (mechnb.remote) sends the list back.
+            nnsight.save(found)
+        logits = found[0][0].float().cpu()
         probs = torch.softmax(logits, dim=-1)
         top = probs.topk(k)
         ids = top.indices.tolist()
@@ -673,38 +778,27 @@ class Model:
             "logit": logits[top.indices].tolist(),
         })
 
-    def cache(self, prompts, sites):
-        """Run the model once and keep the values of `sites`.
+    def cache(self, prompts, sites, batch_size: int | None = None):
+        """Run the model and keep the values of `sites`.
 
         Args:
             prompts: a string or a list of strings (padded on the right; the cache
                 knows each prompt's real length).
             sites: a site string or a list of them (ranges such as `resid_pre.*`
                 allowed). Each is stored whole; index and positions apply on lookup.
+            batch_size: prompts per forward (default: all in one). In several chunks,
+                each chunk's values move to CPU as it finishes, so the device holds
+                one chunk; a chunk that runs out of memory is halved and run again.
 
         Returns:
             A `mechnb.cache.Cache`: `cache["resid_pre.5"]` is `batch pos d_model`,
             `cache["pattern.3"]` `batch head pos_q pos_k`, `cache["head.9.6"]`
             `batch pos d_head`, `cache["neuron.4.17"]` `batch pos`, `cache["logits"]`
-            `batch pos vocab`.
+            `batch pos vocab`. Example: `model.cache(prompts, "resid_post.*", batch_size=32)`.
         """
-        from .cache import Cache
-        from .sites import Site, parse
+        from .cache import cache
 
-        wanted = [sites] if isinstance(sites, (str, Site)) else list(sites)
-        if not wanted:
-            raise SiteError("cache needs at least one site, e.g. model.cache(prompt, 'resid_post.5')")
-        whole = {}
-        for site in wanted:
-            for concrete in parse(site).expand(self):
-                base = concrete.base
-                whole[base.name] = base
-        order = sorted(whole.values(), key=lambda s: s.order)
-        store = {}
-        with self.trace(prompts) as tr:
-            for site in order:
-                store[site.name] = self[site].save()
-        return Cache(self, tr.batch, {name: store[name] for name in store})
+        return cache(self, prompts, sites, batch_size=batch_size)
 
 
 class _Scoped:

@@ -13,6 +13,11 @@ everywhere:
   included). Writes replace module values inside the trace only; the weights are
   never touched, so the next forward equals a clean one.
 - nnsight's own errors become mechnb errors that say what to do.
+- On a remote model (`mechnb.load(name, remote=True)`) the same block runs on NDIF:
+  nnsight's `remote=True` is passed here, the host is checked first, and connection
+  failures become one-line `RemoteError`s (see `mechnb.remote`).
+- On a model spread over devices (`device_map`), inputs go to the embedding's
+  device; a range of sites read at once is gathered on the first one's device.
 
 Example:
     >>> with model.trace("When Mary and John went to the store, John gave a drink to"):
@@ -29,12 +34,15 @@ layer's `attn_out`. Values first bound inside the block survive it only when
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .arch import locate, submodule
-from .batch import Batch
+from .batch import Batch, check_ids, check_length
 from .errors import SiteError, TraceError
 from .interventions import Context, apply
+from .remote import check_site
 from .sites import Site, assign_positions, parse, select_positions
 
 ORDER_HINT = (
@@ -59,6 +67,8 @@ class Trace:
     def __init__(self, model, prompts, grad: bool = False):
         self.model = model
         self.batch = Batch.of(model.tokenizer, prompts)
+        check_ids(model, self.batch)
+        check_length(model, self.batch.input_ids.shape[1], "the longest prompt")
         self.grad = grad
         self._tracer = None
         # Whole values already met in this run, by site name: a module's value can be
@@ -72,7 +82,13 @@ class Trace:
         self.model._enter_trace(self)
         self.model._context = Context(self.batch.tokens)
         try:
-            self._tracer = self.model.nn.trace(self.batch.inputs(self.model.device))
+            options = {}
+            if self.model.remote:
+                from .remote import check_reachable
+
+                check_reachable()
+                options["remote"] = True
+            self._tracer = self.model.nn.trace(self.batch.inputs(self.model.device), **options)
             # Both calls look two frames up for the user's `with` statement, so they
             # must be made from here, directly, and nowhere deeper.
             self._tracer.capture()
@@ -81,15 +97,15 @@ class Trace:
         except BaseException as error:
             self.model._leave_trace(self)
             self.model._context = None
-            raise translate(error) from None
+            raise self._translate(error) from None
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> bool:
         try:
-            with torch.set_grad_enabled(self.grad):
+            with torch.set_grad_enabled(self.grad), self._connection():
                 return self._tracer.__exit__(exc_type, exc_value, traceback)
         except BaseException as error:
-            translated = translate(error)
+            translated = self._translate(error)
             if translated is error:
                 raise
             raise translated from None
@@ -97,6 +113,30 @@ class Trace:
             self._tracer = None
             self.model._leave_trace(self)
             self.model._context = None
+
+    def read(self, site: str | Site) -> torch.Tensor:
+        """`model[site]` inside this trace (see `read`)."""
+        return read(self.model, site, self)
+
+    def write(self, site: str | Site, value) -> None:
+        """`model[site] = value` inside this trace (see `write`)."""
+        write(self.model, site, value, self)
+
+    def _connection(self):
+        """What surrounds the run: for a remote model, bounded websocket waits."""
+        if not self.model.remote:
+            return contextlib.nullcontext()
+        from .remote import Connection
+
+        return Connection()
+
+    def _translate(self, error: BaseException) -> BaseException:
+        """The mechnb error for an error of this trace (remote failures in one line)."""
+        if self.model.remote:
+            from .remote import translate as translate_remote
+
+            error = translate_remote(error, self.model)
+        return translate(error)
 
 
 def translate(error: BaseException) -> BaseException:
@@ -189,10 +229,13 @@ def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
 
 
 def read(model, site: str | Site, trace: Trace) -> torch.Tensor:
-    """Read a site inside the active trace; a range of sites stacks on a new leading axis."""
+    """Read a site inside the active trace; a range of sites stacks on a new leading axis
+    (on the device of the first, when layers live on several)."""
     sites = sorted(parse(site).expand(model), key=lambda s: s.order)
     values = [read_value(_full(model, s, trace), s, trace.batch) for s in sites]
-    return values[0] if len(values) == 1 else torch.stack(values)
+    if len(values) == 1:
+        return values[0]
+    return torch.stack([value.to(values[0].device) for value in values])
 
 
 def _full(model, site: Site, trace: Trace) -> torch.Tensor:
@@ -201,6 +244,8 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
 
     key = site.base.name
     if key not in trace.values:
+        if model.remote:
+            check_site(site)
         try:
             value = _slot(model, site).get()
         except OutOfOrderError:
@@ -212,6 +257,8 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
             for intervention in model.interventions:
                 if Site(intervention.site.kind, intervention.site.layer).name == key:
                     value = apply(intervention, value, model._context)
+        if model.remote:
+            value = value.detach()  # NDIF may run with autograd on; a remote trace has no use for it
         trace.values[key] = value
     return trace.values[key]
 
@@ -239,9 +286,11 @@ def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:
     positions = site.positions.resolve(batch.tokens) if site.positions is not None else None
     try:
         assign_part(full, site, new, positions)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         shape = tuple(read_part(full, site, positions).shape)
+        given = (f"a value of shape {tuple(new.shape)}" if torch.is_tensor(new)
+                 else f"{type(new).__name__} {new!r:.40}")
         raise SiteError(
-            f"cannot write a value of shape {tuple(torch.as_tensor(new).shape)} into {site}, "
-            f"whose value has shape {shape}: give a scalar or a tensor that broadcasts to {shape}"
+            f"cannot write {given} into {site}, whose value has shape {shape}: give a number "
+            f"or a tensor that broadcasts to {shape}"
         ) from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .arch import submodule
+from .devices import parameter
 from .errors import SiteError
 
 
@@ -78,6 +79,9 @@ class FactoredMatrix:
 
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise SiteError(f"top_pairs takes a positive number of pairs, got {k!r}")
+        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+            raise SiteError(f"vocab keeps the first token ids: a positive int (or None for all "
+                            f"{self.shape[0]}), got {vocab!r}")
         best_values = torch.empty(0)
         best_index = torch.empty(0, dtype=torch.long)
         A, B = (self.A, self.B) if vocab is None else (self.A[:vocab], self.B[:, :vocab])
@@ -110,19 +114,20 @@ def _check_head(model, layer, head) -> None:
 
 
 def _projection_rows(model, layer_module, kind: str, head: int) -> torch.Tensor:
-    """The `d_head d_model` rows of the q, k or v projection that `head` uses."""
+    """The `d_head d_model` rows of the q, k or v projection that `head` uses, on
+    `model.device` (weights read through `parameter`: spread or offloaded by a device_map)."""
     attn = submodule(layer_module, model.arch.attn)
-    d_head = model.d_head
+    d_head, device = model.d_head, model.device
     group = head // (model.n_heads // model.n_kv_heads) if kind != "q" else head
     if model.arch.qkv is not None:
-        weight = submodule(layer_module, model.arch.qkv["qkv".index(kind)]).weight
+        weight = parameter(submodule(layer_module, model.arch.qkv["qkv".index(kind)]), "weight", device)
         return weight[group * d_head:(group + 1) * d_head].float()
     if model.arch.name == "gpt2":
-        weight = attn.c_attn.weight.float().T  # (3 d_model) d_model
+        weight = parameter(attn.c_attn, "weight", device).float().T  # (3 d_model) d_model
         start = "qkv".index(kind) * model.d_model + head * d_head
         return weight[start:start + d_head]
     # GPT-NeoX fuses per head: [q k v] blocks of d_head for each head.
-    weight = attn.query_key_value.weight.float()
+    weight = parameter(attn.query_key_value, "weight", device).float()
     start = head * 3 * d_head + "qkv".index(kind) * d_head
     return weight[start:start + d_head]
 
@@ -130,8 +135,8 @@ def _projection_rows(model, layer_module, kind: str, head: int) -> torch.Tensor:
 def _normed_embeddings(model, norm) -> torch.Tensor:
     """Each token's embedding as the norm `norm` outputs it (`vocab d_model`)."""
     with torch.no_grad():
-        embeddings = model.hf.get_input_embeddings().weight
-        parts = [norm(embeddings[i:i + 8192]).float() for i in range(0, len(embeddings), 8192)]
+        embeddings = parameter(model.hf.get_input_embeddings(), "weight", model.device)
+        parts = [norm(embeddings[i:i + 8192]).float().to(model.device) for i in range(0, len(embeddings), 8192)]
     return torch.cat(parts)
 
 
@@ -143,10 +148,10 @@ def ov(model, layer: int, head: int) -> FactoredMatrix:
     layer_module = submodule(model.hf, model.arch.layers)[layer]
     embeddings = _normed_embeddings(model, submodule(layer_module, model.arch.attn_norm))
     value = _projection_rows(model, layer_module, "v", head)          # d_head d_model
-    out = output_weights(model, submodule(layer_module, model.arch.o_proj))[head]  # d_head d_model
-    final = submodule(model.hf, model.arch.final_norm)
-    gain = final.weight.float() if getattr(final, "weight", None) is not None else 1.0
-    unembed = model.hf.get_output_embeddings().weight.float()         # vocab d_model
+    out = output_weights(model, submodule(layer_module, model.arch.o_proj), model.device)[head]  # d_head d_model
+    gain = parameter(submodule(model.hf, model.arch.final_norm), "weight", model.device)
+    gain = gain.float() if gain is not None else 1.0
+    unembed = parameter(model.hf.get_output_embeddings(), "weight", model.device).float()  # vocab d_model
     with torch.no_grad():
         A = embeddings @ value.T                                       # vocab d_head
         B = (out * gain) @ unembed.T                                   # d_head vocab
@@ -180,9 +185,9 @@ def composition(model, kind: str = "k"):
     ovs, reads = [], []  # factors (left d_model x d_head, right d_head x d_model)
     with torch.no_grad():
         for layer, module in enumerate(layers):
-            norm = submodule(module, model.arch.attn_norm)
-            gain = norm.weight.float() if getattr(norm, "weight", None) is not None else torch.ones(model.d_model)
-            outs = output_weights(model, submodule(module, model.arch.o_proj))
+            gain = parameter(submodule(module, model.arch.attn_norm), "weight", model.device)
+            gain = gain.float() if gain is not None else torch.ones(model.d_model, device=model.device)
+            outs = output_weights(model, submodule(module, model.arch.o_proj), model.device)
             for head in range(H):
                 value = _projection_rows(model, module, "v", head) * gain        # d_head d_model
                 ovs.append((value.T, outs[head]))                                # x -> x V^T O

@@ -55,7 +55,7 @@ def _layers(model):
 
 def _heads_out(model, layer_module, z: torch.Tensor) -> torch.Tensor:
     """Per-head outputs `head batch pos d_model` from `z` (`batch pos head d_head`)."""
-    weights = output_weights(model, submodule(layer_module, model.arch.o_proj))
+    weights = output_weights(model, submodule(layer_module, model.arch.o_proj), z.device)
     return torch.einsum("bphd,hdm->hbpm", z.float(), weights)
 
 
@@ -79,7 +79,7 @@ def writer_outputs(model, graph: Graph, batch) -> torch.Tensor:
     outputs = torch.zeros(graph.n_upstream, rows, positions, model.d_model, device=model.device)
 
     def store(index, value):
-        outputs[index] = value
+        outputs[index] = value.to(outputs.device)  # layers spread by a device_map
 
     with _hooked(model, batch) as (handles, _), torch.no_grad():
         _record_writers(model, graph, handles, store)
@@ -124,19 +124,20 @@ def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Te
         targets += [mlp_in[layer] for layer in range(graph.n_layers)] + [final_in[0]]
         grads = torch.autograd.grad(values.sum(), targets, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
-        heads = torch.arange(graph.n_heads, device=model.device)
         for layer in range(graph.n_layers):
             for k in range(3):
                 used_value, grad = used[layer][0][k], grads[3 * layer + k]
+                heads = torch.arange(graph.n_heads, device=grad.device)
                 # One cotangent per head: that head's slice of the gradient, zeros elsewhere.
                 cotangent = torch.zeros((graph.n_heads, *grad.shape), dtype=grad.dtype, device=grad.device)
                 cotangent[heads, :, heads] = grad.transpose(0, 1)
                 (per_head,) = torch.autograd.grad(used_value, attn_in[layer], cotangent,
                                                   retain_graph=True, is_grads_batched=True)
                 start = graph.head_input(layer, "qkv"[k], 0)
-                readers[start:start + graph.n_heads] += per_head
-            readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer]
-        readers[graph.logits_input] += grads[-1]
+                # Gradients arrive on each layer's device (device_map); readers is on one.
+                readers[start:start + graph.n_heads] += per_head.to(readers.device)
+            readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer].to(readers.device)
+        readers[graph.logits_input] += grads[-1].to(readers.device)
     return values.detach()
 
 
@@ -230,7 +231,7 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
     removed = removed.to(device=corrupt.device, dtype=corrupt.dtype)
 
     def store(index, value):
-        difference[index] = value - corrupt[index]
+        difference[index] = value.to(corrupt.device) - corrupt[index]
 
     def minus(column):
         """The input of reader `column`: this run's minus the removed edges' differences."""
@@ -238,7 +239,7 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
         weights = removed[:reads, column]
         if not bool(weights.any()):
             return None
-        return lambda x: x - _combine(difference[:reads], weights[:, None])[0].to(x.dtype)
+        return lambda x: x - _combine(difference[:reads], weights[:, None])[0].to(x)
 
     with _hooked(model, batch) as (handles, attention), torch.no_grad():
         _record_writers(model, graph, handles, store)
@@ -253,7 +254,7 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
                 split = _Split(inverse, rows)
 
                 def stacked(x, variants=variants, reads=reads, split=split):
-                    inputs = x[None].float() - _combine(difference[:reads], variants)
+                    inputs = x[None].float() - _combine(difference[:reads], variants).to(x.device)
                     return split.stack(inputs).to(x.dtype)
 
                 def arrive(module, args, kwargs, attn=attn, split=split):

@@ -49,7 +49,8 @@ def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
     if site is None:
         raise SAEError("this SAE does not say which site it reads: model.attach(sae, site='resid_post.12')")
     parsed = parse(site)
-    (concrete,) = parsed.expand(model) if parsed.kind in HOSTS else (None,)
+    found = parsed.expand(model) if parsed.kind in HOSTS else [None]
+    concrete = found[0] if len(found) == 1 else None
     if concrete is None or concrete.index is not None or concrete.positions is not None:
         raise SAEError(f"an SAE attaches to a whole per-token site ({', '.join(HOSTS)} with a layer), "
                        f"not {site}")
@@ -63,7 +64,9 @@ def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
     sae.site = str(concrete)
     sae.module_name = f"mechnb_sae_{sae.name}"
     layer = submodule(model.hf, model.arch.layers)[concrete.layer]
-    sae.to(device=model.device)
+    from ..devices import execution_device
+
+    sae.to(device=execution_device(layer) or model.device)  # its layer's device (device_map)
     sae.requires_grad_(False)
     layer.add_module(sae.module_name, sae)
     model._rewrap()

@@ -86,13 +86,15 @@ def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int 
 def logit_effects(sae, model, feature: int, k: int = 10):
     """`(promoted, suppressed)`: the k tokens whose logits the feature's direction raises and lowers most."""
     from ..arch import submodule
+    from ..devices import parameter
 
     direction = sae.W_dec[feature].float()
-    norm = submodule(model.hf, model.arch.final_norm)
-    gain = norm.weight.float() if getattr(norm, "weight", None) is not None else torch.ones_like(direction)
+    # Weights read onto the SAE's device (a device_map may spread or offload them).
+    gain = parameter(submodule(model.hf, model.arch.final_norm), "weight", direction.device)
+    gain = gain.float() if gain is not None else torch.ones_like(direction)
     if model.arch.name == "gemma2":
         gain = 1 + gain
-    unembed = submodule(model.hf, model.arch.unembed).weight.float()
+    unembed = parameter(submodule(model.hf, model.arch.unembed), "weight", direction.device).float()
     with torch.no_grad():
         effect = unembed @ (direction * gain)
     up, down = effect.topk(k), (-effect).topk(k)
@@ -104,6 +106,12 @@ def features(model, prompt: str, sae, k: int = 5) -> Result:
     """The `k` most active features of `sae` at each token of `prompt`."""
     import pandas as pd
 
+    from .model import SAE, SAEError
+
+    if not isinstance(sae, SAE) or sae.site is None:
+        raise SAEError(f"features takes a mechnb SAE that knows its site (sae.site), got {sae!r:.60}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SAEError(f"k, the features shown per token, must be a positive int, got {k!r}")
     cache = model.cache(prompt, sae.site)
     x = cache[sae.site][0].to(sae.W_enc.device, sae.W_enc.dtype)
     with torch.no_grad():
