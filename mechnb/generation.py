@@ -34,23 +34,30 @@ class GenerationError(MechnbError, ValueError):
 def generate(model, prompts, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int | None = None, compare: bool = False, stream=None):
     """Continue each prompt; see `Model.generate` for the arguments."""
-    from .batch import Batch
+    from .batch import Batch, check_length
     from .interventions import Context
     from .results import Result
     from .runner import last_logits
 
     start_time = time.perf_counter()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ordered = hasattr(prompts, "__iter__") and not isinstance(prompts, (dict, set, frozenset, bytes))
+    prompts = list(prompts) if ordered else []
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise GenerationError("generate takes a prompt or a list of non-empty prompt strings")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature > 0 or not 0 < top_p <= 1:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p))
+    if not numbers or not temperature > 0 or not 0 < top_p <= 1:
         raise GenerationError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r}, {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
     rows = prompts * 2 if compare else prompts
     active = [True] * len(prompts) + [False] * len(prompts) if compare else None
     tokenizer = model.tokenizer
     first = Batch.of(tokenizer, rows)
+    check_length(model, max(first.lengths) + max_new_tokens, "the longest prompt with max_new_tokens")
     sequences = [first.input_ids[i, :n].tolist() for i, n in enumerate(first.lengths)]
     generated: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
@@ -150,7 +157,11 @@ class _Stream:
     def update(self, tokenizer, generated) -> None:
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
         if self.callback is not None:
-            self.callback(texts)
+            try:
+                self.callback(texts)
+            except Exception as error:
+                raise GenerationError(f"the stream function raised {type(error).__name__}: {error}; it is "
+                                      "called with the list of continuations after each step") from error
             return
         if self.handle is not None:
             from IPython.display import HTML

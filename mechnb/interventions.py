@@ -31,10 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import SiteError
+from .errors import MechnbError, SiteError
 from .sites import Site
 
 MODES = ("zero", "mean", "resample")
+
+
+class InterventionError(MechnbError, ValueError):
+    """An intervention that cannot be made, applied or removed (a failing hook function)."""
 
 
 @dataclass(eq=False)
@@ -106,7 +110,18 @@ class Hook(Intervention):
     def replacement(self, part):
         import torch
 
-        new = self.fn(part)
+        try:
+            new = self.fn(part)
+        except Exception as error:
+            from .memory import is_out_of_memory
+
+            if is_out_of_memory(error):
+                raise  # a sweep halves its chunk and tries again (mechnb.memory)
+            # Every later forward would fail the same way: say whose function it is.
+            raise InterventionError(
+                f"the hook at {self.site} ({self.detail()}) raised {type(error).__name__}: {error}; "
+                "fix the function, or remove the hook (model.remove(...), %interventions --remove N)"
+            ) from error
         if new is None:
             return part  # a function that edited in place and returned nothing
         if not torch.is_tensor(new):
@@ -183,7 +198,13 @@ def apply(intervention: Intervention, full, context: Context):
         if positions is None:
             return full
     part = read_part(full, site, positions)
-    assign_part(updated, site, intervention.replacement(part), positions)
+    new = intervention.replacement(part)
+    try:
+        assign_part(updated, site, new, positions)
+    except RuntimeError:
+        raise InterventionError(
+            f"{intervention!r} gave a value of shape {tuple(new.shape)} for {site}, whose value here has "
+            f"shape {tuple(part.shape)}: return a tensor shaped like the one it receives") from None
     if context.active is not None:
         import torch
 
@@ -208,6 +229,8 @@ def install(model, intervention: Intervention):
 
 def reference_pool(model, site: Site, ref) -> object:
     """The site's values at every real token of the reference prompts, `tokens *rest`."""
+    import torch
+
     from .trace import read_part
 
     base = site.base
@@ -215,17 +238,23 @@ def reference_pool(model, site: Site, ref) -> object:
     full = cache[base.name]
     part = read_part(full, Site(site.kind, site.layer, site.index), None)
     mask = cache.attention_mask.bool().to(part.device)
-    return part[mask].detach()
+    pool = part[mask].detach()
+    if not torch.isfinite(pool).all():
+        raise InterventionError(f"the reference values of {site} hold NaN or infinite entries (an active "
+                                "hook or steering?): remove it, or choose other reference prompts")
+    return pool
 
 
 def ablations(model, sites, mode: str, ref, positions, seed: int) -> list[Ablate]:
     """The `Ablate` interventions for `Model.ablate` (validated, pools computed)."""
     if mode not in MODES:
         raise SiteError(f"unknown ablation mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode != "zero" and not ref:
+    if mode != "zero" and (ref is None or (isinstance(ref, (str, list, tuple)) and not ref)):
         raise SiteError(f"{mode} ablation needs reference prompts: pass ref=[...] "
                         "(prompts whose activations stand in for the ablated ones)")
-    names = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InterventionError(f"seed must be an int (resample's draws), got {seed!r}")
+    names = list(sites) if isinstance(sites, (list, tuple)) else [sites]
     if not names:
         raise SiteError("ablate needs at least one site, e.g. model.ablate('head.9.6')")
     made = []

@@ -186,7 +186,8 @@ class MechnbMagics(Magics):
         from .loading import load
 
         positional, options = parse_options(
-            words, {"--device": str, "--dtype": str, "--as": str}, "%mechnb load")
+            words, {"--device": str, "--dtype": str, "--device-map": str, "--remote": bool, "--as": str},
+            "%mechnb load")
         if len(positional) > 1:
             raise MagicError(f"%mechnb load takes at most one model name, got {positional}")
         name = options.pop("as", "model")
@@ -211,12 +212,16 @@ class MechnbMagics(Magics):
         self.session.model = model
 
     def _cmd_unload(self, words):
+        if words:
+            raise MagicError(f"%mechnb unload takes no arguments, got {words}")
         self.session.model = None
         print("model unloaded")
 
     def _cmd_info(self, words):
         import pandas as pd
 
+        if words:
+            raise MagicError(f"%mechnb info takes no arguments, got {words}: it describes the session's model")
         info = self.session.require().info()
         return pd.DataFrame({"value": list(info.values())}, index=list(info.keys()))
 
@@ -252,12 +257,11 @@ class MechnbMagics(Magics):
             model.clear()
         if "remove" in options:
             current = model.interventions
-            try:
-                chosen = [current[int(i)] for i in options["remove"]]
-            except (ValueError, IndexError):
-                raise MagicError(f"--remove takes numbers from the # column (0-{len(current) - 1}), "
-                                 f"got {options['remove']}") from None
-            model.remove(chosen)
+            numbers = [str(i) for i in options["remove"]]
+            if not all(re.fullmatch(r"\d+", n) and int(n) < len(current) for n in numbers):
+                valid = f"(0-{len(current) - 1})" if current else "(none: no intervention is active)"
+                raise MagicError(f"--remove takes numbers from the # column {valid}, got {options['remove']}")
+            model.remove([current[int(n)] for n in numbers])
         return model.interventions_table()
 
     _PATCH_OPTIONS = {"--clean": object, "--corrupt": object, "--answer": object, "--wrong": object,
@@ -440,7 +444,11 @@ class MechnbMagics(Magics):
         site = parse(positional[0]) if len(positional) == 1 and isinstance(positional[0], str) else None
         if site is None or site.kind != "head" or not isinstance(site.index, int) or not isinstance(site.layer, int):
             raise MagicError(f"{command} takes one head, e.g. {command} head.18.6")
-        return site, options.get("k", 10), options.get("vocab", 8192)
+        k, vocab = options.get("k", 10), options.get("vocab", 8192)
+        if k < 1 or vocab < 1:
+            raise MagicError(f"{command} takes -k (pairs shown) and --vocab (token ids searched) as positive "
+                             f"numbers, got -k {k} --vocab {vocab}")
+        return site, k, vocab
 
     @no_var_expand
     @line_magic
@@ -639,9 +647,9 @@ def load_extension(shell) -> None:
 def unload_extension(shell) -> None:
     """Remove the magics, the error display and the session from `shell`."""
     manager = shell.magics_manager
-    for name in ("mechnb", "ablate", "interventions", "patch", "path_patch", "attention",
-                 "activations", "lens", "dla", "heads", "explore", "features", "attribute"):
-        manager.magics["line"].pop(name, None)
-    manager.magics["cell"].pop("trace", None)
+    # Every magic the class defines, so none outlives the session it would reach.
+    for kind, names in MechnbMagics.magics.items():
+        for name in names:
+            manager.magics[kind].pop(name, None)
     manager.registry.pop("MechnbMagics", None)
     shell.set_custom_exc((), None)

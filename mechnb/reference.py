@@ -29,10 +29,11 @@ class Entry:
 
 
 ENTRIES = [
-    Entry("%mechnb load [NAME] [--device D] [--dtype T] [--as VAR]",
+    Entry("%mechnb load [NAME] [--device D] [--dtype T] [--device-map auto] [--remote] [--as VAR]",
           "mechnb.load(name=None, device=None, dtype=None, device_map=None, remote=False, **hf_kwargs)",
           "load and wrap a model: no NAME for the embedded SmolLM2-135M-Instruct (offline), a hub id, "
-          "a local directory or a .gguf file (GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX, Gemma 2/3)"),
+          "a local directory or a .gguf file (GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX, Gemma 2/3); "
+          "--device-map auto spreads it over every local GPU, --remote runs it on NDIF"),
     Entry("%mechnb use VAR", "", "make a Model loaded from Python the session's model"),
     Entry("%mechnb info", "model.info()", "layers, heads, d_model, d_head, vocab, device, dtype, memory"),
     Entry("%mechnb top PROMPT [-k K]", "model.top(prompt, k=10)",

@@ -58,7 +58,14 @@ def reset() -> None:
 
 def safe_json(value) -> str:
     """JSON that cannot close a `<script>` or start markup: `<`, `>`, `&` as unicode escapes."""
-    text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        from .errors import MechnbError
+
+        raise MechnbError("a view cannot show NaN or infinite values, and these came out of the model's "
+                          "run (an active hook or steering?): the numbers are in the result's .values; "
+                          "remove that intervention to see the view") from None
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                           ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escaped)

@@ -77,8 +77,8 @@ def steerings(model, site, vector, scale: float, positions) -> list[Steer]:
         raise SiteError(f"steer takes a tensor (d_model) or an SAE feature name, got {type(vector).__name__}")
     if not torch.isfinite(vector).all():
         raise SiteError("the steering vector has NaN or infinite entries")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
-        raise SiteError(f"scale must be a number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) < float("inf"):
+        raise SiteError(f"scale must be a number (a finite multiple of the vector), got {scale!r}")
     made = []
     for concrete in with_positions(site, positions).expand(model):
         width = _width(model, concrete)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .batch import Batch
 from .errors import SiteError
 from .render import compact, view
 from .results import Result
@@ -28,7 +29,7 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
 
     layer_list = _choose(model, layers, model.n_layers, "layer")
     head_list = _choose(model, heads, model.n_heads, "head")
-    prompt = prompts if isinstance(prompts, str) else list(prompts)[0]
+    prompt = Batch.of(model.tokenizer, prompts).prompts[0]
     cache = model.cache(prompt, [f"pattern.{l}" for l in layer_list])
     tokens = cache.tokens[0]
     values = torch.stack([cache[f"pattern.{l}"][0, head_list] for l in layer_list]).float().cpu()
@@ -55,11 +56,13 @@ def activations(model, what, prompts, site: str | None = None) -> Result:
     """Per-token values (`batch pos`, 0 at padding) of a scalar site, a head or a direction."""
     import pandas as pd
 
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompt_list = Batch.of(model.tokenizer, prompts).prompts
     if torch.is_tensor(what):
         if what.dim() != 1 or what.shape[0] != model.d_model:
             raise SiteError(f"a direction is a vector of d_model={model.d_model} numbers, got shape "
                             f"{tuple(what.shape)}")
+        if not torch.isfinite(what).all():
+            raise SiteError("the direction has NaN or infinite entries: give a finite d_model vector")
         if site is None:
             raise SiteError("a direction needs the residual site it lives on: site='resid_post.12'")
         read = parse(site)
@@ -118,9 +121,12 @@ def _choose(model, chosen, size: int, what: str) -> list[int]:
         from .sites import _expand_part, _parse_part
 
         return _expand_part(_parse_part(chosen, what, chosen), size, what, Site("pattern", 0))
+    if not isinstance(chosen, (list, tuple, range)) or not chosen:
+        raise SiteError(f"{what}s are None (all), an int, a non-empty list of ints or a range such as "
+                        f"'0:{size}', got {chosen!r}")
     found = list(chosen)
     for index in found:
-        if not isinstance(index, int) or not 0 <= index < size:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
             raise SiteError(f"{what} {index!r} out of range: this model has {what}s 0-{size - 1}")
     return found
 

@@ -30,6 +30,12 @@ class Explorer:
                  answer: str | None = " Mary", wrong: str | None = " John", k: int = 8):
         import ipywidgets as widgets
 
+        for name, value in (("prompt", prompt), ("answer", answer), ("wrong", wrong)):
+            if not isinstance(value, str) and (name == "prompt" or value is not None):
+                what = "a string" if name == "prompt" else "a string or None"
+                raise MechnbError(f"the explorer's {name} is {what}, got {type(value).__name__} {value!r:.40}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise MechnbError(f"k, the next tokens shown, must be a positive int, got {k!r}")
         self.model, self.k = model, k
         self.table = self.logit_diff = self.pattern = self.error = None
         self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,

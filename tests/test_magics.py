@@ -329,3 +329,16 @@ def test_split_args_drops_a_trailing_comment_as_a_shell_does():
     assert split_args("load  # embedded", ns) == ["load"]
     assert split_args("C#x {p} #", ns) == ["C#x", "a # b"]
     assert split_args("'it''s' x#y", ns) == ["its", "x#y"]
+
+
+def test_load_passes_device_map_and_remote(shell, capsys, tmp_path, tiny_factory):
+    tiny_factory("llama").hf.save_pretrained(tmp_path)
+    tiny_factory("llama").tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert run(shell, f"%mechnb load {tmp_path} --device-map auto --as spread").success
+    spread = shell.user_ns["spread"]
+    assert [str(d) for d in spread.devices] == ["cpu"] and spread.top("Hello", k=1).shape[0] == 1
+    assert_one_line_errors(shell, capsys, [
+        (f"%mechnb load {tmp_path} --device cpu --device-map auto", "ModelError"),
+        ("%mechnb load --remote", "RemoteError"),
+    ])

@@ -186,15 +186,25 @@ def load(source, device=None) -> SAE:
     A hub id is not fetched: download the SAE's directory yourself (this function never
     touches the network) and pass its path.
     """
+    import os
+
     from safetensors.torch import load_file
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise SAEError(f"load takes the path of an SAE directory, got {type(source).__name__} {source!r:.40}")
     path = Path(source).expanduser()
     if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
         raise SAEError(f"{str(source)!r} is not an SAE directory: it needs cfg.json and "
                        "sae_weights.safetensors (the SAELens layout). mechnb does not download "
                        "SAEs; fetch the directory first and pass its path")
-    cfg = json.loads((path / "cfg.json").read_text())
-    tensors = load_file(str(path / "sae_weights.safetensors"))
+    try:
+        cfg = json.loads((path / "cfg.json").read_text())
+        tensors = load_file(str(path / "sae_weights.safetensors"))
+    except Exception as error:  # a truncated or hand-edited file: JSON's and safetensors' errors
+        raise SAEError(f"cannot read the SAE in {str(source)!r}: {type(error).__name__}: {error}") from None
+    if not isinstance(cfg, dict):
+        raise SAEError(f"{path / 'cfg.json'} holds {type(cfg).__name__}, not the SAE's settings "
+                       "(a JSON object)")
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if key not in tensors:
             raise SAEError(f"{path / 'sae_weights.safetensors'} has no {key}: keys are {sorted(tensors)}")

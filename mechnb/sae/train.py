@@ -66,7 +66,20 @@ def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = N
     if kind not in KINDS:
         raise SAEError(f"unknown SAE kind {kind!r}: use one of {', '.join(KINDS)}")
     if torch.is_tensor(store):
+        if store.dim() != 2:
+            raise SAEError(f"train reads activations as a tokens x d_in tensor, got shape "
+                           f"{tuple(store.shape)}")
         store = ActivationStore(store.float(), len(store))
+    if not isinstance(store, ActivationStore):
+        raise SAEError(f"train takes an ActivationStore (from model.collect) or a tokens x d_in tensor, "
+                       f"got {type(store).__name__}")
+    if len(store) < 2:
+        raise SAEError(f"the store holds {len(store)} activations: collect more text (model.collect(site, "
+                       "texts, n_tokens)) before training")
+    for name, value in (("d_sae", d_sae), ("batch_size", batch_size), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SAEError(f"{name} must be a positive integer{'' if name == 'batch_size' else ' or None'}, "
+                           f"got {value!r}")
     store.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
