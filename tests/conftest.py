@@ -98,3 +98,23 @@ def clean_logits(model, prompt=PROMPT):
     batch = model.tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         return model.hf(**batch).logits
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory, tokenizer):
+    """A directory holding a tiny random Llama and its tokenizer, as `save_pretrained` writes them."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_hf("llama", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """A real IPython shell with the extension loaded (magics run through it)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext mechnb", store_history=False)
+    yield shell
+    shell.run_cell("%unload_ext mechnb", store_history=False)

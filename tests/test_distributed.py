@@ -29,14 +29,6 @@ def close(a, b, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_hf("llama", tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def whole(saved):
     return mechnb.load(saved, device="cpu")
 

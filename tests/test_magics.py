@@ -8,16 +8,6 @@ from mechnb.magics import split_args
 from mechnb.errors import MagicError
 
 
-@pytest.fixture(scope="module")
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext mechnb", store_history=False)
-    yield shell
-    shell.run_cell("%unload_ext mechnb", store_history=False)
-
-
 def assert_one_line_errors(shell, capsys, cases):
     """Each magic line fails with one readable line holding its text, and no traceback."""
     for line, text in cases:
@@ -331,10 +321,8 @@ def test_split_args_drops_a_trailing_comment_as_a_shell_does():
     assert split_args("'it''s' x#y", ns) == ["its", "x#y"]
 
 
-def test_load_passes_device_map_and_remote(shell, capsys, tmp_path, tiny_factory):
-    tiny_factory("llama").hf.save_pretrained(tmp_path)
-    tiny_factory("llama").tokenizer.save_pretrained(tmp_path)
-    capsys.readouterr()
+def test_load_passes_device_map_and_remote(shell, capsys, saved):
+    tmp_path = saved
     assert run(shell, f"%mechnb load {tmp_path} --device-map auto --as spread").success
     spread = shell.user_ns["spread"]
     assert [str(d) for d in spread.devices] == ["cpu"] and spread.top("Hello", k=1).shape[0] == 1

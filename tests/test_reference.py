@@ -11,16 +11,10 @@ from mechnb.magics import MechnbMagics
 README = Path(__file__).parent.parent / "README.md"
 
 
-@pytest.fixture(scope="module")
-def shell(tiny_factory):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext mechnb", store_history=False)
+@pytest.fixture(scope="module", autouse=True)
+def tiny_session_model(shell, tiny_factory):
     shell.user_ns["m"] = tiny_factory("llama")
     shell.run_cell("%mechnb use m", store_history=False)
-    yield shell
-    shell.run_cell("%unload_ext mechnb", store_history=False)
 
 
 def usages() -> dict[str, str]:

@@ -819,16 +819,6 @@ def test_interrupted_sae_training_returns_the_sae_so_far(monkeypatch):
 # -- the magics, through a real IPython shell ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext mechnb", store_history=False)
-    yield shell
-    shell.run_cell("%unload_ext mechnb", store_history=False)
-
-
 @pytest.fixture
 def session(shell, guard):
     """The shell with the battery's llama as its session model, and its `Guard`."""

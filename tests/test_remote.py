@@ -63,12 +63,9 @@ for line in sys.stdin:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, tokenizer):
+def weights(saved):
     """A saved tiny Llama: what NDIF would hold under `REPO`."""
-    path = tmp_path_factory.mktemp("ndif-weights")
-    build_hf("llama", tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved
 
 
 @pytest.fixture(scope="module")
