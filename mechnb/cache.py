@@ -69,11 +69,15 @@ def _run(model, batch: Batch, order: list[Site]) -> dict[str, torch.Tensor]:
     import nnsight
 
     store = {}
-    with model.trace(batch):
+    with model.trace(batch) as trace:
         for site in order:
             store[site.name] = model[site].save()
         # Saved as a whole so that a remote run (mechnb.remote) sends the dict back.
         nnsight.save(store)
+        if order[-1].kind != "logits" and not model.remote:
+            # Nothing later is kept: the rest of the layers and the unembedding (for
+            # SmolLM2, 49,152 logits a token, the largest tensor of a run) never run.
+            trace.stop()
     device = model.device
     return {name: value.detach().to(device) for name, value in store.items()}
 

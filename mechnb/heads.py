@@ -87,10 +87,11 @@ def _picked(model, tokens: torch.Tensor, kinds: list[str], seq_len: int):
             else:
                 shift = seq_len if name == "duplicate_token" else seq_len - 1
                 picked[name].append(pattern[:, :, queries, queries - shift])
-    logits = found["logits"].float()
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device), reduction="none"
-    ).reshape(len(tokens), -1).cpu()
+    logits = found.pop("logits")
+    targets = tokens[:, 1:].to(logits.device)
+    # Row by row: a copy of all rows' logits (and softmax's own) would double the peak.
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+                          for row in range(len(tokens))]).cpu()
     return picked, losses
 
 

@@ -122,6 +122,10 @@ class Trace:
         """`model[site] = value` inside this trace (see `write`)."""
         write(self.model, site, value, self)
 
+    def stop(self) -> None:
+        """End the model's run here: sites read so far are kept, later ones never computed."""
+        self._tracer.stop()
+
     def _connection(self):
         """What surrounds the run: for a remote model, bounded websocket waits."""
         if not self.model.remote:

@@ -50,3 +50,20 @@ def test_token_positions_in_a_cache(tiny_factory):
     johns = [i for i, t in enumerate(cache.tokens[0]) if t.strip() == "John"]
     assert len(johns) == 2
     assert torch.equal(cache["resid_post.0@'John'"], cache["resid_post.0"][:, johns])
+
+
+def test_a_cache_without_logits_stops_after_its_last_site(tiny_factory):
+    model = tiny_factory("llama")
+    ran = []
+    handles = [model.hf.lm_head.register_forward_hook(lambda *a: ran.append("unembed")),
+               model.hf.model.layers[2].register_forward_hook(lambda *a: ran.append("layer 2"))]
+    try:
+        early = model.cache(PROMPT, ["resid_post.0", "pattern.1"])
+        assert ran == []
+        full = model.cache(PROMPT, ["resid_post.0", "pattern.1", "logits"])
+        assert ran == ["layer 2", "unembed"]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(early["resid_post.0"], full["resid_post.0"])
+    assert torch.equal(early["pattern.1"], full["pattern.1"])

@@ -32,7 +32,7 @@ def test_the_example_runs_and_shows_what_it_says(capsys):
         top = ns["model"].top("The Eiffel Tower is located in the city of", k=1)
         assert top.token[0] == " Paris"
         best = ns["heads"].df.nlargest(1, "value").iloc[0]
-        assert (int(best.layer), int(best.head)) == (23, 3) and round(float(best.value), 2) == 0.58
+        assert (int(best["layer"]), int(best["head"])) == (23, 3) and round(float(best["value"]), 2) == 0.58
         assert tuple(ns["cache"]["resid_pre.*@-1"].shape) == (30, 1, 576)
         assert len(ns["circ"].top("2%").df) > 0
         assert tuple(ns["h"].shape) == (1, 14, 576)
