@@ -39,7 +39,7 @@ browser:
 	else echo "chromium is missing and this is not root: the browser tests will be skipped (install the Debian package chromium)"; fi
 
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
