@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from .arch import submodule
+from .checks import is_int
 from .errors import MechnbError
 from .render import compact, view
 from .results import Result
@@ -52,7 +53,7 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
         raise MechnbError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
     if not isinstance(prompt, str) or not prompt:
         raise MechnbError("attribute reads one non-empty prompt string")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise MechnbError(f"steps must be an integer of at least 1, got {steps!r}")
     if baseline is not None and (not torch.is_tensor(baseline) or not torch.isfinite(baseline).all()):
         raise MechnbError(f"baseline must be a finite tensor: a d_model={model.d_model} embedding, or one per "

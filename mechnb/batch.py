@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import as_list
 from .errors import TraceError
 
 
@@ -41,13 +42,11 @@ class Batch:
             return prompts
         if torch.is_tensor(prompts):
             return cls._of_ids(tokenizer, prompts)
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        # A dict or a set iterates over its keys in no useful order: never a list of prompts.
-        if hasattr(prompts, "__iter__") and not isinstance(prompts, (dict, set, frozenset, bytes)):
-            prompts = list(prompts)
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TraceError(f"prompts must be a string or a non-empty list of strings, got {_given(prompts)}")
+        listed = as_list(prompts)
+        if not listed or not all(isinstance(p, str) for p in listed):
+            raise TraceError("prompts must be a string or a non-empty list of strings, got "
+                             f"{_given(prompts if listed is None else listed)}")
+        prompts = listed
         if any(not p for p in prompts):
             raise TraceError("an empty prompt has no tokens to run on: give every prompt some text")
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right")

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from .checks import is_int
 from .errors import MechnbError
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -54,7 +55,7 @@ def _indices(chosen, size: int, what: str) -> list[int]:
     if chosen is None:
         return list(range(size))
     found = list(chosen) if isinstance(chosen, (list, tuple, range)) else None
-    if not found or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size for i in found):
+    if not found or any(not is_int(i) or not 0 <= i < size for i in found):
         raise CausalTraceError(f"{what} must be None (all) or a non-empty list of ints in 0-{size - 1}, "
                                f"got {chosen!r}")
     return found
@@ -75,11 +76,11 @@ def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3
         raise CausalTraceError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     if not isinstance(prompt, str) or not prompt:
         raise CausalTraceError("causal_trace reads one non-empty prompt string")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if not is_int(samples) or samples < 1:
         raise CausalTraceError(f"samples must be a positive integer, got {samples!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < float("inf"):
         raise CausalTraceError(f"noise must be a positive finite number (embedding stds), got {noise!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if not is_int(window) or window < 1:
         raise CausalTraceError(f"window must be a positive integer, got {window!r}")
     subject_at = subject_positions(model, prompt, subject)
     clean = TargetRun(model, prompt)

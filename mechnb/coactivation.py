@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import as_list, is_int
 from .errors import SiteError
 
 METHODS = ("pca", "kmeans")
@@ -36,14 +37,11 @@ def coactivation(model, site, texts, components: int = 10, method: str = "pca", 
     if len(concrete) != 1 or parsed.kind in ("pattern", "logits") or parsed.index is not None and parsed.kind != "head":
         raise SiteError(f"coactivation reads one per-token vector site (mlp_out.12, resid_post.5, "
                         f"neuron.12, head.9.6), not {site!r}")
-    if isinstance(texts, str):
-        texts = [texts]
-    ordered = hasattr(texts, "__iter__") and not isinstance(texts, (dict, set, frozenset, bytes))
-    texts = list(texts) if ordered else []
+    texts = as_list(texts) or []
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise SiteError("coactivation needs a non-empty list of non-empty texts")
     for name, value in (("components", components), ("max_tokens", max_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise SiteError(f"{name} must be a positive integer, got {value!r}")
     values, tokens, where = _activations(model, concrete[0], texts, max_tokens, batch_size)
     if len(values) < 2:

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .checks import as_list, is_int
 from .errors import MechnbError
 
 
@@ -40,18 +41,15 @@ def generate(model, prompts, max_new_tokens: int = 20, do_sample: bool = False, 
     from .runner import last_logits
 
     start_time = time.perf_counter()
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    ordered = hasattr(prompts, "__iter__") and not isinstance(prompts, (dict, set, frozenset, bytes))
-    prompts = list(prompts) if ordered else []
+    prompts = as_list(prompts) or []
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise GenerationError("generate takes a prompt or a list of non-empty prompt strings")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p))
     if not numbers or not temperature > 0 or not 0 < top_p <= 1:
         raise GenerationError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r}, {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and (not is_int(seed)):
         raise GenerationError(f"seed must be an integer or None, got {seed!r}")
     rows = prompts * 2 if compare else prompts
     active = [True] * len(prompts) + [False] * len(prompts) if compare else None

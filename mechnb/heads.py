@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import is_int
 from .errors import SiteError
 from .results import Result
 
@@ -42,7 +43,7 @@ def detect_heads(model, kind="induction", n_samples: int = 8, seq_len: int = 24,
         if name not in KINDS:
             raise SiteError(f"unknown head kind {name!r}: use one of {', '.join(KINDS)}")
     for name, value, least in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise SiteError(f"detect_heads needs n_samples >= 1 and seq_len >= 2 and seed >= 0, all "
                             f"integers; got {name}={value!r}")
     tokens = random_repeated_tokens(model, n_samples, seq_len, seed)

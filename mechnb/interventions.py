@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checks import is_int
 from .errors import MechnbError, SiteError
 from .sites import Site
 
@@ -252,7 +253,7 @@ def ablations(model, sites, mode: str, ref, positions, seed: int) -> list[Ablate
     if mode != "zero" and (ref is None or (isinstance(ref, (str, list, tuple)) and not ref)):
         raise SiteError(f"{mode} ablation needs reference prompts: pass ref=[...] "
                         "(prompts whose activations stand in for the ablated ones)")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise InterventionError(f"seed must be an int (resample's draws), got {seed!r}")
     names = list(sites) if isinstance(sites, (list, tuple)) else [sites]
     if not names:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .arch import submodule
+from .checks import is_int
 from .devices import parameter
 from .errors import SiteError
 from .results import Result
@@ -34,7 +35,7 @@ def logit_lens(model, prompt: str, k: int = 1) -> Result:
 
     if not isinstance(prompt, str):
         raise SiteError("the logit lens reads one prompt string")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.vocab_size:
+    if not is_int(k) or not 1 <= k <= model.vocab_size:
         raise SiteError(f"k, the top tokens shown per layer and position, must be an int in "
                         f"1-{model.vocab_size}, got {k!r}")
     sites = [f"resid_post.{l}" for l in range(model.n_layers)]

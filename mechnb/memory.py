@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .checks import is_int
 from .errors import MechnbError, MemoryBudgetError
 
 # What allocators say when they cannot get memory: CUDA, the CPU allocator, Windows, MPS.
@@ -85,7 +86,7 @@ class Chunks:
 
     def __init__(self, size: int | None = None, what: str = "this sweep", unit: str = "items",
                  advice: str | None = None):
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        if size is not None and (not is_int(size) or size < 1):
             raise MechnbError(f"batch_size of {what} must be a positive integer ({unit} at once), or None "
                               f"for the default, got {size!r}")
         self.size, self.what, self.unit, self.advice = size, what, unit, advice

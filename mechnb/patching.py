@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import torch
 
 from . import metrics as metrics_module
+from .checks import as_list
 from .errors import MechnbError
 from .memory import Chunks
 from .results import Result
@@ -435,13 +436,11 @@ def _pairs(model, clean, corrupt, per_position: bool) -> list[tuple]:
 
 def _prompt_list(value, role: str) -> list:
     """The clean or corrupt prompts as a list (a string is one prompt)."""
-    if isinstance(value, str):
-        return [value]
     if value is None:
         return []
-    # Any sequence of prompts (a list, a tuple, a pandas Series); a dict or set has no order.
-    if hasattr(value, "__iter__") and not isinstance(value, (dict, set, frozenset, bytes)):
-        return list(value)
+    listed = as_list(value)  # any sequence of prompts (a list, a tuple, a pandas Series)
+    if listed is not None:
+        return listed
     raise PatchError(f"the {role} prompts must be a string or a list of strings, got "
                      f"{type(value).__name__} {value!r:.40}")
 

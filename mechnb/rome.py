@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from .checks import is_int
 from .errors import MechnbError
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -121,7 +122,7 @@ def edit(model, prompt: str, subject: str, target: str, layer: int | None = None
     if layer is None:
         trace = model.causal_trace(prompt, subject, kind="mlp", samples=3, positions=[subject_at[-1]])
         layer = int(trace.values[:, 0].argmax())
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.n_layers:
+    if not is_int(layer) or not 0 <= layer < model.n_layers:
         raise EditError(f"layer {layer!r} out of range: this model has layers 0-{model.n_layers - 1}")
     down = submodule(submodule(model.hf, model.arch.layers)[layer], model.arch.mlp_down)
     if is_offloaded(down):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .batch import Batch
+from .checks import is_int
 from .errors import SiteError
 from .render import compact, view
 from .results import Result
@@ -126,7 +127,7 @@ def _choose(model, chosen, size: int, what: str) -> list[int]:
                         f"'0:{size}', got {chosen!r}")
     found = list(chosen)
     for index in found:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+        if not is_int(index) or not 0 <= index < size:
             raise SiteError(f"{what} {index!r} out of range: this model has {what}s 0-{size - 1}")
     return found
 

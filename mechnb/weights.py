@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .arch import submodule
+from .checks import is_int
 from .devices import parameter
 from .errors import SiteError
 
@@ -77,9 +78,9 @@ class FactoredMatrix:
         row-specific pairs."""
         import pandas as pd
 
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k) or k < 1:
             raise SiteError(f"top_pairs takes a positive number of pairs, got {k!r}")
-        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+        if vocab is not None and (not is_int(vocab) or vocab < 1):
             raise SiteError(f"vocab keeps the first token ids: a positive int (or None for all "
                             f"{self.shape[0]}), got {vocab!r}")
         best_values = torch.empty(0)
@@ -109,7 +110,7 @@ class FactoredMatrix:
 
 def _check_head(model, layer, head) -> None:
     for value, limit, what in ((layer, model.n_layers, "layer"), (head, model.n_heads, "head")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        if not is_int(value) or not 0 <= value < limit:
             raise SiteError(f"{what} {value!r} out of range: this model has {what}s 0-{limit - 1}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html as html_module
 
+from .checks import is_int
 from .errors import MechnbError
 
 
@@ -34,7 +35,7 @@ class Explorer:
             if not isinstance(value, str) and (name == "prompt" or value is not None):
                 what = "a string" if name == "prompt" else "a string or None"
                 raise MechnbError(f"the explorer's {name} is {what}, got {type(value).__name__} {value!r:.40}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k) or k < 1:
             raise MechnbError(f"k, the next tokens shown, must be a positive int, got {k!r}")
         self.model, self.k = model, k
         self.table = self.logit_diff = self.pattern = self.error = None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import is_int
 from ..results import Result
 from .discover import CircuitError, Task
 from .graph import KINDS, Graph
@@ -244,7 +245,7 @@ class Circuit:
             raise CircuitError("this circuit has no model to run: load it with Circuit.load(path, model)")
         if self.meta["method"] in ("random",):
             raise CircuitError("a random ranking has no method to rerun")
-        if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
+        if not is_int(n_resamples) or n_resamples < 0:
             raise CircuitError(f"n_resamples must be a non-negative integer, got {n_resamples!r}")
         count = max(1, self._count(top))
         reference = self._mask(count, True) if self.level == "node" else self._top_items(count)

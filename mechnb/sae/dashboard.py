@@ -21,6 +21,7 @@ import io
 
 import torch
 
+from ..checks import is_int
 from ..render import compact, view
 from ..results import Result
 
@@ -110,7 +111,7 @@ def features(model, prompt: str, sae, k: int = 5) -> Result:
 
     if not isinstance(sae, SAE) or sae.site is None:
         raise SAEError(f"features takes a mechnb SAE that knows its site (sae.site), got {sae!r:.60}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise SAEError(f"k, the features shown per token, must be a positive int, got {k!r}")
     cache = model.cache(prompt, sae.site)
     x = cache[sae.site][0].to(sae.W_enc.device, sae.W_enc.dtype)

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..checks import is_int
 from ..errors import MechnbError
 
 
@@ -100,10 +101,10 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     from ..memory import Chunks
 
     (concrete,) = _one_site(model, site)
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+    if not is_int(n_tokens) or n_tokens < 1:
         raise StoreError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     # Each window drops its first position (the attention sink): one token needs two.
-    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+    if not is_int(context) or context < 2:
         raise StoreError(f"context, the tokens per window, must be an integer >= 2, got {context!r}")
     width = _width(model, concrete)
     batch_size = batch_size or 16

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from ..checks import is_int
 from .model import KINDS, SAE, SAEError
 
 
@@ -77,7 +78,7 @@ def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = N
         raise SAEError(f"the store holds {len(store)} activations: collect more text (model.collect(site, "
                        "texts, n_tokens)) before training")
     for name, value in (("d_sae", d_sae), ("batch_size", batch_size), ("steps", steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise SAEError(f"{name} must be a positive integer{'' if name == 'batch_size' else ' or None'}, "
                            f"got {value!r}")
     store.check()
