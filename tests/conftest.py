@@ -8,6 +8,8 @@ first run on a machine converts the GGUF, about 30 s).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -118,3 +120,36 @@ def shell():
     shell.run_cell("%load_ext mechnb", store_history=False)
     yield shell
     shell.run_cell("%unload_ext mechnb", store_history=False)
+
+
+@contextlib.contextmanager
+def json_server(reply):
+    """A local HTTP server on 127.0.0.1 answering every request with `reply(body) -> (status, dict)`
+    (`body` is the request's JSON, or None); yields its base URL."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            status, payload = reply(json.loads(self.rfile.read(length)) if length else None)
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

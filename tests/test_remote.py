@@ -9,19 +9,17 @@ same weights, and sends the saved values back.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
 import mechnb
-from conftest import PARIS, PROMPT, build_hf
+from conftest import PARIS, PROMPT, json_server
 from mechnb import remote
 from mechnb.errors import RemoteError
 
@@ -306,32 +304,15 @@ def test_a_silent_host_times_out_instead_of_hanging(model, monkeypatch):
     assert model._trace is None
 
 
-class Refuses(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"detail": "Invalid API key"}).encode()
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_refused_key_names_ndif_api_key(model, monkeypatch):
     from nnsight import CONFIG
 
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Refuses)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{httpd.server_address[1]}")
+    with json_server(lambda body: (401, {"detail": "Invalid API key"})) as url:
+        monkeypatch.setattr(CONFIG.API, "HOST", url)
         with pytest.raises(RemoteError) as error:
             remote_trace(model)
         text = one_line(error)
         assert "HTTP 401" in text and "NDIF_API_KEY" in text
-    finally:
-        httpd.shutdown()
 
 
 # -- what runs remotely, and what says it does not ------------------------------------------

@@ -1,11 +1,10 @@
 """Automatic feature labels: recorded contexts, labellers (function, HTTP server, local), cache."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from conftest import json_server
 from mechnb.sae import train
 from mechnb.sae.label import LabelError
 from mechnb.sae.model import SAEError
@@ -56,33 +55,18 @@ def test_a_function_labeller_labels_scores_and_caches(recorded, tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
-class ChatServer(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        text = "punctuation" if prompt.startswith("Here are") else "7"
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+def chat(body):
+    """An OpenAI-compatible chat reply: a label to the labelling prompt, a score to the others."""
+    text = "punctuation" if body["messages"][0]["content"].startswith("Here are") else "7"
+    return 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
 
 def test_an_openai_compatible_server_labels_and_a_refusing_one_fails_clearly(recorded, tmp_path):
     _, sae = recorded
     features = firing(sae, 2)
-    server = HTTPServer(("127.0.0.1", 0), ChatServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    try:
+    with json_server(chat) as base:
+        url = f"{base}/v1"
         table = sae.label(features[:1], labeler=url, n_examples=6, cache_dir=tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert table.label.tolist() == ["punctuation"]
     with pytest.raises(LabelError, match="could not be reached"):
         sae.label(features, labeler=url, n_examples=6, cache_dir=tmp_path)
