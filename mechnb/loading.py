@@ -60,10 +60,8 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
         A `Model`. Example: `model = mechnb.load("openai-community/gpt2", device="cpu")`;
         `mechnb.load("meta-llama/Llama-3.1-8B", device_map="auto")` over every GPU.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import embedded
     from .arch import arch_for
 
     if device_map is not None:

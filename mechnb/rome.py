@@ -102,7 +102,6 @@ def edit(model, prompt: str, subject: str, target: str, layer: int | None = None
     from .arch import submodule
     from .causal import subject_positions
     from .devices import is_offloaded
-    from .metrics import token_id
 
     start_time = time.perf_counter()
     if method != "rome":

@@ -55,7 +55,7 @@ def test_every_option_a_magic_accepts_is_in_its_usage(shell, capsys):
     for name, usage in usages().items():
         if name in ("mechnb help", "mechnb use", "mechnb unload", "mechnb info"):
             continue
-        source = f'%%trace "x" --zzz\npass' if name == "trace" else f"%{name} --zzz"
+        source = '%%trace "x" --zzz\npass' if name == "trace" else f"%{name} --zzz"
         shell.run_cell(source, store_history=False)
         err = capsys.readouterr().err
         match = re.search(r"valid options are (.*)$", err.strip())

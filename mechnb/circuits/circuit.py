@@ -29,7 +29,7 @@ import torch
 from ..checks import is_int
 from ..results import Result
 from .discover import CircuitError, Task
-from .graph import KINDS, Graph
+from .graph import Graph
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 

@@ -221,7 +221,7 @@ def _forward(model, rows, site, captured) -> torch.Tensor:
 
 
 def _one_site(model, site):
-    from ..sites import Site, parse
+    from ..sites import parse
 
     parsed = parse(site)
     if parsed.positions is not None:
