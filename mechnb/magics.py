@@ -235,9 +235,8 @@ class MechnbMagics(Magics):
     @line_magic
     def ablate(self, line: str):
         """`%ablate SITE... [--mode zero|mean|resample] [--ref {prompts}] [--positions P] [--seed N]`"""
-        words = split_args(line, self.shell.user_ns)
-        sites, options = parse_options(words, {"--mode": str, "--ref": object, "--positions": str,
-                                               "--seed": int}, "%ablate")
+        sites, options = self._parse(line, {"--mode": str, "--ref": object, "--positions": str,
+                                            "--seed": int}, "%ablate")
         if not sites:
             raise MagicError("%ablate takes at least one site: %ablate head.9.6 --mode mean --ref {prompts}")
         model = self.session.require()
@@ -248,8 +247,7 @@ class MechnbMagics(Magics):
     @line_magic
     def interventions(self, line: str):
         """`%interventions [--clear] [--remove N...]`: the active interventions as a table."""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--clear": bool, "--remove": list}, "%interventions")
+        positional, options = self._parse(line, {"--clear": bool, "--remove": list}, "%interventions")
         if positional:
             raise MagicError(f"%interventions takes only --clear or --remove N, got {positional}")
         model = self.session.require()
@@ -315,8 +313,7 @@ class MechnbMagics(Magics):
     @line_magic
     def activations(self, line: str):
         """`%activations SITE|{direction} PROMPT|{prompts} [--site resid_post.L] [-o NAME]`"""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--site": str, "-o": str}, "%activations")
+        positional, options = self._parse(line, {"--site": str, "-o": str}, "%activations")
         if len(positional) != 2:
             raise MagicError("%activations takes a site (or {direction}) and a prompt (or {prompts}): "
                              "%activations neuron.12.301 {prompts}")
@@ -407,9 +404,8 @@ class MechnbMagics(Magics):
     @line_magic
     def steer(self, line: str):
         """`%steer SITE {vector}|sae.L.F [--scale S] [--positions P]`, or `%steer --clear`."""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--scale": float, "--positions": str, "--clear": bool},
-                                            "%steer")
+        positional, options = self._parse(line, {"--scale": float, "--positions": str, "--clear": bool},
+                                          "%steer")
         model = self.session.require()
         if options.get("clear"):
             from .interventions import Steer
@@ -439,8 +435,7 @@ class MechnbMagics(Magics):
     def _head(self, line: str, command: str):
         from .sites import parse
 
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"-k": int, "--vocab": int}, command)
+        positional, options = self._parse(line, {"-k": int, "--vocab": int}, command)
         site = parse(positional[0]) if len(positional) == 1 and isinstance(positional[0], str) else None
         if site is None or site.kind != "head" or not isinstance(site.index, int) or not isinstance(site.layer, int):
             raise MagicError(f"{command} takes one head, e.g. {command} head.18.6")
@@ -486,9 +481,8 @@ class MechnbMagics(Magics):
     @line_magic
     def coactivation(self, line: str):
         """`%coactivation SITE {texts} [--components N] [--method pca|kmeans] [-o NAME]`"""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--components": int, "--method": str, "-o": str},
-                                            "%coactivation")
+        positional, options = self._parse(line, {"--components": int, "--method": str, "-o": str},
+                                          "%coactivation")
         if len(positional) != 2:
             raise MagicError("%coactivation takes a site and texts: %coactivation mlp_out.12 {texts}")
         output = options.pop("o", None)
@@ -500,8 +494,7 @@ class MechnbMagics(Magics):
         """`%stability {circuit} [--resamples N] [--top 1%]`: fidelity and stability, one table."""
         from .circuits import Circuit
 
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--resamples": int, "--top": str}, "%stability")
+        positional, options = self._parse(line, {"--resamples": int, "--top": str}, "%stability")
         if len(positional) != 1 or not isinstance(positional[0], Circuit):
             raise MagicError("%stability takes a circuit: %stability {circ} (from model.circuit or %circuit)")
         top = options.get("top", "1%")
@@ -530,25 +523,26 @@ class MechnbMagics(Magics):
     @line_magic
     def explore(self, line: str):
         """`%explore [PROMPT] [--answer A] [--wrong W]`: the interactive explorer widget."""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--answer": object, "--wrong": object}, "%explore")
+        positional, options = self._parse(line, {"--answer": object, "--wrong": object}, "%explore")
         if len(positional) > 1:
             raise MagicError('%explore takes at most one prompt: %explore "The sky is"')
         if positional:
             options["prompt"] = positional[0]
         return self.session.require().explore(**options)
 
+    def _parse(self, line: str, spec: dict, command: str) -> tuple[list, dict]:
+        """Positional words and options of a magic's line, `{expr}` evaluated in the user's namespace."""
+        return parse_options(split_args(line, self.shell.user_ns), spec, command)
+
     def _prompt(self, line: str, spec: dict, command: str):
         """One prompt and options."""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, spec, command)
+        positional, options = self._parse(line, spec, command)
         if len(positional) != 1 or not isinstance(positional[0], (str, list)):
             raise MagicError(f'{command} takes one prompt in quotes: {command} "The sky is"')
         return positional[0], options
 
     def _options(self, line: str, spec: dict, command: str) -> dict:
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, spec, command)
+        positional, options = self._parse(line, spec, command)
         if positional:
             raise MagicError(f"{command} takes only options (--clean ..., --corrupt ...), got {positional}")
         return options
@@ -565,8 +559,7 @@ class MechnbMagics(Magics):
     @cell_magic
     def trace(self, line: str, cell: str):
         """Run the cell inside a trace of the session's model on the given prompt(s)."""
-        words = split_args(line, self.shell.user_ns)
-        positional, options = parse_options(words, {"--grad": bool}, "%%trace")
+        positional, options = self._parse(line, {"--grad": bool}, "%%trace")
         if len(positional) != 1:
             raise MagicError('%%trace takes one prompt (or {prompts}): %%trace "The sky is"')
         model = self.session.require()
