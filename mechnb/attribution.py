@@ -29,6 +29,7 @@ import torch
 from .arch import submodule
 from .checks import is_int
 from .errors import MechnbError
+from .memory import frozen_weights
 from .render import compact, view
 from .results import Result
 
@@ -123,7 +124,7 @@ def _logits(model, embeddings, inputs):
 def _gradient(model, embeddings, inputs, target: int) -> torch.Tensor:
     """d logit(target) at the last position / d embeddings, for each row of `embeddings`."""
     leaf = embeddings.detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen_weights(model.hf):
         logits = _logits(model, leaf, inputs)
         (grad,) = torch.autograd.grad(logits[:, -1, target].sum(), leaf)
     return grad.float()
@@ -148,7 +149,7 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
     model._context = Context(batch.tokens)
     try:
         rules = model.gim() if method == "gim" else nullcontext()
-        with capturing(model, grid.base_names) as captured, rules, torch.enable_grad():
+        with capturing(model, grid.base_names) as captured, rules, torch.enable_grad(), frozen_weights(model.hf):
             logits = model.hf(**inputs, use_cache=False).logits[0, -1]
             if target is None:
                 target = int(logits.argmax())

@@ -69,6 +69,21 @@ class Batch:
         tokens = [[tokenizer.decode([t]) for t in row.tolist()] for row in ids]
         return cls(["".join(row) for row in tokens], ids, ids.new_ones(ids.shape), tokens)
 
+    @classmethod
+    def of_ids(cls, tokenizer, sequences: list[list[int]]) -> "Batch":
+        """Lists of token ids (of any lengths) as a batch, padded on the right."""
+        if not sequences or not all(sequences):
+            raise TraceError("token id lists must be a non-empty list of non-empty lists")
+        width = max(len(s) for s in sequences)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, sequence in enumerate(sequences):
+            ids[i, :len(sequence)] = torch.tensor(sequence)
+            mask[i, :len(sequence)] = 1
+        tokens = [[tokenizer.decode([t]) for t in s] for s in sequences]
+        return cls(["".join(t) for t in tokens], ids, mask, tokens)
+
     @property
     def lengths(self) -> list[int]:
         """Each prompt's number of real tokens."""

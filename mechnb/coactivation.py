@@ -23,6 +23,7 @@ from .errors import SiteError
 
 METHODS = ("pca", "kmeans")
 CONTEXT = 8
+TOKENS = 256  # tokens kept per text
 
 
 def coactivation(model, site, texts, components: int = 10, method: str = "pca", max_tokens: int = 20_000,
@@ -53,6 +54,7 @@ def coactivation(model, site, texts, components: int = 10, method: str = "pca", 
 
 def _activations(model, site, texts, max_tokens: int, batch_size: int):
     """Values `tokens width`, each text's tokens, and (text, position) per value row."""
+    from .batch import Batch
     from .cache import cache as run_cache
     from .memory import Chunks
 
@@ -61,13 +63,15 @@ def _activations(model, site, texts, max_tokens: int, batch_size: int):
     rows, tokens, where = [], [], []
     count = 0
     for start in range(0, len(texts), batch_size):
-        chunk = [text[:2000] for text in texts[start:start + batch_size]]
-        cache = run_cache(model, chunk, site.name, batch_size=chunks)
+        # Only the first TOKENS tokens of a text are kept, so only they are run: with causal
+        # attention their values do not depend on what follows.
+        ids = [model.tokenizer(text[:2000])["input_ids"][:TOKENS] for text in texts[start:start + batch_size]]
+        cache = run_cache(model, Batch.of_ids(model.tokenizer, ids), site.name, batch_size=chunks)
         part = cache[site.name].float()
         for i, text_tokens in enumerate(cache.tokens):
-            n = min(len(text_tokens), 256)
+            n = len(text_tokens)
             index = len(tokens)
-            tokens.append(text_tokens[:n])
+            tokens.append(text_tokens)
             rows.append(part[i, :n].reshape(n, -1).cpu())
             where += [(index, p) for p in range(n)]
             count += n

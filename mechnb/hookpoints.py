@@ -103,11 +103,13 @@ def attention(
         capture.append((query, key, value))
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # In place where autograd allows (the backward of matmul and of a product with a number
+    # needs no output): the scores are a forward's largest tensor, and each copy counts.
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+        scores = scores.add_(attention_mask[..., : key.shape[-2]])
     # Softmax in float32 as every stock eager implementation does, then back.
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if rules is not None and rules.softmax_temperature != 1:

@@ -36,7 +36,7 @@ import torch
 from . import metrics as metrics_module
 from .checks import as_list
 from .errors import MechnbError
-from .memory import Chunks
+from .memory import Chunks, frozen_weights
 from .results import Result
 from .runner import Edit, Row, TargetRun, run_rows
 from .sites import Site, parse
@@ -140,7 +140,7 @@ def _attribution(model, grid: "Grid", source_cache, target: str):
     batch = Batch.of(model.tokenizer, target)
     model._context = Context(batch.tokens)
     try:
-        with capturing(model, grid.base_names) as captured, torch.enable_grad():
+        with capturing(model, grid.base_names) as captured, torch.enable_grad(), frozen_weights(model.hf):
             logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]
     finally:
         model._context = None

@@ -186,6 +186,7 @@ def _value(model, layer, contexts, prompt, subject, target_ids, steps, lr, kl_fa
     from .arch import hook_value, submodule
     from .causal import subject_positions
     from .generation import _batch
+    from .memory import frozen_weights
 
     tokenizer = model.tokenizer
     rows, where, answers = [], [], []
@@ -212,14 +213,16 @@ def _value(model, layer, contexts, prompt, subject, target_ids, steps, lr, kl_fa
         edited[index, position] = edited[index, position] + delta.to(value)
         return edited
 
-    handle = hook_value(module, "output", add)
     optimiser = torch.optim.Adam([delta], lr=lr)
+    handle = hook_value(module, "output", add)
     try:
         with torch.no_grad():
             reference = torch.log_softmax(_logits(model, batch)[-1, len(essence_ids) - 1].float(), -1)
         start = captured["value"][0].float()
         for _ in range(steps):
-            with torch.enable_grad():
+            # Only `delta` needs a gradient: with the weights frozen, the layers below the edit
+            # record nothing for autograd, and the layers above keep only what its gradient needs.
+            with torch.enable_grad(), frozen_weights(model.hf):
                 logits = _logits(model, batch).float()
                 logprobs = torch.log_softmax(logits, -1)
                 nll = torch.stack([-logprobs[i, last + torch.arange(len(ids)), torch.tensor(ids)].mean()

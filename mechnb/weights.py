@@ -133,12 +133,18 @@ def _projection_rows(model, layer_module, kind: str, head: int) -> torch.Tensor:
     return weight[start:start + d_head]
 
 
-def _normed_embeddings(model, norm) -> torch.Tensor:
-    """Each token's embedding as the norm `norm` outputs it (`vocab d_model`)."""
+def _embedded(model, norm, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """`norm(E) @ W.T` (`vocab d_head`) for each `d_head d_model` weight `W`, where `E` is the
+    token embedding: computed in blocks of tokens, so the normed `vocab d_model` embedding
+    (113 MB for SmolLM2) is never held whole."""
     with torch.no_grad():
         embeddings = parameter(model.hf.get_input_embeddings(), "weight", model.device)
-        parts = [norm(embeddings[i:i + 8192]).float().to(model.device) for i in range(0, len(embeddings), 8192)]
-    return torch.cat(parts)
+        out = [torch.empty(len(embeddings), w.shape[0], device=model.device) for w in weights]
+        for i in range(0, len(embeddings), 2048):
+            normed = norm(embeddings[i:i + 2048]).float().to(model.device)
+            for target, weight in zip(out, weights):
+                target[i:i + 2048] = normed @ weight.T
+    return out
 
 
 def ov(model, layer: int, head: int) -> FactoredMatrix:
@@ -147,14 +153,13 @@ def ov(model, layer: int, head: int) -> FactoredMatrix:
 
     _check_head(model, layer, head)
     layer_module = submodule(model.hf, model.arch.layers)[layer]
-    embeddings = _normed_embeddings(model, submodule(layer_module, model.arch.attn_norm))
     value = _projection_rows(model, layer_module, "v", head)          # d_head d_model
     out = output_weights(model, submodule(layer_module, model.arch.o_proj), model.device)[head]  # d_head d_model
     gain = parameter(submodule(model.hf, model.arch.final_norm), "weight", model.device)
     gain = gain.float() if gain is not None else 1.0
     unembed = parameter(model.hf.get_output_embeddings(), "weight", model.device).float()  # vocab d_model
+    (A,) = _embedded(model, submodule(layer_module, model.arch.attn_norm), value)   # vocab d_head
     with torch.no_grad():
-        A = embeddings @ value.T                                       # vocab d_head
         B = (out * gain) @ unembed.T                                   # d_head vocab
     return FactoredMatrix(A, B, kind=f"OV head.{layer}.{head}", tokenizer=model.tokenizer)
 
@@ -163,11 +168,10 @@ def qk(model, layer: int, head: int) -> FactoredMatrix:
     """The QK circuit of one head: destination token x source token scores."""
     _check_head(model, layer, head)
     layer_module = submodule(model.hf, model.arch.layers)[layer]
-    embeddings = _normed_embeddings(model, submodule(layer_module, model.arch.attn_norm))
-    with torch.no_grad():
-        A = embeddings @ _projection_rows(model, layer_module, "q", head).T
-        B = _projection_rows(model, layer_module, "k", head) @ embeddings.T
-    return FactoredMatrix(A, B, kind=f"QK head.{layer}.{head}", tokenizer=model.tokenizer)
+    A, K = _embedded(model, submodule(layer_module, model.arch.attn_norm),
+                     _projection_rows(model, layer_module, "q", head),
+                     _projection_rows(model, layer_module, "k", head))
+    return FactoredMatrix(A, K.T, kind=f"QK head.{layer}.{head}", tokenizer=model.tokenizer)
 
 
 def composition(model, kind: str = "k"):
@@ -205,7 +209,10 @@ def composition(model, kind: str = "k"):
         ov_left = torch.stack([a for a, _ in ovs])          # heads d_model d_head
         ov_right = torch.stack([b for _, b in ovs])         # heads d_head d_model
         gram_left = ov_left.transpose(1, 2) @ ov_left       # heads d_head d_head
-        norm_ov = torch.linalg.matrix_norm(ov_left @ ov_right)
+        # ||L R||_F^2 = tr(L^T L R R^T): d_head x d_head products, never the d_model x d_model
+        # matrices (all of them at once would be heads x d_model^2 floats).
+        gram_ov_right = ov_right @ ov_right.transpose(1, 2)  # heads d_head d_head
+        norm_ov = (gram_left * gram_ov_right).sum((1, 2)).clamp(min=0).sqrt()
         for j in range(H, n * H):
             earlier = (j // H) * H
             read_left, read_right = reads[j]

@@ -134,19 +134,32 @@ def edge_scores(model, graph: Graph, task: Task, method: str, steps: int, batch_
     alphas = [k / steps for k in range(1, steps + 1)] if method == "eap-ig" else [1.0]
 
     def chunk_scores(rows, clean, corrupt):
-        differences = writer_outputs(model, graph, clean) - writer_outputs(model, graph, corrupt)
         clean_embeds, corrupt_embeds = embeddings(model, clean), embeddings(model, corrupt)
-        readers = torch.zeros(graph.n_downstream, *differences.shape[1:], device=model.device)
+        # Before the first token where a pair differs, every writer's clean and corrupt
+        # outputs are equal (attention is causal): those positions add nothing to a score,
+        # so the readers' gradients are kept from there on only.
+        start = _first_difference(clean, corrupt)
+        readers = torch.zeros(graph.n_downstream, len(rows), clean_embeds.shape[1] - start, model.d_model,
+                              device=model.device)
         for alpha in alphas:
             inputs = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
             with model.gim() if method == "gim" else nullcontext():
-                reader_gradients(model, graph, clean, lambda l: task.metric(l, rows), inputs, readers)
+                reader_gradients(model, graph, clean, lambda l: task.metric(l, rows), inputs, readers, start)
+        # After the gradients, and in place: the largest tensors are never held together.
+        differences = writer_outputs(model, graph, clean)[:, :, start:]
+        differences -= writer_outputs(model, graph, corrupt)[:, :, start:]
         return differences.flatten(1) @ readers.flatten(1).T / len(alphas)
 
     for _, part in task.chunks(chunk_scores, batch_size, f"{method} edge scores"):
         scores += part
     scores = (scores / len(task)).cpu()
     return scores.masked_fill(~graph.valid, float("nan"))
+
+
+def _first_difference(clean, corrupt) -> int:
+    """The first position at which any pair's clean and corrupt tokens differ."""
+    differs = (clean.input_ids != corrupt.input_ids).any(0).nonzero()
+    return int(differs[0]) if len(differs) else clean.input_ids.shape[1]
 
 
 def exact_node_scores(model, graph: Graph, task: Task, batch_size: int | None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from ..arch import hook_value, submodule
 from ..interventions import Context
 from ..lens import output_weights
+from ..memory import frozen_weights, return_to_system
 from ..runner import last_logits
 from .graph import Graph
 
@@ -47,6 +48,7 @@ def _hooked(model, batch):
         for module in attention:
             module.__dict__.pop("mechnb_capture", None)
             module.__dict__.pop("mechnb_split", None)
+        return_to_system()  # a backward frees hundreds of small blocks: hand them back
 
 
 def _layers(model):
@@ -94,10 +96,11 @@ def embeddings(model, batch) -> torch.Tensor:
         return submodule(model.hf, model.arch.embed)(batch.input_ids.to(model.device))
 
 
-def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Tensor, readers: torch.Tensor):
+def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Tensor, readers: torch.Tensor,
+                     start: int = 0):
     """Add d metric / d each reader's input, at the given input embeddings, to `readers`
-    (`downstream batch pos d_model`); `metric(last_logits) -> batch` is summed over
-    rows. Returns the metric values."""
+    (`downstream batch pos d_model`, its positions from `start` on); `metric(last_logits)
+    -> batch` is summed over rows. Returns the metric values."""
     arch = model.arch
     attn_in, mlp_in, final_in, used = {}, {}, {}, {}
 
@@ -108,7 +111,7 @@ def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Te
 
         return clone
 
-    with _hooked(model, batch) as (handles, attention), torch.enable_grad():
+    with _hooked(model, batch) as (handles, attention), torch.enable_grad(), frozen_weights(model.hf):
         for layer, module in enumerate(_layers(model)):
             handles.append(hook_value(submodule(module, arch.attn_norm), "input", branch(attn_in, layer)))
             handles.append(hook_value(submodule(module, arch.mlp_norm), "input", branch(mlp_in, layer)))
@@ -133,11 +136,11 @@ def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Te
                 cotangent[heads, :, heads] = grad.transpose(0, 1)
                 (per_head,) = torch.autograd.grad(used_value, attn_in[layer], cotangent,
                                                   retain_graph=True, is_grads_batched=True)
-                start = graph.head_input(layer, "qkv"[k], 0)
                 # Gradients arrive on each layer's device (device_map); readers is on one.
-                readers[start:start + graph.n_heads] += per_head.to(readers.device)
-            readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer].to(readers.device)
-        readers[graph.logits_input] += grads[-1].to(readers.device)
+                first = graph.head_input(layer, "qkv"[k], 0)
+                readers[first:first + graph.n_heads] += per_head[:, :, start:].to(readers.device)
+            readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer][:, start:].to(readers.device)
+        readers[graph.logits_input] += grads[-1][:, start:].to(readers.device)
     return values.detach()
 
 
