@@ -173,10 +173,12 @@ def check_reachable(url: str | None = None, timeout: float | None = None) -> Non
     outcome: list = []
 
     def attempt():
+        # Every failure is recorded, none raised: an exception escaping a thread is lost to
+        # the caller and reported out of context (a test's, a kernel's) long after.
         try:
             socket.create_connection((name, port), timeout=timeout).close()
             outcome.append(None)
-        except OSError as error:
+        except Exception as error:
             outcome.append(error)
 
     # getaddrinfo takes no timeout, so the whole attempt runs in a thread we stop waiting for.
@@ -186,6 +188,8 @@ def check_reachable(url: str | None = None, timeout: float | None = None) -> Non
     if outcome and outcome[0] is None:
         return
     error = outcome[0] if outcome else TimeoutError(f"no answer within {timeout:g} s")
+    if not isinstance(error, OSError):
+        raise RemoteError(f"cannot check NDIF at {url}: {type(error).__name__}: {error}. {_network_help()}")
     raise RemoteError(f"cannot reach NDIF at {url}: {_reason(error, name, port)}. {_network_help()}")
 
 

@@ -262,14 +262,35 @@ def test_nnsights_own_connection_errors_are_translated(model, monkeypatch):
 
 
 def test_a_name_lookup_that_hangs_is_cut_short(model, monkeypatch):
+    import threading
+
+    released = threading.Event()
+
     def stuck(*args, **kwargs):  # getaddrinfo takes no timeout: a dead resolver hangs it
-        time.sleep(30)
+        released.wait(30)
+        raise socket.gaierror("released by the test")
 
     monkeypatch.setattr(socket, "create_connection", stuck)
     monkeypatch.setattr(remote, "CONNECT_TIMEOUT", 0.5)
-    with pytest.raises(RemoteError, match="did not answer in time") as error:
-        remote_trace(model, seconds=5)
-    assert "api.ndif.us:443" in one_line(error)
+    try:
+        with pytest.raises(RemoteError, match="did not answer in time") as error:
+            remote_trace(model, seconds=5)
+        assert "api.ndif.us:443" in one_line(error)
+    finally:
+        # The check's thread ends inside this test, not in a later one that no longer patches
+        # the socket module.
+        released.set()
+        checks = [t for t in threading.enumerate() if t.name == "mechnb-ndif-check"]
+        for thread in checks:
+            thread.join(5)
+        assert not any(thread.is_alive() for thread in checks)
+
+
+def test_an_unexpected_failure_of_the_reachability_check_is_one_line(model, monkeypatch):
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: None)  # no socket back
+    with pytest.raises(RemoteError, match="cannot check NDIF at") as error:
+        remote.check_reachable(timeout=1)
+    one_line(error)
 
 
 def local_port() -> int:
