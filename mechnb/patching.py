@@ -79,8 +79,18 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
             source_metric = metric_fn(source_logits)[0].item()
             if method == "exact":
                 target_metric = metric_fn(target_logits)[0].item()
-                rows = [Row([grid.edit(cell, source_cache)]) for cell in grid.cells]
-                values = run_rows(model, target_run, rows, chunks, bar, metric=metric_fn)
+                values = torch.full((grid.size,), target_metric)
+                # Before the first token where the two prompts differ, both runs computed the
+                # same values (attention is causal): a patch there changes nothing, and a patch
+                # of every position needs to write only from there on.
+                start = first_difference(model.tokens(source), model.tokens(target))
+                edits = [grid.edit(cell, source_cache, start) for cell in grid.cells]
+                needed = [i for i, edit in enumerate(edits) if edit is not None]
+                if needed:
+                    values[needed] = run_rows(model, target_run, [Row([edits[i]]) for i in needed],
+                                              chunks, bar, metric=metric_fn)
+                if bar is not None:
+                    bar.update(grid.size - len(needed))
             else:
                 target_metric, values = effects(metric_fn)
                 values = target_metric + values
@@ -365,11 +375,17 @@ class Grid:
     def size(self) -> int:
         return len(self.cells)
 
-    def edit(self, cell, source_cache) -> Edit:
-        """The edit that puts the source run's value into one cell."""
+    def edit(self, cell, source_cache, start: int = 0) -> Edit | None:
+        """The edit that puts the source run's value into one cell, at positions from `start`
+        on (where the source run can differ from the target); None if it has none there."""
         site, positions = cell
         site = Site(site.kind, site.layer, site.index)
         full = source_cache[site.base.name]
+        if start:
+            n = full.shape[2] if site.kind == "pattern" else full.shape[1]
+            positions = [p for p in (range(n) if positions is None else positions) if p >= start]
+            if not positions:
+                return None
         index = None if positions is None else torch.tensor([positions])
         return Edit(site, positions, read_part(full, site, index))
 
@@ -400,6 +416,11 @@ class Grid:
             labels["pos"] = [f"{t!r}" for t in self.tokens]
         meta = {**meta, "axes": names, "labels": labels}
         return Result(values, pd.DataFrame(rows, columns=columns), meta)
+
+
+def first_difference(tokens: list[str], others: list[str]) -> int:
+    """The first position at which two prompts' tokens differ (their length if none does)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, others)) if a != b), min(len(tokens), len(others)))
 
 
 def _concrete(model, sites, what: str) -> list[Site]:

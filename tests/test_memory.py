@@ -157,8 +157,9 @@ def test_a_halved_size_holds_for_every_later_group_and_pair(tiny_factory, monkey
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = model.patch(sites="resid_pre.*", batch_size=3, **pairs)
-    # 14 positions x 2 pairs, each a group of 3 layers: one failed try, then single rows.
-    assert sizes == [3] + [1] * (3 * 14 * 2)
+    # Positions 9-13 (the prompts differ from 9 on; earlier patches change nothing and do not
+    # run) x 2 pairs, each a group of 3 layers: one failed try, then single rows.
+    assert sizes == [3] + [1] * (3 * 5 * 2)
     assert torch.allclose(result.values, expected.values, atol=1e-6)
     assert len(warned(caught)) == 1
 
