@@ -266,7 +266,7 @@ def test_an_sae_on_the_embedded_model(real):
 
     store = real.collect("resid_post.12", python_docs(), n_tokens=40_000, batch_size=32, progress=False)
     sae = train(store, kind="topk", d_sae=1152, k=32, batch_size=1024, epochs=3, progress=False)
-    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=4_000).T.values))
+    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=3_000).T.values))
     assert metrics["l0"] <= 32
     assert metrics["cosine"] > 0.8 and metrics["fvu"] < 0.5
     assert metrics["loss_recovered"] > 0.6
@@ -281,8 +281,8 @@ def test_an_sae_on_the_embedded_model(real):
         real.detach(sae)
     # Labels from the embedded instruct model, scored by simulation on held-out contexts.
     sae.record_contexts(real, python_docs("eval"), n_tokens=10_000, per_feature=20)
-    firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:8]
+    firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:4]
     labels = sae.label(firing, labeler="local", n_examples=20, cache_dir=str(real_tmp(real)))
-    assert len(labels) == 8 and all(isinstance(t, str) and t.strip() for t in labels.label)
-    # Measured: mean simulation score 0.25 against -0.01 for shuffled activations (8 features).
+    assert len(labels) == 4 and all(isinstance(t, str) and t.strip() for t in labels.label)
+    # Measured: mean simulation score 0.35 against -0.02 for shuffled activations (4 features).
     assert labels.score.mean() > labels.shuffled_score.mean() + 0.05

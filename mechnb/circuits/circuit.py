@@ -81,20 +81,18 @@ class Circuit:
         import pandas as pd
 
         graph = self.graph
-        rows = []
-        for (u, v), score in zip(self._items(), self._flat().tolist()):
-            if self.level == "node":
-                if self.kept[u]:
-                    rows.append({"node": graph.upstream[u], "score": score})
-                continue
-            if not self.kept[u, v]:
-                continue
-            reader = graph.downstream[v]
-            node, _, kind = reader.partition(":")
-            rows.append({"edge": graph.edge_name(u, v), "upstream": graph.upstream[u], "downstream": node,
-                         "input": kind or None, "score": score})
-        df = pd.DataFrame(rows, columns=["node", "score"] if self.level == "node"
-                          else ["edge", "upstream", "downstream", "input", "score"])
+        if self.level == "node":
+            nodes = self.kept[1:].nonzero().flatten() + 1
+            df = pd.DataFrame({"node": [graph.upstream[u] for u in nodes.tolist()],
+                               "score": self.scores[nodes].tolist()}, columns=["node", "score"])
+        else:
+            u, v = (self.kept & graph.valid).nonzero(as_tuple=True)
+            upstream = [graph.upstream[i] for i in u.tolist()]
+            readers = [graph.downstream[j].partition(":") for j in v.tolist()]
+            df = pd.DataFrame({"edge": [f"{a} -> {b}{c}{k}" for a, (b, c, k) in zip(upstream, readers)],
+                               "upstream": upstream, "downstream": [b for b, _, _ in readers],
+                               "input": [k or None for _, _, k in readers], "score": self.scores[u, v].tolist()},
+                              columns=["edge", "upstream", "downstream", "input", "score"])
         if len(df):
             df = df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
         return df

@@ -59,7 +59,7 @@ class Graph:
     def n_upstream(self) -> int:
         return 1 + self.n_layers * (self.n_heads + 1)
 
-    @property
+    @cached_property
     def upstream(self) -> list[str]:
         names = ["embed"]
         for layer in range(self.n_layers):
@@ -81,7 +81,7 @@ class Graph:
     def n_downstream(self) -> int:
         return self.logits_input + 1
 
-    @property
+    @cached_property
     def downstream(self) -> list[str]:
         names = []
         for layer in range(self.n_layers):

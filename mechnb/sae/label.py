@@ -46,9 +46,15 @@ def record_contexts(sae, model, texts, n_tokens: int = 20_000, per_feature: int 
     windows = _windows(model, documents, context, n_tokens)
     store = collect(model, sae.site, windows, n_tokens=n_tokens, context=context, progress=False)
     x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
+    # Collection keeps positions 1.. of each window, window after window: row of (window, position).
+    first_row, count = [], 0
+    for ids in windows:
+        first_row.append(count)
+        count += len(ids) - 1
     owners = [(w, p) for w, ids in enumerate(windows) for p in range(1, len(ids))][: len(x)]
     best_values = torch.full((per_feature, sae.d_sae), -1.0)
     best_rows = torch.zeros((per_feature, sae.d_sae), dtype=torch.long)
+    active_rows, active_features, active_values = [], [], []
     with torch.no_grad():
         for start in range(0, len(x), 2048):
             acts = sae.encode(x[start:start + 2048]).float().cpu()
@@ -56,22 +62,33 @@ def record_contexts(sae, model, texts, n_tokens: int = 20_000, per_feature: int 
             rows = torch.cat([best_rows, torch.arange(start, start + len(acts))[:, None].expand_as(acts)])
             top = values.topk(per_feature, dim=0)
             best_values, best_rows = top.values, rows.gather(0, top.indices)
+            # Every row is encoded once, here; windows read their feature's values from these
+            # (sparse: a few active features a token) instead of encoding their rows again.
+            row, feature = acts.nonzero(as_tuple=True)
+            active_rows.append(row + start)
+            active_features.append(feature)
+            active_values.append(acts[row, feature])
+    by_feature = _ByFeature(torch.cat(active_rows), torch.cat(active_features), torch.cat(active_values),
+                            sae.d_sae)
     generator = torch.Generator().manual_seed(0)
     quiet_pool = torch.randperm(len(x), generator=generator)[: 4 * per_feature]
     with torch.no_grad():
         quiet_acts = sae.encode(x[quiet_pool]).float().cpu()
+    pieces: dict[int, str] = {}
+
+    def token(i: int) -> str:
+        if i not in pieces:
+            pieces[i] = model.tokenizer.decode([i])
+        return pieces[i]
 
     def window_of(row, feature):
         window, position = owners[row]
         ids = windows[window]
         start = max(1, position - WINDOW_BEFORE)
         stop = min(len(ids), position + WINDOW_AFTER)
-        rows = [i for i, (w, p) in enumerate(owners[max(0, row - WINDOW_BEFORE):row + WINDOW_AFTER],
-                                             start=max(0, row - WINDOW_BEFORE)) if w == window and start <= p < stop]
-        with torch.no_grad():
-            values = sae.encode(x[rows])[:, feature].float().tolist()
-        tokens = [model.tokenizer.decode([t]) for t in ids[start:stop]]
-        return {"tokens": tokens, "values": values, "focus": position - start,
+        rows = [r for r in range(first_row[window] + start - 1, first_row[window] + stop - 1) if r < len(x)]
+        values = by_feature.values(feature, rows)
+        return {"tokens": [token(t) for t in ids[start:stop]], "values": values, "focus": position - start,
                 "activation": max(values) if values else 0.0}
 
     contexts = {}
@@ -84,6 +101,26 @@ def record_contexts(sae, model, texts, n_tokens: int = 20_000, per_feature: int 
         contexts[feature] = {"positive": positive, "negative": negative}
     sae.contexts = contexts
     return contexts
+
+
+class _ByFeature:
+    """Non-zero activations grouped by feature: `values(feature, rows)` reads one feature's
+    activation at given rows (0 where it is silent) without encoding them again."""
+
+    def __init__(self, rows, features, values, d_sae: int):
+        order = torch.argsort(features * (int(rows.max()) + 1 if len(rows) else 1) + rows)
+        self.rows, self.data = rows[order], values[order]
+        self.bounds = torch.cat([torch.zeros(1, dtype=torch.long),
+                                 torch.bincount(features, minlength=d_sae).cumsum(0)]).tolist()
+
+    def values(self, feature: int, rows: list[int]) -> list[float]:
+        lo, hi = self.bounds[feature], self.bounds[feature + 1]
+        if lo == hi or not rows:
+            return [0.0] * len(rows)
+        own, data = self.rows[lo:hi], self.data[lo:hi]
+        wanted = torch.tensor(rows)
+        at = torch.searchsorted(own, wanted).clamp(max=hi - lo - 1)
+        return torch.where(own[at] == wanted, data[at], 0.0).tolist()
 
 
 def label(sae, features, labeler="local", n_examples: int = 20, cache_dir=None):
@@ -212,9 +249,18 @@ def _chat_text(model, prompt: str) -> str:
 
 
 def _local_ask(prompt: str) -> str:
+    """The local model's greedy answer, decoded with transformers' key/value cache: its own
+    model has no interventions, so the tokens are those `model.generate` gives, without
+    recomputing a prompt of hundreds of tokens at every step."""
+    from ..batch import Batch
+
     model = _local()
-    result = model.generate(_chat_text(model, prompt), max_new_tokens=12)
-    return result.df.continuation[0]
+    batch = Batch.of(model.tokenizer, _chat_text(model, prompt))
+    with torch.no_grad():
+        out = model.hf.generate(**batch.inputs(model.device), max_new_tokens=12, do_sample=False,
+                                top_p=None, top_k=None, temperature=None,
+                                pad_token_id=model.tokenizer.eos_token_id)
+    return model.tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
 
 
 def _local_judge(label_text: str, contexts) -> list[float]:
