@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(VENV)/bin/python
 
 # Convert the embedded GGUF once and cache it as safetensors (about 30 s the first time).
 model: setup
-	$(PY) -m mechnb.embedded
+	$(PY) -m mechnb.core.embedded
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)

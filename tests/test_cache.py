@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import PROMPT
-from mechnb.errors import SiteError
+from mechnb import SiteError
 
 
 def test_cache_shapes_padding_and_lookups(tiny_factory):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import PARIS
-from mechnb.causal import CausalTraceError, subject_positions
+from mechnb import CausalTraceError
+from mechnb.methods.causal import subject_positions
 
 
 def test_subject_positions_cover_the_subject_tokens(tiny_factory):

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from mechnb.checks import as_list, is_int
+from mechnb.core.checks import as_list, is_int
 
 
 def test_is_int_refuses_bools_and_floats():

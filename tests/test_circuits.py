@@ -9,9 +9,10 @@ import torch
 
 from conftest import ARCH_NAMES, PROMPT
 
-from mechnb.circuits import Circuit, CircuitError, Graph
+from mechnb import CircuitError
+from mechnb.circuits import Circuit, Graph
 from mechnb.circuits import engine
-from mechnb.errors import ModelError
+from mechnb import ModelError
 
 CLEAN = [PROMPT, "When Alice and Bob went to the park, Bob gave a ball to"]
 CORRUPT = [PROMPT.replace("John gave", "Mary gave"), "When Alice and Bob went to the park, Alice gave a ball to"]
@@ -95,7 +96,7 @@ def llama(tiny_factory):
 
 
 def test_hand_forward_equals_the_model(llama):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     batch = Batch.of(llama.tokenizer, PROMPT)
     with torch.no_grad():
@@ -104,7 +105,7 @@ def test_hand_forward_equals_the_model(llama):
 
 
 def test_reader_gradients_equal_autograd_through_separate_head_inputs(llama):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     graph = Graph.of(llama)
     batch = Batch.of(llama.tokenizer, PROMPT)
@@ -125,7 +126,7 @@ def test_reader_gradients_equal_autograd_through_separate_head_inputs(llama):
                                   ("mlp_out.0", "head.1.0:q"), ("head.1.3", "mlp_out.1"),
                                   ("head.2.0", "logits")])
 def test_patching_one_edge_equals_the_hand_written_reference(llama, edge):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     graph = Graph.of(llama)
     clean, corrupt = Batch.of(llama.tokenizer, CLEAN[0]), Batch.of(llama.tokenizer, CORRUPT[0])
@@ -171,7 +172,7 @@ def test_families_that_normalise_the_sum_of_heads_get_a_clear_error(tiny_factory
 
 def test_eap_scores_are_gradient_times_output_difference(llama):
     circuit = llama.circuit(CLEAN[:1], CORRUPT[:1], ANSWERS[0], WRONGS[0], method="eap")
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     clean, corrupt = Batch.of(llama.tokenizer, CLEAN[0]), Batch.of(llama.tokenizer, CORRUPT[0])
     with torch.no_grad():
@@ -262,7 +263,7 @@ def test_random_ranking_and_cpr_cmd_follow_the_trapezoid_rule(llama):
 
 
 def _clean_state(model, before):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     batch = Batch.of(model.tokenizer, PROMPT)
     with torch.no_grad():
@@ -290,7 +291,7 @@ def _clean_state(model, before):
      "divides by their difference"),
 ])
 def test_bad_input_gets_a_clear_error_and_leaves_the_model_clean(llama, call, message):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     with torch.no_grad():
         before = llama.hf(**Batch.of(llama.tokenizer, PROMPT).inputs("cpu")).logits
@@ -300,7 +301,7 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_model_clean(llama, call, me
 
 
 def test_an_exception_inside_a_patched_run_leaves_the_model_clean(llama):
-    from mechnb.batch import Batch
+    from mechnb.core.batch import Batch
 
     with torch.no_grad():
         before = llama.hf(**Batch.of(llama.tokenizer, PROMPT).inputs("cpu")).logits
@@ -351,7 +352,7 @@ def test_ioi_circuit_of_the_embedded_model_beats_random(real):
 @pytest.mark.slow
 def test_embedded_model_prefers_later_years_in_greater_than(real):
     from mechnb.datasets import greater_than
-    from mechnb.circuits.discover import Task
+    from mechnb.circuits import Task
 
     pairs = greater_than(16, real.tokenizer, seed=0)
     task = Task(real, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT
-from mechnb.errors import SiteError
+from mechnb import CoactivationError, SiteError
 
 TEXTS = [PROMPT, PARIS, "def add(a, b):\n    return a + b", "The quick brown fox jumps over the lazy dog."]
 
@@ -35,10 +35,11 @@ def test_kmeans_groups_units_by_correlation(tiny_factory):
     assert max(within) > overall  # clusters hold units that fire together more than average
 
 
-@pytest.mark.parametrize("args, message", [(("pattern.1", TEXTS), "per-token vector"),
-                                           (("mlp_out.1", []), "non-empty"),
-                                           (("mlp_out.1", TEXTS, 0), "components"),
-                                           (("mlp_out.1", TEXTS, 3, "ica"), "unknown method")])
-def test_bad_coactivation_input_gets_a_clear_error(tiny_factory, args, message):
-    with pytest.raises(SiteError, match=message):
+@pytest.mark.parametrize("args, error, message", [(("pattern.1", TEXTS), SiteError, "per-token vector"),
+                                                  (("mlp_out.1", []), CoactivationError, "non-empty"),
+                                                  (("mlp_out.1", TEXTS, 0), CoactivationError, "components"),
+                                                  (("mlp_out.1", TEXTS, 3, "ica"), CoactivationError,
+                                                   "unknown method")])
+def test_bad_coactivation_input_gets_a_clear_error(tiny_factory, args, error, message):
+    with pytest.raises(error, match=message):
         tiny_factory("llama").coactivation(*args)

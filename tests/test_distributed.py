@@ -14,7 +14,7 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, build_hf
-from mechnb.errors import ModelError
+from mechnb import ModelError
 from mechnb.model import Model
 
 CLEAN = PROMPT
@@ -135,7 +135,7 @@ def test_an_sae_spliced_into_an_offloaded_layer_and_collected_activations_match(
 
 
 def test_a_weight_edit_of_an_offloaded_layer_is_refused(spread):
-    from mechnb.rome import EditError
+    from mechnb import EditError
 
     with pytest.raises(EditError, match="layer 1's MLP is offloaded"):
         spread.edit(PARIS, "Eiffel Tower", " Rome", layer=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT
-from mechnb.generation import GenerationError
+from mechnb import GenerationError
 
 
 def hf_greedy(model, prompt, n):

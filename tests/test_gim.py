@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PROMPT, build_hf
-from mechnb.arch import submodule
-from mechnb.hookpoints import ATTN_IMPLEMENTATION
+from mechnb.core.arch import submodule
+from mechnb.core.hookpoints import ATTN_IMPLEMENTATION
 
 NEUTRAL = dict(freeze_norm=False, softmax_temperature=1.0, q_scale=1.0, k_scale=1.0, v_scale=1.0,
                gate_scale=1.0, up_scale=1.0)
@@ -227,7 +227,7 @@ def test_component_attribution(tiny_factory):
 
 
 def test_attribution_stability_compares_ranks_across_paraphrases_and_steps(tiny_factory):
-    from mechnb.errors import MechnbError
+    from mechnb import MechnbError
 
     model = tiny_factory("llama")
     heads = model.attribute(PROMPT, method="grad_x_input", sites="head.*.*")

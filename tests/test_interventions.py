@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PROMPT, clean_logits
-from mechnb.errors import SiteError
-from mechnb.interventions import Ablate, Hook
+from mechnb import InterventionError, SiteError
+from mechnb.core.interventions import Ablate, Hook
 
 REFS = ["The cat sat on the mat", "A dog ran home quickly today"]
 
@@ -136,14 +136,14 @@ def test_interventions_are_data(tiny_factory):
 
 def test_bad_ablations_are_refused_and_leave_nothing(tiny_factory):
     model = tiny_factory("llama")
-    for kwargs, text in [(dict(sites="head.9.0"), "out of range"),
-                         (dict(sites="head.1.0", mode="average"), "unknown ablation mode"),
-                         (dict(sites="head.1.0", mode="mean"), "needs reference prompts"),
-                         (dict(sites="pattern.1", mode="mean", ref=REFS), "undefined"),
-                         (dict(sites="logits"), "ablating the logits"),
-                         (dict(sites=[]), "at least one site")]:
-        with pytest.raises(SiteError, match=text):
+    for kwargs, error, text in [(dict(sites="head.9.0"), SiteError, "out of range"),
+                                (dict(sites="head.1.0", mode="average"), InterventionError, "unknown ablation mode"),
+                                (dict(sites="head.1.0", mode="mean"), InterventionError, "needs reference prompts"),
+                                (dict(sites="pattern.1", mode="mean", ref=REFS), SiteError, "undefined"),
+                                (dict(sites="logits"), SiteError, "ablating the logits"),
+                                (dict(sites=[]), SiteError, "at least one site")]:
+        with pytest.raises(error, match=text):
             model.ablate(**kwargs)
     assert model.interventions == []
-    with pytest.raises(SiteError, match="hook takes a function"):
+    with pytest.raises(InterventionError, match="hook takes a function"):
         model.hook("head.1.0", 3)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT, clean_logits
-from mechnb.magics import split_args
-from mechnb.errors import MagicError
+from mechnb.notebook.magics import split_args
+from mechnb import MagicError
 
 
 def assert_one_line_errors(shell, capsys, cases):

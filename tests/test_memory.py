@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT, clean_logits
-from mechnb.arch import submodule
-from mechnb.errors import MechnbError, MemoryBudgetError
-from mechnb.memory import Chunks, OutOfMemoryWarning, is_out_of_memory
+from mechnb.core.arch import submodule
+from mechnb import MechnbError, MemoryBudgetError
+from mechnb import OutOfMemoryWarning
+from mechnb.core.memory import Chunks, is_out_of_memory
 
 CLEAN, CORRUPT = PROMPT, "When Mary and John went to the store, Mary gave a drink to"
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity; "
@@ -54,7 +55,7 @@ def hook_counts(model) -> dict:
 
 def assert_clean(model, hooks_before) -> None:
     """No trace open, no hook or attribute left behind, and a forward equal to a clean one."""
-    assert model._trace is None and model._context is None and model.interventions == []
+    assert model._trace is None and model.context is None and model.interventions == []
     assert hook_counts(model) == hooks_before
     for module in model.hf.modules():
         assert not {"mechnb_prefix", "mechnb_record", "mechnb_capture", "mechnb_split"} & set(vars(module))
@@ -131,7 +132,7 @@ def test_other_errors_pass_through_on_the_first_try():
 # -- patching, path patching, causal tracing -----------------------------------------------
 
 def test_patch_halves_its_chunks_and_equals_a_run_that_fits(tiny_factory, monkeypatch):
-    from mechnb import runner
+    from mechnb.core import runner
 
     model = tiny_factory("llama")
     args = dict(answer=" Mary", wrong=" John", per_position=False, batch_size=12, progress=False)
@@ -147,7 +148,7 @@ def test_patch_halves_its_chunks_and_equals_a_run_that_fits(tiny_factory, monkey
 
 
 def test_a_halved_size_holds_for_every_later_group_and_pair(tiny_factory, monkeypatch):
-    from mechnb import runner
+    from mechnb.core import runner
 
     model = tiny_factory("llama")
     pairs = dict(clean=[CLEAN, CLEAN], corrupt=[CORRUPT, CORRUPT], answer=" Mary", wrong=" John",
@@ -165,7 +166,7 @@ def test_a_halved_size_holds_for_every_later_group_and_pair(tiny_factory, monkey
 
 
 def test_path_patch_and_causal_trace_finish_with_the_same_values(tiny_factory, monkeypatch):
-    from mechnb import runner
+    from mechnb.core import runner
 
     model = tiny_factory("llama")
     path_args = dict(answer=" Mary", wrong=" John", batch_size=8, progress=False)
@@ -186,7 +187,7 @@ def test_path_patch_and_causal_trace_finish_with_the_same_values(tiny_factory, m
 
 
 def test_running_out_of_memory_on_one_row_leaves_the_model_clean(tiny_factory, monkeypatch):
-    from mechnb import runner
+    from mechnb.core import runner
 
     model = tiny_factory("llama")
     hooks = hook_counts(model)
@@ -218,7 +219,7 @@ def test_running_out_of_memory_on_one_row_leaves_the_model_clean(tiny_factory, m
 
 
 def test_other_errors_in_a_sweep_are_not_swallowed(tiny_factory, monkeypatch):
-    from mechnb import runner
+    from mechnb.core import runner
 
     model = tiny_factory("llama")
     hooks = hook_counts(model)
@@ -296,7 +297,7 @@ def test_cache_in_chunks_equals_one_run(tiny_factory):
 
 
 def test_cache_halves_its_chunks_when_one_runs_out_of_memory(tiny_factory, monkeypatch):
-    from mechnb import cache
+    from mechnb.core import cache
 
     model = tiny_factory("llama")
     whole = model.cache(TEXTS, SITES)
@@ -352,7 +353,8 @@ def test_collect_to_disk_halves_its_batches_and_equals_a_run_that_fits(tiny_fact
 
 
 def test_head_detection_and_coactivation_halve_their_chunks(tiny_factory, monkeypatch):
-    from mechnb import cache, heads
+    from mechnb.core import cache
+    from mechnb.methods import heads
 
     model = tiny_factory("llama")
     expected_heads = model.detect_heads(["induction", "previous_token"], n_samples=6)

@@ -10,7 +10,7 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, build_hf, clean_logits
-from mechnb.errors import ModelError
+from mechnb import ModelError
 from mechnb.model import Model
 
 
@@ -137,7 +137,7 @@ def test_embedded_load_touches_no_network(monkeypatch, embedded_dir):
 
 @pytest.mark.slow
 def test_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
-    from mechnb import embedded
+    from mechnb.core import embedded
 
     monkeypatch.setenv("MECHNB_CACHE", str(tmp_path))
     model = mechnb.load(embedded.gguf_file())

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import PROMPT
-from mechnb.arch import submodule
-from mechnb.errors import MechnbError
-from mechnb.patching import PatchError
+from mechnb.core.arch import submodule
+from mechnb import MechnbError
+from mechnb import PatchError
 
 CLEAN = PROMPT
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -87,8 +87,10 @@ def test_result_shapes_and_tidy_frame(tiny_factory):
     heads = model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John", per_position=False)
     assert heads.values.shape == (3, 4)
     assert list(heads.df.columns) == ["layer", "head", "value"]
-    per_pos = model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John")
+    per_pos = model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John", per_position=True)
     assert per_pos.values.shape == (3, 4, n)
+    # The default sweeps positions for the residual stream, not for components.
+    assert model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John").values.shape == (3, 4)
     both = model.patch(CLEAN, CORRUPT, ["attn_out.*", "mlp_out.*"], answer=" Mary", wrong=" John")
     assert both.values.shape == (2, 3, n) and both.meta["axes"] == ["site", "layer", "pos"]
     last = model.patch(CLEAN, CORRUPT, "resid_pre.*@-1", answer=" Mary", wrong=" John")
@@ -216,7 +218,7 @@ def test_failure_halfway_through_a_sweep_leaves_the_model_clean(tiny_factory, er
         model.patch(CLEAN, CORRUPT, "resid_pre.*", metric=failing, batch_size=4)
     assert len(calls) == 3
     assert hooks_left(model) == before_hooks
-    assert model._context is None and len(model.interventions) == 1
+    assert model.context is None and len(model.interventions) == 1
     for layer in submodule(model.hf, model.arch.layers):
         assert not hasattr(submodule(layer, model.arch.attn), "mechnb_prefix")
         assert not hasattr(submodule(layer, model.arch.attn), "mechnb_record")
@@ -283,7 +285,7 @@ def test_path_patching_to_the_final_residual_is_activation_patching(tiny_factory
 
 
 def test_result_round_trips_through_save(tiny_factory, tmp_path):
-    from mechnb.results import Result
+    from mechnb.display.results import Result
 
     model = tiny_factory("llama")
     result = model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John", per_position=False)

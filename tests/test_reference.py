@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mechnb import reference
-from mechnb.magics import MechnbMagics
+from mechnb.notebook import reference
+from mechnb.notebook.magics import MechnbMagics
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -31,7 +31,7 @@ def usages() -> dict[str, str]:
 
 def test_the_readme_table_is_the_generated_one():
     text = README.read_text(encoding="utf-8")
-    assert reference.readme_block() in text, "run `python -m mechnb.reference` to regenerate the README table"
+    assert reference.readme_block() in text, "run `python -m mechnb.notebook.reference` to regenerate the README table"
 
 
 def test_mechnb_help_prints_the_reference(shell, capsys):

@@ -28,17 +28,19 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, clean_logits
-from mechnb.causal import CausalTraceError
-from mechnb.circuits.discover import CircuitError
-from mechnb.errors import MechnbError, ModelError, SiteError, TraceError
-from mechnb.generation import GenerationError
-from mechnb.interventions import Intervention, InterventionError
-from mechnb.metrics import MetricError
-from mechnb.patching import PatchError
-from mechnb.rome import EditError
+from mechnb import CausalTraceError
+from mechnb import CircuitError
+from mechnb import (ArgumentError, CoactivationError, HeadError, LensError, MechnbError, ModelError, PromptError,
+                    SiteError, SteerError, TraceError, ViewError, WeightError)
+from mechnb import GenerationError
+from mechnb import InterventionError
+from mechnb.core.interventions import Intervention
+from mechnb import MetricError
+from mechnb import PatchError
+from mechnb import EditError
 from mechnb.sae import SAE
-from mechnb.sae.model import SAEError
-from mechnb.sae.store import StoreError
+from mechnb import SAEError
+from mechnb import StoreError
 
 CORRUPT = PROMPT.replace("John gave", "Mary gave")
 EVIL = "<script>alert(1)</script> café 日本語 🙂"
@@ -126,7 +128,7 @@ class Guard:
 
     def assert_clean(self) -> None:
         model, baseline = self.model, self.baseline
-        assert model._trace is None and model._context is None, "a trace was left open"
+        assert model._trace is None and model.context is None, "a trace was left open"
         assert len(model.interventions) == len(self.interventions) and all(
             a is b for a, b in zip(model.interventions, self.interventions)), model.interventions
         assert module_hooks(model) == self.hooks, "hooks left on modules"
@@ -134,7 +136,7 @@ class Guard:
         assert mechnb_attributes(model) == self.attributes, "mechnb_* attributes left on modules"
         assert model.nn is self.nn, "the nnsight wrapper was replaced"
         assert [name for name, _ in model.hf.named_modules()] == baseline.modules, "modules added"
-        assert model.edits == [] and model._edit_base == {}, "a weight edit was left"
+        assert model.edits == [] and model.weight_edits._base == {}, "a weight edit was left"
         assert torch.is_grad_enabled() and not model.hf.training, "autograd or training mode switched"
         assert model.hf.config._attn_implementation == "mechnb"
         assert all(p.grad is None for p in model.hf.parameters()), "gradients left on weights"
@@ -246,17 +248,17 @@ L = "llama"
 # -- 1. prompts, sites, traces and caches -----------------------------------------------
 
 TRACE_CASES = [
-    case(L, lambda m: m.cache(None, "logits"), TraceError, "got NoneType", "non-empty list of strings",
+    case(L, lambda m: m.cache(None, "logits"), PromptError, "got NoneType", "non-empty list of strings",
          id="cache-prompt-None"),
-    case(L, lambda m: m.cache(5, "logits"), TraceError, "got int 5", "a string or a non-empty list",
+    case(L, lambda m: m.cache(5, "logits"), PromptError, "got int 5", "a string or a non-empty list",
          id="cache-prompt-int"),
-    case(L, lambda m: m.cache({"a": 1}, "logits"), TraceError, "got dict", "list of strings",
+    case(L, lambda m: m.cache({"a": 1}, "logits"), PromptError, "got dict", "list of strings",
          id="cache-prompt-dict"),
-    case(L, lambda m: m.cache([], "logits"), TraceError, "got an empty list", "non-empty list",
+    case(L, lambda m: m.cache([], "logits"), PromptError, "got an empty list", "non-empty list",
          id="cache-prompt-empty-list"),
-    case(L, lambda m: m.cache(torch.tensor([[-5]]), "logits"), TraceError, "token id -5", "0 or more",
+    case(L, lambda m: m.cache(torch.tensor([[-5]]), "logits"), PromptError, "token id -5", "0 or more",
          id="cache-token-id-negative"),
-    case(L, lambda m: m.cache(torch.tensor([[10 ** 7]]), "logits"), TraceError, "token id 10000000",
+    case(L, lambda m: m.cache(torch.tensor([[10 ** 7]]), "logits"), PromptError, "token id 10000000",
          "ids 0-49151", id="cache-token-id-huge"),
     case(L, lambda m: m.cache(PROMPT, None), SiteError, "not NoneType", "'resid_post.5'", id="cache-site-None"),
     case(L, lambda m: m.cache(PROMPT, "resid_post."), SiteError, "bad layer ''", "an int, a range",
@@ -273,9 +275,10 @@ TRACE_CASES = [
          id="cache-sae-feature-without-sae"),
     case("gpt_neox", lambda m: m.cache(PROMPT, "resid_mid.1"), SiteError, "in parallel",
          "use resid_pre or resid_post", id="cache-resid-mid-of-parallel-neox"),
-    case("gpt2", lambda m: m.cache("hello " * 200, "logits"), TraceError, "201 tokens", "128 positions",
+    case("gpt2", lambda m: m.cache("hello " * 200, "logits"), PromptError, "201 tokens", "128 positions",
          id="cache-gpt2-prompt-beyond-its-positions"),
-    case(L, lambda m: m.top(PROMPT, k=0), TraceError, "k must be a positive int", "got 0", id="top-k-zero"),
+    case(L, lambda m: m.top(PROMPT, k=0), ArgumentError, "k, the tokens listed, must be a positive int", "got 0",
+         id="top-k-zero"),
     case(L, nested_traces, TraceError, "already running", "do not nest", id="trace-nested"),
     case(L, read_out_of_order, SiteError, "resid_post.0", "in the order the model computes them",
          id="trace-read-out-of-order"),
@@ -289,30 +292,30 @@ TRACE_CASES = [
 
 INTERVENTION_CASES = [
     case(L, lambda m: m.ablate(None), SiteError, "not NoneType", "'resid_post.5'", id="ablate-site-None"),
-    case(L, lambda m: m.ablate("head.1.0", mode="average"), SiteError, "unknown ablation mode 'average'",
+    case(L, lambda m: m.ablate("head.1.0", mode="average"), InterventionError, "unknown ablation mode 'average'",
          "zero, mean, resample", id="ablate-unknown-mode"),
-    case(L, lambda m: m.ablate("head.1.0", mode="mean"), SiteError, "needs reference prompts", "ref=[",
+    case(L, lambda m: m.ablate("head.1.0", mode="mean"), InterventionError, "needs reference prompts", "ref=[",
          id="ablate-mean-without-ref"),
-    case(L, lambda m: m.ablate("head.1.0", mode="mean", ref=5), TraceError, "got int 5", "list of strings",
+    case(L, lambda m: m.ablate("head.1.0", mode="mean", ref=5), PromptError, "got int 5", "list of strings",
          id="ablate-mean-ref-int"),
     case(L, lambda m: m.ablate("head.1.0", mode="resample", ref=[PROMPT], seed="x"), InterventionError,
          "seed must be an int", "'x'", id="ablate-seed-string"),
     case(L, lambda m: m.ablate("logits"), SiteError, "ablating the logits", "ablate a component",
          id="ablate-logits"),
-    case(L, lambda m: m.hook("head.1.0", 5), SiteError, "hook takes a function", "got int",
+    case(L, lambda m: m.hook("head.1.0", 5), InterventionError, "hook takes a function", "got int",
          id="hook-not-callable"),
     case(L, lambda m: m.remove(5), InterventionError, "got 5", "model.interventions", id="remove-int"),
-    case(L, lambda m: m.steer("resid_pre.1", NAN), SiteError, "NaN or infinite", "steering vector",
+    case(L, lambda m: m.steer("resid_pre.1", NAN), SteerError, "NaN or infinite", "steering vector",
          id="steer-nan-vector"),
-    case(L, lambda m: m.steer("resid_pre.1", ONE_INF), SiteError, "NaN or infinite", "steering vector",
+    case(L, lambda m: m.steer("resid_pre.1", ONE_INF), SteerError, "NaN or infinite", "steering vector",
          id="steer-vector-with-one-inf"),
-    case(L, lambda m: m.steer("resid_pre.1", torch.ones(5)), SiteError, "shape (5,)", "steer with a (32,) vector",
+    case(L, lambda m: m.steer("resid_pre.1", torch.ones(5)), SteerError, "shape (5,)", "steer with a (32,) vector",
          id="steer-vector-wrong-width"),
-    case(L, lambda m: m.steer("resid_pre.1", torch.ones(32), scale=float("inf")), SiteError,
+    case(L, lambda m: m.steer("resid_pre.1", torch.ones(32), scale=float("inf")), SteerError,
          "scale must be a number", "got inf", id="steer-scale-inf"),
     case(L, lambda m: m.steer("pattern.1", torch.ones(32)), SiteError, "pattern.1",
          "not a vector-valued site", id="steer-pattern-site"),
-    case(L, lambda m: steered_block(m, NAN), SiteError, "NaN or infinite", "steering vector",
+    case(L, lambda m: steered_block(m, NAN), SteerError, "NaN or infinite", "steering vector",
          id="steered-nan-vector"),
     case(L, lambda m: m.steering_vector(["a"], ["b"], "head.1.0"), SiteError, "'head.1.0'",
          "one residual-stream site", id="steering-vector-head-site"),
@@ -367,27 +370,27 @@ PATCH_CASES = [
 # -- 4. seeing inside: attention, activations, lens, dla, heads, explorer ----------------
 
 VIEW_CASES = [
-    case(L, lambda m: m.attention([]), TraceError, "got an empty list", "non-empty",
+    case(L, lambda m: m.attention([]), PromptError, "got an empty list", "non-empty",
          id="attention-prompt-empty-list"),
-    case(L, lambda m: m.attention(PROMPT, layers=99), SiteError, "layer 99 out of range", "layers 0-2",
+    case(L, lambda m: m.attention(PROMPT, layers=99), ViewError, "layer 99 out of range", "layers 0-2",
          id="attention-layer-huge"),
-    case(L, lambda m: m.attention(PROMPT, layers=1.5), SiteError, "got 1.5", "a non-empty list of ints",
+    case(L, lambda m: m.attention(PROMPT, layers=1.5), ViewError, "got 1.5", "a non-empty list of ints",
          id="attention-layers-float"),
-    case(L, lambda m: m.activations("neuron.1.5", None), TraceError, "got NoneType", "list of strings",
+    case(L, lambda m: m.activations("neuron.1.5", None), PromptError, "got NoneType", "list of strings",
          id="activations-prompts-None"),
-    case(L, lambda m: m.activations(torch.ones(5), PROMPT, site="resid_post.1"), SiteError, "shape (5,)",
+    case(L, lambda m: m.activations(torch.ones(5), PROMPT, site="resid_post.1"), ViewError, "shape (5,)",
          "d_model=32", id="activations-direction-wrong-width"),
-    case(L, lambda m: m.activations(NAN, PROMPT, site="resid_post.1"), SiteError, "NaN or infinite",
+    case(L, lambda m: m.activations(NAN, PROMPT, site="resid_post.1"), ViewError, "NaN or infinite",
          "finite d_model vector", id="activations-direction-nan"),
-    case(L, lambda m: m.logit_lens(PROMPT, k=0), SiteError, "got 0", "an int in 1-49152", id="lens-k-zero"),
-    case(L, lambda m: m.logit_lens(PROMPT, k=10 ** 9), SiteError, "got 1000000000", "1-49152", id="lens-k-huge"),
+    case(L, lambda m: m.logit_lens(PROMPT, k=0), LensError, "got 0", "an int in 1-49152", id="lens-k-zero"),
+    case(L, lambda m: m.logit_lens(PROMPT, k=10 ** 9), LensError, "got 1000000000", "1-49152", id="lens-k-huge"),
     case(L, lambda m: m.dla(PROMPT, 10 ** 9), MetricError, "token id 1000000000 out of range", "ids 0-49151",
          id="dla-answer-id-huge"),
-    case(L, lambda m: m.detect_heads(None), SiteError, "unknown head kind None", "induction",
+    case(L, lambda m: m.detect_heads(None), HeadError, "unknown head kind None", "induction",
          id="heads-kind-None"),
-    case(L, lambda m: m.detect_heads([]), SiteError, "needs a head kind", "induction", id="heads-kind-empty-list"),
-    case(L, lambda m: m.detect_heads(seq_len=2.5), SiteError, "seq_len=2.5", "integers", id="heads-seq-len-float"),
-    case("gpt2", lambda m: m.detect_heads(n_samples=1, seq_len=100), TraceError, "200 tokens", "128 positions",
+    case(L, lambda m: m.detect_heads([]), HeadError, "needs a head kind", "induction", id="heads-kind-empty-list"),
+    case(L, lambda m: m.detect_heads(seq_len=2.5), HeadError, "seq_len=2.5", "integers", id="heads-seq-len-float"),
+    case("gpt2", lambda m: m.detect_heads(n_samples=1, seq_len=100), PromptError, "200 tokens", "128 positions",
          id="heads-sequences-beyond-gpt2-positions"),
     case(L, lambda m: m.explore(5), MechnbError, "prompt is a string", "got int 5", id="explore-prompt-int"),
 ]
@@ -442,7 +445,7 @@ GENERATION_CASES = [
          id="generate-seed-string"),
     case(L, lambda m: m.generate("Hi", max_new_tokens=2, stream=lambda texts: 1 / 0), GenerationError,
          "the stream function raised ZeroDivisionError", "list of continuations", id="generate-stream-raises"),
-    case("gpt2", lambda m: m.generate(PROMPT, max_new_tokens=200), TraceError, "214 tokens", "128 positions",
+    case("gpt2", lambda m: m.generate(PROMPT, max_new_tokens=200), PromptError, "214 tokens", "128 positions",
          id="generate-beyond-gpt2-positions"),
     case(L, lambda m: m.causal_trace(PARIS, "Eiffel Tower", kind=["mlp"]), CausalTraceError,
          "unknown kind ['mlp']", "hidden, mlp, attn", id="causal-kind-list"),
@@ -471,20 +474,20 @@ GENERATION_CASES = [
 # -- 7. weights and co-activation --------------------------------------------------------
 
 WEIGHT_CASES = [
-    case(L, lambda m: m.ov(99, 0), SiteError, "layer 99 out of range", "layers 0-2", id="ov-layer-huge"),
-    case(L, lambda m: m.ov(0, 99), SiteError, "head 99 out of range", "heads 0-3", id="ov-head-huge"),
-    case("gpt2", lambda m: m.qk(0, -4), SiteError, "head -4 out of range", "heads 0-3",
+    case(L, lambda m: m.ov(99, 0), WeightError, "layer 99 out of range", "layers 0-2", id="ov-layer-huge"),
+    case(L, lambda m: m.ov(0, 99), WeightError, "head 99 out of range", "heads 0-3", id="ov-head-huge"),
+    case("gpt2", lambda m: m.qk(0, -4), WeightError, "head -4 out of range", "heads 0-3",
          id="qk-head-negative-gpt2"),
-    case(L, lambda m: m.ov(0, 0).top_pairs(3, vocab=-1), SiteError, "vocab", "got -1",
+    case(L, lambda m: m.ov(0, 0).top_pairs(3, vocab=-1), WeightError, "vocab", "got -1",
          id="ov-top-pairs-vocab-negative"),
-    case(L, lambda m: m.composition("z"), SiteError, "'q', 'k' or 'v'", "got 'z'", id="composition-unknown-kind"),
-    case(L, lambda m: m.coactivation("mlp_out.1", [PROMPT], method="ica"), SiteError, "unknown method 'ica'",
+    case(L, lambda m: m.composition("z"), WeightError, "'q', 'k' or 'v'", "got 'z'", id="composition-unknown-kind"),
+    case(L, lambda m: m.coactivation("mlp_out.1", [PROMPT], method="ica"), CoactivationError, "unknown method 'ica'",
          "'pca' or 'kmeans'", id="coactivation-unknown-method"),
-    case(L, lambda m: m.coactivation("mlp_out.1", 5), SiteError, "non-empty list of non-empty texts",
+    case(L, lambda m: m.coactivation("mlp_out.1", 5), CoactivationError, "non-empty list of non-empty texts",
          "coactivation", id="coactivation-texts-int"),
-    case(L, lambda m: m.coactivation("mlp_out.1", [PROMPT], max_tokens="all"), SiteError,
+    case(L, lambda m: m.coactivation("mlp_out.1", [PROMPT], max_tokens="all"), CoactivationError,
          "max_tokens must be a positive integer", "got 'all'", id="coactivation-max-tokens-string"),
-    case(L, lambda m: m.coactivation("mlp_out.1", ["Hi"]), SiteError, "fewer than 2 tokens", "give more text",
+    case(L, lambda m: m.coactivation("mlp_out.1", ["Hi"]), CoactivationError, "fewer than 2 tokens", "give more text",
          id="coactivation-one-token"),
 ]
 
@@ -847,46 +850,47 @@ MAGIC_CASES = [
     ("%mechnb load --device banana", "ModelError", "unknown device 'banana'", "'cpu'"),
     ("%mechnb use nothing_here", "MagicError", "'nothing_here' is not a mechnb Model", "mechnb.load()"),
     ("%mechnb info extra", "MagicError", "info takes no arguments", "['extra']"),
-    ('%mechnb top "x" -k 0', "TraceError", "k must be a positive int", "got 0"),
+    ('%mechnb top "x" -k 0', "ArgumentError", "k, the tokens listed, must be a positive int", "got 0"),
     ("%mechnb top {undefined_name}", "MagicError", "cannot evaluate {undefined_name}", "NameError"),
     ("%%trace\nx = 1", "MagicError", "%%trace takes one prompt", '%%trace "The sky is"'),
-    ("%%trace {five}\nx = 1", "TraceError", "got int 5", "list of strings"),
+    ("%%trace {five}\nx = 1", "PromptError", "got int 5", "list of strings"),
     ('%%trace "hi"\nmodel["head.1.0"] = "x"', "SiteError", "cannot write str 'x' into head.1.0",
      "a number or a tensor"),
     ('%%trace "hi"\nx = (', "MagicError", "syntax error in the %%trace cell", "line 1"),
     ("%ablate", "MagicError", "at least one site", "%ablate head.9.6"),
-    ("%ablate head.1.0 --mode mean --ref {five}", "TraceError", "got int 5", "list of strings"),
+    ("%ablate head.1.0 --mode mean --ref {five}", "PromptError", "got int 5", "list of strings"),
     ("%interventions --remove x", "MagicError", "--remove takes numbers from the # column", "no intervention"),
     ("%interventions --remove -1", "MagicError", "--remove takes numbers from the # column", "['-1']"),
     ("%patch", "MagicError", "%patch needs --sites", "--sites resid_pre.*"),
-    (PATCH_LINE + "--batch-size -2", "MechnbError", "batch_size", "got -2"),
+    (PATCH_LINE + "--batch-size -2", "ArgumentError", "batch_size", "got -2"),
     ('%patch --clean {clean} --corrupt "Hello" --answer " Mary" --wrong " John" --sites resid_pre.*',
      "PatchError", "different lengths (14 and 1)", "Reword"),
     (PATH_LINE, "MagicError", "%path_patch needs --receivers", "--receivers head.20.3"),
     (PATH_LINE + "--receivers logits", "PatchError", "logits cannot be a receiver", "name heads"),
     ('%attention "x y" --layers x', "SiteError", "bad layer 'x'", "a range such as 0:5"),
     ("%activations neuron.1.5", "MagicError", "takes a site (or {direction}) and a prompt", "{prompts}"),
-    ('%lens "x" -k 0', "SiteError", "got 0", "an int in 1-49152"),
+    ('%lens "x" -k 0', "LensError", "got 0", "an int in 1-49152"),
     ('%dla "x y"', "MagicError", "%dla needs --answer", '--answer " Mary"'),
     ("%heads extra", "MagicError", "%heads takes only options", "['extra']"),
     ("%explore a b", "MagicError", "%explore takes at most one prompt", '%explore "The sky is"'),
-    ("%explore {five}", "MechnbError", "prompt is a string", "got int 5"),
+    ("%explore {five}", "ViewError", "prompt is a string", "got int 5"),
     ('%features "x"', "MagicError", "%features needs --sae", "got None"),
-    ('%attribute "x" --method saliency', "MechnbError", "unknown attribution method 'saliency'", "gim, gradient"),
+    ('%attribute "x" --method saliency', "AttributionError", "unknown attribution method 'saliency'",
+     "gim, gradient"),
     ("%circuit", "MagicError", "%circuit needs --clean", "--corrupt {corrupt}"),
     (CIRCUIT_LINE + "--method eap --top x% --no-faithfulness", "CircuitError", "'x%'", "e.g. '2%'"),
     (CIRCUIT_LINE + "--method eap --top lots --no-faithfulness", "MagicError", "--top takes a number", "'lots'"),
     ('%generate "x" --max-new-tokens 0', "GenerationError", "max_new_tokens", "positive integer, got 0"),
     ('%generate "x" --seed x', "MagicError", "option --seed of %generate takes a int", "'x'"),
     ("%steer", "MagicError", "%steer takes a site and a vector", "%steer resid_pre.12 {v}"),
-    ("%steer resid_pre.1 {v} --scale inf", "SiteError", "scale must be a number", "got inf"),
+    ("%steer resid_pre.1 {v} --scale inf", "SteerError", "scale must be a number", "got inf"),
     ('%causal_trace "x"', "MagicError", "%causal_trace needs --subject", '--subject "Eiffel Tower"'),
     ("%ov head.1", "MagicError", "%ov takes one head", "%ov head.18.6"),
-    ("%ov head.1.1 -k 0", "MagicError", "positive numbers", "-k 0"),
-    ("%ov head.1.1 --vocab -1", "MagicError", "positive numbers", "--vocab -1"),
-    ("%qk head.99.1", "SiteError", "layer 99 out of range", "layers 0-2"),
-    ("%composition --kind z", "SiteError", "'q', 'k' or 'v'", "got 'z'"),
-    ("%coactivation mlp_out.1 {five}", "SiteError", "non-empty list of non-empty texts", "coactivation"),
+    ("%ov head.1.1 -k 0", "WeightError", "a positive number of pairs", "got 0"),
+    ("%ov head.1.1 --vocab -1", "WeightError", "vocab keeps the first token ids", "got -1"),
+    ("%qk head.99.1", "WeightError", "layer 99 out of range", "layers 0-2"),
+    ("%composition --kind z", "WeightError", "'q', 'k' or 'v'", "got 'z'"),
+    ("%coactivation mlp_out.1 {five}", "CoactivationError", "non-empty list of non-empty texts", "coactivation"),
     ("%stability {five}", "MagicError", "%stability takes a circuit", "model.circuit"),
 ]
 
@@ -939,7 +943,7 @@ def test_an_interrupted_magic_sweep_leaves_the_model_and_the_shell_working(sessi
 
 
 def test_unloading_the_extension_removes_every_magic(shell, capsys):
-    from mechnb.magics import MechnbMagics
+    from mechnb.notebook.magics import MechnbMagics
 
     assert run(shell, capsys, "%unload_ext mechnb")[0].success
     try:

@@ -20,8 +20,8 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, json_server
-from mechnb import remote
-from mechnb.errors import RemoteError
+from mechnb.core import remote
+from mechnb import RemoteError
 
 REPO = "mechnb-test/tiny-llama"
 UNREACHABLE = "https://ndif.invalid"  # .invalid never resolves (RFC 2606)
@@ -247,7 +247,7 @@ def test_offline_remote_trace_fails_in_seconds_and_leaves_the_model_clean(model,
             remote_trace(model)
         text = one_line(error)
         assert "ndif.invalid" in text and "does not resolve" in text and "drop remote=True" in text
-    assert model._trace is None and model._context is None and model.interventions == []
+    assert model._trace is None and model.context is None and model.interventions == []
 
 
 def test_nnsights_own_connection_errors_are_translated(model, monkeypatch):

@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 
-from mechnb import render
+from mechnb.display import render
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PARIS
-from mechnb.rome import EditError
+from mechnb import EditError
 
 PARAPHRASES = ["The Eiffel Tower stands in the city of", "Where is the Eiffel Tower? It is in the city of",
                "The Eiffel Tower, a famous landmark, is in the city of"]
@@ -22,7 +22,7 @@ def down_weights(model):
     (dict(subject="Eiffel Tower", target=" Rome", layer=99), "out of range"),
     (dict(subject="Eiffel Tower", target=" Rome", method="memit"), "unknown edit method")])
 def test_bad_edits_get_clear_errors_and_change_nothing(tiny_factory, kwargs, message):
-    from mechnb.causal import CausalTraceError
+    from mechnb import CausalTraceError
 
     model = tiny_factory("llama")
     before = down_weights(model)

@@ -8,10 +8,11 @@ import torch
 
 import mechnb
 from conftest import PROMPT, clean_logits
-from mechnb.arch import submodule
-from mechnb.errors import MechnbError
+from mechnb.core.arch import submodule
+from mechnb import MechnbError
 from mechnb.sae import SAE, ActivationStore, load, train
-from mechnb.sae.store import StoreError, open_store
+from mechnb import StoreError
+from mechnb.sae.store import open_store
 
 DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog, and the cat sat on mat {i}."
         for i in range(40)]
@@ -208,7 +209,8 @@ def test_features_are_sites_for_traces_ablation_and_patching(attached):
     model.clear()  # removes the splice too
     model.attach(sae, name="first")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
-    result = model.patch(PROMPT, corrupt, f"sae.first.{feature}", answer=" Mary", wrong=" John")
+    result = model.patch(PROMPT, corrupt, f"sae.first.{feature}", answer=" Mary", wrong=" John",
+                         per_position=True)
     value = model.cache(PROMPT, "sae.1")[f"sae.1.{feature}@9"]
     with model.trace(corrupt):
         model[f"sae.1.{feature}@9"] = value
@@ -237,7 +239,7 @@ def test_evaluate_dashboard_and_features(attached):
     assert metrics["l0"] <= 4 and metrics["loss_zero"] != metrics["loss_clean"]
     expected = (metrics["loss_zero"] - metrics["loss_spliced"]) / (metrics["loss_zero"] - metrics["loss_clean"])
     assert abs(metrics["loss_recovered"] - expected) < 1e-9
-    from mechnb.sae.evaluate import _take_documents, _windows
+    from mechnb.sae.store import take_documents as _take_documents, windows as _windows
 
     windows = _windows(model, list(_take_documents(iter(DOCS), 300, model)), 128, int(metrics["tokens"]))
     with torch.no_grad():  # the model's own loss, window by window, weighted by predicted tokens

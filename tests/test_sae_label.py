@@ -6,8 +6,8 @@ import pytest
 
 from conftest import json_server
 from mechnb.sae import train
-from mechnb.sae.label import LabelError
-from mechnb.sae.model import SAEError
+from mechnb import LabelError
+from mechnb import SAEError
 from test_sae import DOCS
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mechnb.errors import SiteError
-from mechnb.sites import KINDS, Positions, Site, parse, select_positions, assign_positions
+from mechnb import SiteError
+from mechnb.core.sites import KINDS, Positions, Site, parse, select_positions, assign_positions
 
 
 @pytest.mark.parametrize("text,kind,layer,index", [

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PROMPT
-from mechnb.batch import Batch
-from mechnb.errors import SiteError
+from mechnb.core.batch import Batch
+from mechnb import SiteError, SteerError
 
 POSITIVE = ["I love this movie, it was", "What a wonderful day, I feel", "This is great, I am so happy and"]
 NEGATIVE = ["I hate this movie, it was", "What a terrible day, I feel", "This is awful, I am so sad and"]
@@ -67,18 +67,18 @@ def test_steering_along_an_sae_feature_uses_its_decoder_direction(tiny_factory):
     model.clear()
 
 
-@pytest.mark.parametrize("site, vector, scale, message", [
-    ("resid_pre.1", torch.zeros(5), 1.0, "32-wide"),
-    ("resid_pre.1", torch.full((32,), float("nan")), 1.0, "NaN"),
-    ("pattern.1", torch.zeros(32), 1.0, "not a vector-valued site"),
-    ("resid_pre.1", [0.0] * 32, 1.0, "takes a tensor"),
-    ("resid_pre.1", torch.zeros(32), "big", "scale must be a number"),
-    ("resid_pre.9", torch.zeros(32), 1.0, "out of range"),
+@pytest.mark.parametrize("site, vector, scale, error, message", [
+    ("resid_pre.1", torch.zeros(5), 1.0, SteerError, "32-wide"),
+    ("resid_pre.1", torch.full((32,), float("nan")), 1.0, SteerError, "NaN"),
+    ("pattern.1", torch.zeros(32), 1.0, SiteError, "not a vector-valued site"),
+    ("resid_pre.1", [0.0] * 32, 1.0, SteerError, "takes a tensor"),
+    ("resid_pre.1", torch.zeros(32), "big", SteerError, "scale must be a number"),
+    ("resid_pre.9", torch.zeros(32), 1.0, SiteError, "out of range"),
 ])
-def test_bad_steering_gets_a_clear_error_and_adds_nothing(tiny_factory, site, vector, scale, message):
+def test_bad_steering_gets_a_clear_error_and_adds_nothing(tiny_factory, site, vector, scale, error, message):
     model = tiny_factory("llama")
     clean = logits(model)
-    with pytest.raises(SiteError, match=message):
+    with pytest.raises(error, match=message):
         model.steer(site, vector, scale=scale)
     assert model.interventions == [] and torch.equal(logits(model), clean)
 

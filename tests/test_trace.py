@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PROMPT, clean_logits
-from mechnb.arch import submodule
-from mechnb.errors import SiteError, TraceError
+from mechnb.core.arch import submodule
+from mechnb import PromptError, SiteError, TraceError
 
 ALL_SITES = ["embed", "resid_pre.1", "pattern.1", "head.1", "head.1.2", "attn_out.1",
              "neuron.1", "neuron.1.5", "mlp_out.1", "resid_post.1", "logits"]
@@ -210,7 +210,7 @@ def test_traces_do_not_nest(tiny_factory):
 def test_bad_prompts_are_refused(tiny_factory):
     model = tiny_factory("llama")
     for bad in [[], [""], [3], None]:
-        with pytest.raises(TraceError):
+        with pytest.raises(PromptError):
             model.trace(bad)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT
-from mechnb.errors import SiteError
+from mechnb import HeadError, ViewError
 
 
 def test_attention_values_are_the_patterns(tiny_factory):
@@ -16,7 +16,7 @@ def test_attention_values_are_the_patterns(tiny_factory):
     assert set(result.df.columns) >= {"layer", "head", "pos_q", "pos_k", "value"}
     html = result.html()
     assert html.count("window.CircuitsVis.AttentionHeads") == 2 and "Layer 2" in html and "L2H2" in html
-    with pytest.raises(SiteError, match="layer 7 out of range"):
+    with pytest.raises(ViewError, match="layer 7 out of range"):
         model.attention(PROMPT, layers=[7])
 
 
@@ -33,9 +33,9 @@ def test_activations_of_a_neuron_a_head_and_a_direction(tiny_factory):
     projected = model.activations(direction, PROMPT, site="resid_post.1")
     assert torch.allclose(projected.values[0], cache["resid_post.1"][0] @ direction, atol=1e-5)
     assert "ColoredTokens" in projected.html() and "TextNeuronActivations" in neuron.html()
-    with pytest.raises(SiteError, match="d_model"):
+    with pytest.raises(ViewError, match="d_model"):
         model.activations(torch.randn(3), PROMPT, site="resid_post.1")
-    with pytest.raises(SiteError, match="needs the residual site"):
+    with pytest.raises(ViewError, match="needs the residual site"):
         model.activations(direction, PROMPT)
 
 
@@ -81,14 +81,14 @@ def test_head_detectors_score_in_unit_interval(tiny_factory):
     assert result.values.shape == (3, 3, 4)
     assert (result.values >= 0).all() and (result.values <= 1).all()
     assert result.meta["loss_first_half"] > 0
-    with pytest.raises(SiteError, match="unknown head kind"):
+    with pytest.raises(HeadError, match="unknown head kind"):
         model.detect_heads("copying")
 
 
 def test_previous_token_score_reads_the_subdiagonal(tiny_factory):
     model = tiny_factory("llama")
     result = model.detect_heads("previous_token", n_samples=1, seq_len=5, seed=1)
-    from mechnb.heads import random_repeated_tokens
+    from mechnb.methods.heads import random_repeated_tokens
 
     tokens = random_repeated_tokens(model, 1, 5, 1)
     found = []

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechnb.errors import SiteError
+from mechnb import WeightError
 
 
 def copy_head(model, sign: float):
@@ -89,7 +89,7 @@ def test_heads_set_up_to_compose_have_the_largest_k_composition(tiny_factory):
                                            (lambda m: m.composition("x"), "'q', 'k' or 'v'"),
                                            (lambda m: m.ov(0, 0).top_pairs(0), "positive number")])
 def test_bad_heads_get_clear_errors(tiny_factory, call, message):
-    with pytest.raises(SiteError, match=message):
+    with pytest.raises(WeightError, match=message):
         call(tiny_factory("llama"))
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from ..checks import is_int
-from ..results import Result
-from .discover import CircuitError, Task
+from ..core.checks import is_int
+from ..display.results import Result
+from ..core.errors import CircuitError
+from ..core.progress import progress as progress_bar
+from .task import Task
 from .graph import Graph
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -161,7 +163,7 @@ class Circuit:
             fractions: fractions of edges (or nodes) kept, increasing, in (0, 1].
             absolute: rank by |score| (MIB's CMD) or by signed score (MIB's CPR).
             batch_size: prompt pairs per patched forward; a chunk that runs out of
-                memory is halved and run again (`mechnb.memory`).
+                memory is halved and run again (`mechnb.core.memory`).
             progress: a progress bar when it takes more than two seconds.
 
         Returns:
@@ -169,7 +171,6 @@ class Circuit:
             (items after pruning), `metric`, `faithfulness`; `.meta` has `cpr`, `cmd`,
             `full_metric` m(N) and `empty_metric` m(empty). It plots as a curve.
         """
-        from ..patching import _progress
         from .engine import patched_logits, writer_outputs
 
         if self.task is None or self.model is None:
@@ -186,7 +187,7 @@ class Circuit:
         removed = [self._removed(mask) for mask in masks]
         task, graph, model = self.task, self.graph, self.model
         totals = torch.zeros(len(masks))
-        bar = _progress(progress, len(masks) * len(task), "faithfulness")
+        bar = progress_bar(progress, len(masks) * len(task), "faithfulness")
         def chunk_totals(rows, clean, corrupt):
             corrupt_outputs = writer_outputs(model, graph, corrupt)
             return torch.tensor([task.metric(patched_logits(model, graph, clean, corrupt_outputs, mask), rows)
@@ -359,7 +360,7 @@ class Circuit:
 
     def _plot_nodes(self, ax=None):
         """Node scores as a layer x (heads, MLP) heatmap, kept nodes outlined."""
-        from ..viz import heatmap
+        from ..display.viz import heatmap
 
         graph = self.graph
         grid = torch.full((graph.n_layers, graph.n_heads + 1), float("nan"))

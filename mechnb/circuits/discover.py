@@ -10,7 +10,7 @@
   embeddings lie on the straight line from the corrupt to the clean prompt (at
   k/steps, k = 1..steps): integrated gradients, so scores add up closer to the real
   effect where the metric saturates.
-- `gim`: `eap` under GIM's backward rules (`mechnb.gim`, Edin et al. 2025).
+- `gim`: `eap` under GIM's backward rules (`mechnb.methods.gim`, Edin et al. 2025).
 - `exact` (nodes only): each head, MLP and the embeddings patched from the corrupt
   run into the clean one, one node at a time, by the batched patching engine:
   `score = metric(clean) - metric(patched)`.
@@ -28,104 +28,14 @@ from contextlib import nullcontext
 
 import torch
 
-from ..batch import Batch
-from ..errors import MechnbError
-from ..memory import Chunks
-from ..metrics import MetricError, make, token_ids
-from .engine import embeddings, last_logits, reader_gradients, writer_outputs
+from ..core.errors import CircuitError, MetricError
+from ..core.remote import local_only
+from .engine import embeddings, reader_gradients, writer_outputs
 from .graph import Graph
+from .task import Task
 
 METHODS = ("eap", "eap-ig", "gim", "exact")
 LEVELS = ("edge", "node")
-
-
-class CircuitError(MechnbError, ValueError):
-    """Prompts, answers, metrics or options that circuit discovery cannot use."""
-
-
-class Task:
-    """Prompt pairs, their answers and the metric: what a circuit is found and tested on."""
-
-    def __init__(self, model, clean, corrupt, answer, wrong, metric):
-        from ..patching import PatchError, _pairs, _per_pair
-
-        try:
-            pairs = _pairs(model, clean, corrupt, per_position=False)
-            answers = _per_pair(answer, len(pairs), "answer")
-            wrongs = _per_pair(wrong, len(pairs), "wrong")
-        except PatchError as error:
-            raise CircuitError(str(error)) from None
-        for role, values in (("answer", answers), ("wrong", wrongs)):
-            for value in values:
-                if value is None:
-                    continue
-                _, notes = token_ids(model, value, role)
-                if notes:
-                    raise CircuitError(f"{notes[0].split(': only the first')[0]}: circuits compare single tokens; "
-                                       "give a one-token answer (or a set of one-token answers)")
-        self.clean = [p[0] for p in pairs]
-        self.corrupt = [p[1] for p in pairs]
-        self.answers, self.wrongs, self.metric_name = answers, wrongs, metric
-        self.model = model
-        chunks = Chunks(16, "the task's clean and corrupt runs", "prompts",
-                        advice="use fewer or shorter prompts")
-        self.clean_logits = _plain_logits(model, self.clean, chunks)
-        self.corrupt_logits = _plain_logits(model, self.corrupt, chunks)
-        self.metrics = [make(model, metric, a, w, self.clean_logits[i:i + 1])
-                        for i, (a, w) in enumerate(zip(answers, wrongs))]
-        self.notes = sorted({n for m in self.metrics for n in m.notes})
-        self.clean_metric = self.metric(self.clean_logits).mean().item()
-        self.corrupt_metric = self.metric(self.corrupt_logits).mean().item()
-
-    def __len__(self) -> int:
-        return len(self.clean)
-
-    def metric(self, last_logits: torch.Tensor, rows: range | None = None) -> torch.Tensor:
-        """Each pair's metric of its last-position logits (`batch vocab` -> `batch`)."""
-        rows = rows or range(len(self))
-        return torch.cat([self.metrics[r](last_logits[i:i + 1]) for i, r in enumerate(rows)])
-
-    def chunks(self, run, batch_size, what: str = "circuit scoring"):
-        """`(rows, run(rows, clean batch, corrupt batch))` per chunk of pairs (`rows` a range).
-
-        `batch_size`: pairs per chunk, or a `mechnb.memory.Chunks`; a chunk that runs
-        out of memory is halved and `run` called again on its first half.
-        """
-        tokenizer = self.model.tokenizer
-        chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(
-            batch_size, what, "prompt pairs", advice="use fewer or shorter prompt pairs")
-
-        def batches(rows):
-            return run(rows, Batch.of(tokenizer, [self.clean[r] for r in rows]),
-                       Batch.of(tokenizer, [self.corrupt[r] for r in rows]))
-
-        return chunks.run(batches, range(len(self)))
-
-    def describe(self) -> dict:
-        """The task as JSON-friendly data (answer sets become sorted lists)."""
-        def plain(value):
-            return sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
-
-        return {"clean": self.clean, "corrupt": self.corrupt, "answer": [plain(a) for a in self.answers],
-                "wrong": [plain(w) for w in self.wrongs],
-                "metric": self.metric_name if isinstance(self.metric_name, str) else "custom",
-                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric}
-
-
-def _plain_logits(model, prompts: list[str], chunks: Chunks) -> torch.Tensor:
-    """Last-position logits of each prompt, `batch vocab`, in `chunks`."""
-    from ..interventions import Context
-
-    def run(chunk):
-        batch = Batch.of(model.tokenizer, chunk)
-        model._context = Context(batch.tokens)
-        try:
-            with torch.no_grad():
-                return last_logits(model, batch).float()
-        finally:
-            model._context = None
-
-    return torch.cat([logits for _, logits in chunks.run(run, prompts)])
 
 
 def edge_scores(model, graph: Graph, task: Task, method: str, steps: int, batch_size: int) -> torch.Tensor:
@@ -179,9 +89,33 @@ def exact_node_scores(model, graph: Graph, task: Task, batch_size: int | None) -
     return scores
 
 
-def discover(model, clean, corrupt, answer, wrong=None, method: str = "eap-ig", level: str = "edge",
-             steps: int = 5, metric="logit_diff", batch_size: int | None = None):
-    """Score the graph's edges or nodes; see `Model.circuit` for the arguments."""
+@local_only
+def circuit(model, clean, corrupt, answer, wrong=None, method: str = "eap-ig", level: str = "edge",
+            steps: int = 5, metric="logit_diff", batch_size: int | None = None):
+    """Score every edge (or node) of the model's graph for a clean/corrupt task.
+
+    Args:
+        clean, corrupt: a prompt each, or equal-length lists of pairs (scores average
+            over pairs). A pair must tokenize to one length; pairs may differ.
+        answer, wrong: single-token answers (one for all pairs or one per pair), or
+            sets of single tokens (`{" 5", " 6"}`: logit_diff uses their mean logit,
+            prob and prob_diff their summed probability).
+        method: `eap`, `eap-ig` (integrated over `steps` inputs from corrupt to
+            clean), `gim` (eap under GIM's backward rules) or `exact` (node
+            patching, `level="node"` only). See the module docstring.
+        level: `edge` (each writer into each head's q, k, v input, MLP, logits) or
+            `node` (heads and MLPs).
+        steps: integration steps of `eap-ig`.
+        metric: `logit_diff`, `prob`, `logprob`, `prob_diff`, `kl` or a function of
+            the last position's logits (`batch vocab -> batch`).
+        batch_size: prompt pairs per forward (default 8; rows per forward for
+            `exact`); a chunk that runs out of memory is halved and run again.
+
+    Returns:
+        A `Circuit`: `.scores` (`upstream downstream`, NaN where no edge; `upstream`
+        at node level), `.df`, `.top(n)`, `.plot()`, `.faithfulness()`, `.save()`.
+        Example: `model.circuit(clean, corrupt, " Mary", " John").top("2%")`.
+    """
     from .circuit import Circuit
 
     start = time.perf_counter()

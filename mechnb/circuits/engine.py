@@ -21,34 +21,12 @@ All hooks are removed and all attributes reset when a forward ends, however it e
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from ..arch import hook_value, submodule
-from ..interventions import Context
-from ..lens import output_weights
-from ..memory import frozen_weights, return_to_system
-from ..runner import last_logits
+from ..core.arch import output_weights, submodule
+from ..core.engine import last_logits, run
+from ..core.memory import return_to_system
 from .graph import Graph
-
-
-@contextmanager
-def _hooked(model, batch):
-    """Registered hooks and attention attributes are undone on exit; the batch's tokens
-    are the context of interventions meanwhile."""
-    handles, attention = [], []
-    model._context = Context(batch.tokens)
-    try:
-        yield handles, attention
-    finally:
-        model._context = None
-        for handle in handles:
-            handle.remove()
-        for module in attention:
-            module.__dict__.pop("mechnb_capture", None)
-            module.__dict__.pop("mechnb_split", None)
-        return_to_system()  # a backward frees hundreds of small blocks: hand them back
 
 
 def _layers(model):
@@ -61,18 +39,17 @@ def _heads_out(model, layer_module, z: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bphd,hdm->hbpm", z.float(), weights)
 
 
-def _record_writers(model, graph: Graph, handles, store):
-    """Hooks that put each writer's output, or `fn(index, output)`, into `store`."""
+def _record_writers(model, graph: Graph, forward, store):
+    """Hooks of the run `forward` that give each writer's output to `store(index, output)`."""
     arch = model.arch
-    handles.append(hook_value(submodule(model.hf, arch.embed), "output",
-                              lambda value: store(0, value.float())))
+    forward.hook(arch.embed, "output", lambda value: store(0, value.float()))
     for layer, module in enumerate(_layers(model)):
         first = graph.head(layer, 0)
-        handles.append(hook_value(submodule(module, f"{arch.attn}.hook_z"), "output",
-                                  lambda z, module=module, first=first: store(
-                                      slice(first, first + graph.n_heads), _heads_out(model, module, z))))
-        handles.append(hook_value(submodule(module, arch.mlp_out), "output",
-                                  lambda value, index=graph.mlp(layer): store(index, value.float())))
+        forward.hook(submodule(module, f"{arch.attn}.hook_z"), "output",
+                     lambda z, module=module, first=first: store(
+                         slice(first, first + graph.n_heads), _heads_out(model, module, z)))
+        forward.hook(submodule(module, arch.mlp_out), "output",
+                     lambda value, index=graph.mlp(layer): store(index, value.float()))
 
 
 def writer_outputs(model, graph: Graph, batch) -> torch.Tensor:
@@ -83,8 +60,8 @@ def writer_outputs(model, graph: Graph, batch) -> torch.Tensor:
     def store(index, value):
         outputs[index] = value.to(outputs.device)  # layers spread by a device_map
 
-    with _hooked(model, batch) as (handles, _), torch.no_grad():
-        _record_writers(model, graph, handles, store)
+    with run(model, batch.tokens) as forward:
+        _record_writers(model, graph, forward, store)
         base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
         base(**batch.inputs(model.device), use_cache=False)
     return outputs
@@ -111,14 +88,12 @@ def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Te
 
         return clone
 
-    with _hooked(model, batch) as (handles, attention), torch.enable_grad(), frozen_weights(model.hf):
+    with run(model, batch.tokens, grad=True) as forward:
         for layer, module in enumerate(_layers(model)):
-            handles.append(hook_value(submodule(module, arch.attn_norm), "input", branch(attn_in, layer)))
-            handles.append(hook_value(submodule(module, arch.mlp_norm), "input", branch(mlp_in, layer)))
-            attn = submodule(module, arch.attn)
-            used[layer] = attn.mechnb_capture = []
-            attention.append(attn)
-        handles.append(hook_value(submodule(model.hf, arch.final_norm), "input", branch(final_in, 0)))
+            forward.hook(submodule(module, arch.attn_norm), "input", branch(attn_in, layer))
+            forward.hook(submodule(module, arch.mlp_norm), "input", branch(mlp_in, layer))
+            used[layer] = forward.attach(submodule(module, arch.attn), "mechnb_capture", [])
+        forward.hook(arch.final_norm, "input", branch(final_in, 0))
         leaf = inputs_embeds.detach().to(model.dtype).requires_grad_()
         last = last_logits(model, batch, inputs_embeds=leaf,
                            attention_mask=batch.attention_mask.to(model.device))
@@ -141,6 +116,7 @@ def reader_gradients(model, graph: Graph, batch, metric, inputs_embeds: torch.Te
                 readers[first:first + graph.n_heads] += per_head[:, :, start:].to(readers.device)
             readers[graph.mlp_input(layer)] += grads[3 * graph.n_layers + layer][:, start:].to(readers.device)
         readers[graph.logits_input] += grads[-1][:, start:].to(readers.device)
+    return_to_system()  # a backward frees hundreds of small blocks: hand them back
     return values.detach()
 
 
@@ -186,15 +162,16 @@ class _Split:
         return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
-def _project_only_needed(model, layer_module, split: _Split) -> list:
-    """Hooks that run each projection on the stacked rows someone reads, and no others.
+def _project_only_needed(model, forward, layer_module, split: _Split) -> None:
+    """Hooks of the run `forward` that run each projection on the stacked rows someone
+    reads, and no others.
 
     A query projection's rows for variants only keys read are never used (they become
     zeros), and the output projection sees one copy of the heads' output (the stacked
     copies are equal). Where the family fuses q, k, v into one module, only the output
     projection is narrowed.
     """
-    rows, handles = split.rows, []
+    rows = split.rows
 
     def narrow(needed):
         return lambda module, args: (args[0][needed], *args[1:])
@@ -211,13 +188,12 @@ def _project_only_needed(model, layer_module, split: _Split) -> list:
         variants = torch.unique(split.inverse[kind])
         needed = (variants[:, None] * rows + torch.arange(rows)).flatten()
         projection = submodule(layer_module, path)
-        handles.append(projection.register_forward_pre_hook(narrow(needed)))
-        handles.append(projection.register_forward_hook(widen(needed)))
+        forward.torch_hook(projection, narrow(needed), pre=True)
+        forward.torch_hook(projection, widen(needed))
     o_proj = submodule(layer_module, model.arch.o_proj)
-    handles.append(o_proj.register_forward_pre_hook(lambda module, args: (args[0][:rows], *args[1:])))
-    handles.append(o_proj.register_forward_hook(
-        lambda module, args, output: output.repeat(split.variants, *([1] * (output.dim() - 1)))))
-    return handles
+    forward.torch_hook(o_proj, lambda module, args: (args[0][:rows], *args[1:]), pre=True)
+    forward.torch_hook(o_proj, lambda module, args, output: output.repeat(split.variants,
+                                                                          *([1] * (output.dim() - 1))))
 
 
 def _combine(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -244,15 +220,14 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
             return None
         return lambda x: x - _combine(difference[:reads], weights[:, None])[0].to(x)
 
-    with _hooked(model, batch) as (handles, attention), torch.no_grad():
-        _record_writers(model, graph, handles, store)
+    with run(model, batch.tokens) as forward:
+        _record_writers(model, graph, forward, store)
         for layer, module in enumerate(_layers(model)):
             columns = graph.attention_inputs(layer)
             reads = graph.reads(columns.start)
             weights = removed[:reads, columns]
             if bool(weights.any()):
                 attn = submodule(module, arch.attn)
-                attention.append(attn)
                 variants, inverse = torch.unique(weights, dim=1, return_inverse=True)
                 split = _Split(inverse, rows)
 
@@ -260,24 +235,25 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
                     inputs = x[None].float() - _combine(difference[:reads], variants).to(x.device)
                     return split.stack(inputs).to(x.dtype)
 
-                def arrive(module, args, kwargs, attn=attn, split=split):
-                    attn.mechnb_split = split
+                def arrive(module, args, kwargs, split=split):
+                    module.mechnb_split = split
                     return split.expand_arguments(args, kwargs)
 
-                def leave(module, args, output, attn=attn):
-                    attn.__dict__.pop("mechnb_split", None)
+                def leave(module, args, output):
+                    module.__dict__.pop("mechnb_split", None)
                     if isinstance(output, tuple):
                         return (output[0][:rows], *output[1:])
                     return output[:rows]
 
-                handles.append(hook_value(submodule(module, arch.attn_norm), "input", stacked))
-                handles.append(attn.register_forward_pre_hook(arrive, with_kwargs=True))
-                handles.append(attn.register_forward_hook(leave))
-                handles += _project_only_needed(model, module, split)
+                forward.hook(submodule(module, arch.attn_norm), "input", stacked)
+                forward.attach(attn, "mechnb_split", None)  # removed with the run, however it ends
+                forward.torch_hook(attn, arrive, pre=True, with_kwargs=True)
+                forward.torch_hook(attn, leave)
+                _project_only_needed(model, forward, module, split)
             change = minus(graph.mlp_input(layer))
             if change is not None:
-                handles.append(hook_value(submodule(module, arch.mlp_norm), "input", change))
+                forward.hook(submodule(module, arch.mlp_norm), "input", change)
         change = minus(graph.logits_input)
         if change is not None:
-            handles.append(hook_value(submodule(model.hf, arch.final_norm), "input", change))
+            forward.hook(arch.final_norm, "input", change)
         return last_logits(model, batch).float()

@@ -26,7 +26,7 @@ from functools import cached_property
 
 import torch
 
-from ..errors import ModelError
+from ..core.errors import ModelError
 
 KINDS = ("q", "k", "v")
 

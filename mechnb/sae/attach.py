@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..interventions import Intervention
-from .model import SAE, SAEError
+from ..core.errors import SAEError
+from ..core.interventions import Intervention
+from ..core.remote import local_only
+from .model import SAE
 
 HOSTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "neuron")
 
@@ -38,10 +40,20 @@ class Splice(Intervention):
         return f"{self.sae.name}: {self.sae.kind}, {self.sae.d_sae} features (sae.{self.site.layer}.F)"
 
 
+@local_only
 def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
-    """Attach `sae` at `site` (default `sae.site`); returns the active `Splice`."""
-    from ..arch import submodule
-    from ..sites import parse
+    """Splice an SAE in at `site` (default its own): its features become sites `sae.L.F`.
+
+    Args:
+        sae: a mechnb `SAE` (trained, or loaded with `mechnb.sae.load`).
+        site: a whole per-token site of the width the SAE reads (default `sae.site`).
+        name: a name for `sae.NAME.F` sites (default `sae.name`).
+
+    Returns:
+        The active `Splice`. Example: `model.attach(sae); model.ablate("sae.12.1234")`.
+    """
+    from ..core.arch import submodule
+    from ..core.sites import parse
 
     if not isinstance(sae, SAE):
         raise SAEError(f"attach takes a mechnb SAE, got {type(sae).__name__}")
@@ -64,12 +76,11 @@ def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
     sae.site = str(concrete)
     sae.module_name = f"mechnb_sae_{sae.name}"
     layer = submodule(model.hf, model.arch.layers)[concrete.layer]
-    from ..devices import execution_device
+    from ..core.devices import execution_device
 
     sae.to(device=execution_device(layer) or model.device)  # its layer's device (device_map)
     sae.requires_grad_(False)
-    layer.add_module(sae.module_name, sae)
-    model._rewrap()
+    model.attach_module(f"{model.arch.layers}.{concrete.layer}", sae.module_name, sae)
     splice = Splice(concrete, sae=sae)
     model.add(splice)
     return splice
@@ -77,8 +88,7 @@ def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
 
 def detach(model, sae: SAE) -> None:
     """Remove an attached SAE (and every intervention on its features)."""
-    from ..arch import submodule
-    from ..sites import parse
+    from ..core.sites import parse
 
     splices = [i for i in model.interventions if isinstance(i, Splice) and i.sae is sae]
     if not splices:
@@ -86,6 +96,4 @@ def detach(model, sae: SAE) -> None:
     on_features = [i for i in model.interventions if i.site.kind == "sae" and
                    model.sae_at(i.site, required=False) is sae]
     model.remove(splices + on_features)
-    layer = submodule(model.hf, model.arch.layers)[parse(sae.site).layer]
-    delattr(layer, sae.module_name)
-    model._rewrap()
+    model.detach_module(f"{model.arch.layers}.{parse(sae.site).layer}", sae.module_name)

@@ -21,9 +21,11 @@ import io
 
 import torch
 
-from ..checks import is_int
-from ..render import compact, view
-from ..results import Result
+from ..core.checks import is_int
+from ..core.errors import SAEError
+from ..core.remote import local_only
+from ..display.render import compact, view
+from ..display.results import Result
 
 
 def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int = 10,
@@ -31,15 +33,12 @@ def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int 
     """A `Result` for one feature: values are its activations over the sampled tokens."""
     import pandas as pd
 
-    from .evaluate import _take_documents, _windows
-    from .store import _documents, collect
+    from .store import collect, documents_of, take_documents, windows as windows_of
 
     if not 0 <= feature < sae.d_sae:
-        from .model import SAEError
-
         raise SAEError(f"feature {feature} out of range: {sae.name} has features 0-{sae.d_sae - 1}")
-    documents = list(_take_documents(_documents(texts), n_tokens, model))
-    windows = _windows(model, documents, context, n_tokens)
+    documents = list(take_documents(documents_of(texts), n_tokens, model))
+    windows = windows_of(model, documents, context, n_tokens)
     store = collect(model, sae.site, windows, n_tokens=n_tokens, context=context, progress=False)
     x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
     with torch.no_grad():
@@ -86,8 +85,8 @@ def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int 
 
 def logit_effects(sae, model, feature: int, k: int = 10):
     """`(promoted, suppressed)`: the k tokens whose logits the feature's direction raises and lowers most."""
-    from ..arch import submodule
-    from ..devices import parameter
+    from ..core.arch import submodule
+    from ..core.devices import parameter
 
     direction = sae.W_dec[feature].float()
     # Weights read onto the SAE's device (a device_map may spread or offload them).
@@ -103,11 +102,13 @@ def logit_effects(sae, model, feature: int, k: int = 10):
     return decode(up.indices, up.values), decode(down.indices, -down.values)
 
 
+@local_only
 def features(model, prompt: str, sae, k: int = 5) -> Result:
-    """The `k` most active features of `sae` at each token of `prompt`."""
+    """The `k` most active features of `sae` at each token of `prompt` (a `Result`).
+    Example: `model.features("def add(a, b):", sae, k=3).df`."""
     import pandas as pd
 
-    from .model import SAE, SAEError
+    from .model import SAE
 
     if not isinstance(sae, SAE) or sae.site is None:
         raise SAEError(f"features takes a mechnb SAE that knows its site (sae.site), got {sae!r:.60}")

@@ -26,10 +26,10 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
     """A DataFrame of metrics (`metric`, `value`); see the module docstring."""
     import pandas as pd
 
-    from ..memory import Chunks
-    from .store import _documents, collect
+    from ..core.memory import Chunks
+    from .store import collect, documents_of, take_documents, windows as windows_of
 
-    documents = list(_take_documents(_documents(texts), n_tokens, model))
+    documents = list(take_documents(documents_of(texts), n_tokens, model))
     store = collect(model, sae.site, documents, n_tokens=n_tokens, context=context,
                     batch_size=batch_size, progress=False)
     x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
@@ -40,7 +40,7 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
         fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
         cosine = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean().item()
         frequency = active.float().mean(0)
-    windows = _windows(model, documents, context, len(store))
+    windows = windows_of(model, documents, context, len(store))
     # One budget for the three runs: a size halved after running out of memory stays halved.
     chunks = Chunks(batch_size, "SAE evaluation", "windows", advice="use a smaller context")
     clean = _loss(model, windows, chunks)
@@ -57,30 +57,6 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
     return pd.DataFrame(rows, columns=["metric", "value"])
 
 
-def _take_documents(documents, n_tokens: int, model):
-    """Documents until they hold about `n_tokens` tokens."""
-    total = 0
-    for document in documents:
-        yield document
-        total += len(model.tokenizer(document, add_special_tokens=False)["input_ids"])
-        if total >= 1.2 * n_tokens + 1000:
-            return
-
-
-def _windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
-    """Token windows of the documents, as collection makes them, about `n_tokens` in all."""
-    windows, total = [], 0
-    for document in documents:
-        ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
-        for i in range(0, len(ids), context):
-            if len(ids[i:i + context]) > 1:
-                windows.append(ids[i:i + context])
-                total += len(windows[-1])
-        if total >= n_tokens:
-            break
-    return windows
-
-
 def _loss(model, windows: list[list[int]], chunks) -> float:
     """Mean next-token cross-entropy over the windows (real tokens only), in `chunks`."""
     total, count = 0.0, 0
@@ -92,8 +68,8 @@ def _loss(model, windows: list[list[int]], chunks) -> float:
 
 def _chunk_loss(model, rows: list[list[int]]) -> tuple[float, int]:
     """Summed next-token cross-entropy over the real tokens of some windows, and their count."""
-    from ..interventions import Context
-    from ..runner import submodule, unembed_normed
+    from ..core.arch import submodule
+    from ..core.engine import run, unembed_normed
 
     base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
     pad = model.tokenizer.pad_token_id or 0
@@ -102,12 +78,8 @@ def _chunk_loss(model, rows: list[list[int]]) -> tuple[float, int]:
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
     # Every row as long as the batch: position ranges such as `@1:` then select
     # the same columns in each (padding columns included, which nothing reads).
-    model._context = Context([[""] * length] * len(rows))
-    try:
-        with torch.no_grad():
-            out = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
-    finally:
-        model._context = None
+    with run(model, [[""] * length] * len(rows)):
+        out = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     targets = ids[:, 1:].to(hidden.device)
     valid = mask[:, 1:].bool().to(hidden.device)

@@ -27,23 +27,18 @@ from pathlib import Path
 
 import torch
 
-from .model import SAEError
+from ..core.errors import LabelError, SAEError
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 4
 _LOCAL = {}
 
 
-class LabelError(SAEError):
-    """A labeller that cannot be reached or used."""
-
-
 def record_contexts(sae, model, texts, n_tokens: int = 20_000, per_feature: int = 40, context: int = 64) -> dict:
     """Keep, for every feature, its top-activating contexts and as many quiet ones."""
-    from .evaluate import _take_documents, _windows
-    from .store import _documents, collect
+    from .store import collect, documents_of, take_documents, windows as windows_of
 
-    documents = list(_take_documents(_documents(texts), n_tokens, model))
-    windows = _windows(model, documents, context, n_tokens)
+    documents = list(take_documents(documents_of(texts), n_tokens, model))
+    windows = windows_of(model, documents, context, n_tokens)
     store = collect(model, sae.site, windows, n_tokens=n_tokens, context=context, progress=False)
     x = store.rows(0, len(store)).to(sae.W_enc.device, sae.W_enc.dtype)
     # Collection keeps positions 1.. of each window, window after window: row of (window, position).
@@ -237,7 +232,7 @@ def _chat(url: str, prompt: str) -> str:
 
 def _local():
     if "model" not in _LOCAL:
-        from ..loading import load
+        from ..core.loading import load
 
         _LOCAL["model"] = load()
     return _LOCAL["model"]
@@ -252,7 +247,7 @@ def _local_ask(prompt: str) -> str:
     """The local model's greedy answer, decoded with transformers' key/value cache: its own
     model has no interventions, so the tokens are those `model.generate` gives, without
     recomputing a prompt of hundreds of tokens at every step."""
-    from ..batch import Batch
+    from ..core.batch import Batch
 
     model = _local()
     batch = Batch.of(model.tokenizer, _chat_text(model, prompt))
@@ -265,12 +260,12 @@ def _local_ask(prompt: str) -> str:
 
 def _local_judge(label_text: str, contexts) -> list[float]:
     """P(Yes) against P(No) for each context, in one batch."""
-    from ..batch import Batch
-    from ..runner import last_logits
+    from ..core.batch import Batch
+    from ..core.engine import last_logits, run
 
     model = _local()
     batch = Batch.of(model.tokenizer, [_chat_text(model, _judge_prompt(label_text, c)) for c in contexts])
-    with torch.no_grad():
+    with run(model, batch.tokens):
         logits = last_logits(model, batch).float()
     yes, no = (model.tokenizer.encode(word, add_special_tokens=False)[0] for word in ("Yes", "No"))
     return torch.softmax(logits[:, [yes, no]], -1)[:, 0].tolist()
@@ -290,7 +285,7 @@ def _correlation(predicted, actual) -> float:
 
 
 def _cache_path(sae, labeller_name: str, cache_dir) -> Path:
-    from ..embedded import cache_root
+    from ..core.embedded import cache_root
 
     digest = hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()[:1 << 20]).hexdigest()[:12]
     who = hashlib.sha256(labeller_name.encode()).hexdigest()[:8]

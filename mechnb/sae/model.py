@@ -28,15 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MechnbError
-from ..hookpoints import HookPoint
+from ..core.errors import SAEError
+from ..core.hookpoints import HookPoint
 
 KINDS = ("topk", "batchtopk", "relu", "jumprelu")
 _ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
-
-
-class SAEError(MechnbError, ValueError):
-    """An SAE, its configuration or its data that cannot be used."""
 
 
 class SAE(torch.nn.Module):

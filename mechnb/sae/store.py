@@ -12,7 +12,7 @@ a store can exceed RAM; `path/progress.json` records how far collection got (row
 documents read, and the tokens read but not yet run), and collecting again into the
 same path with the same texts resumes exactly there. Windows run `batch_size` at a
 time and each batch's values go to CPU (or the file) as it finishes; a batch that
-runs out of memory is halved and run again (`mechnb.memory`).
+runs out of memory is halved and run again (`mechnb.core.memory`).
 
 `ActivationStore.batches(batch_size, seed)` yields shuffled batches: blocks of
 `buffer` rows are read in a random order and shuffled within, so a memory-mapped
@@ -32,12 +32,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..checks import is_int
-from ..errors import MechnbError
-
-
-class StoreError(MechnbError, ValueError):
-    """A store, or a collection, that cannot be used as asked."""
+from ..core.checks import is_int
+from ..core.engine import run
+from ..core.errors import StoreError
+from ..core.remote import local_only
+from ..core.sites import read_part
 
 
 class ActivationStore:
@@ -94,11 +93,32 @@ class _Stop(Exception):
     """Raised by a hook to end a forward once the collected site has been computed."""
 
 
+@local_only
 def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None = None,
             context: int = 128, store=None, progress: bool = True) -> ActivationStore:
-    """Run `model` over `texts` and keep `site`'s activations at `n_tokens` real tokens."""
-    from ..arch import hook_value, locate, submodule
-    from ..memory import Chunks
+    """Activations of `site` over `texts`, for training SAEs (see the module docstring).
+
+    Runs the model only up to the site's layer, drops padding and each window's first
+    position, and returns `n_tokens` rows, in memory or, with `store=path`,
+    memory-mapped on disk and resumable.
+
+    Args:
+        site: one per-token site (`resid_post.12`, `mlp_out.3`, `neuron.5`, `head.9.6`).
+        texts: strings, lists of token ids (one window each), or a Dataset with `text`.
+        n_tokens: rows to keep.
+        batch_size: windows per forward (default 16); each batch's values move to
+            CPU (or to the file) as it finishes, and a batch that runs out of
+            memory is halved and run again.
+        context: tokens per window.
+        store: a directory for a memory-mapped store (`acts.f32`), written batch
+            by batch and resumable; None keeps the rows in memory.
+        progress: a progress bar when it takes more than two seconds.
+
+    Returns:
+        An `ActivationStore` of `n_tokens width` float32 rows. Example:
+        `model.collect("resid_post.12", texts, 100_000, store="acts/")`.
+    """
+    from ..core.memory import Chunks
 
     (concrete,) = _one_site(model, site)
     if not is_int(n_tokens) or n_tokens < 1:
@@ -111,15 +131,6 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     chunks = Chunks(batch_size, f"collecting {concrete}", "windows",
                     advice="use a smaller context (tokens per window)")
     data, written, documents_done, stream, progress_file = _open(store, n_tokens, width, str(concrete))
-    path, io, _ = locate(model, concrete)
-    module = submodule(model.hf, path)
-    captured = {}
-
-    def grab(value):
-        captured["value"] = value
-        raise _Stop
-
-    handle = hook_value(module, io, grab)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -130,7 +141,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     prefix = [bos] if adds_bos else []
     separator = [] if model.tokenizer.eos_token_id is None else [model.tokenizer.eos_token_id]
     window = context - len(prefix)
-    documents = _documents(texts)
+    documents = documents_of(texts)
     pending: list[list[int]] = []
     seen = 0
     try:
@@ -149,7 +160,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
                     stream = stream[window:]
             if len(pending) < batch_size:
                 continue
-            written = _run(model, pending, concrete, captured, data, written, n_tokens, chunks)
+            written = _run(model, pending, concrete, data, written, n_tokens, chunks)
             pending = []
             _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
             if bar is not None:
@@ -161,11 +172,9 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
             pending.append(prefix + stream)
             stream = []
         if pending and written < n_tokens:
-            written = _run(model, pending, concrete, captured, data, written, n_tokens, chunks)
+            written = _run(model, pending, concrete, data, written, n_tokens, chunks)
             _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
     finally:
-        handle.remove()
-        model._context = None
         if bar is not None:
             bar.close()
         if isinstance(data, np.memmap):
@@ -181,9 +190,9 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     return ActivationStore(data, written, site=str(concrete), meta=meta)
 
 
-def _run(model, rows, site, captured, data, written, n_tokens, chunks) -> int:
+def _run(model, rows, site, data, written, n_tokens, chunks) -> int:
     """Token windows in chunks of `chunks`, up to the site; append their real tokens' values."""
-    for _, tokens in chunks.run(lambda chunk: _forward(model, chunk, site, captured), rows):
+    for _, tokens in chunks.run(lambda chunk: _forward(model, chunk, site), rows):
         take = min(len(tokens), n_tokens - written)
         if isinstance(data, np.memmap):
             data[written:written + take] = tokens[:take].numpy()
@@ -195,23 +204,25 @@ def _run(model, rows, site, captured, data, written, n_tokens, chunks) -> int:
     return written
 
 
-def _forward(model, rows, site, captured) -> torch.Tensor:
+def _forward(model, rows, site) -> torch.Tensor:
     """One padded batch of token windows up to the site: its real tokens' values, on CPU."""
-    from ..interventions import Context
-    from ..trace import read_part
-
     length = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id or 0
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    model._context = Context([[""] * length] * len(rows))
-    try:
-        with torch.no_grad():
+    captured = {}
+
+    def grab(value):
+        captured["value"] = value
+        raise _Stop  # nothing after the site is needed: the forward ends here
+
+    # Every row as long as the batch: position ranges select the same columns in each.
+    with run(model, [[""] * length] * len(rows)) as forward:
+        forward.hook_site(site.base, grab)
+        try:
             model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        model._context = None
+        except _Stop:
+            pass
     value = read_part(captured.pop("value"), site, None).float()
     keep = mask.bool()
     # Position 0 of every window is the model's attention sink (BOS or not): its residual
@@ -221,7 +232,7 @@ def _forward(model, rows, site, captured) -> torch.Tensor:
 
 
 def _one_site(model, site):
-    from ..sites import parse
+    from ..core.sites import parse
 
     parsed = parse(site)
     if parsed.positions is not None:
@@ -247,8 +258,9 @@ def _width(model, site) -> int:
     return model.d_model
 
 
-def _documents(texts) -> Iterator[str]:
-    """Strings from an iterable of strings or a datasets Dataset with a `text` column."""
+def documents_of(texts) -> Iterator[str]:
+    """Strings (or token-id windows) from an iterable of them or a datasets Dataset with a `text`
+    column, checked as they come."""
     if hasattr(texts, "column_names"):
         if "text" not in texts.column_names:
             raise StoreError(f"the dataset has no 'text' column: its columns are {texts.column_names}")
@@ -266,6 +278,31 @@ def _documents(texts) -> Iterator[str]:
             raise StoreError(f"collect reads strings; got {type(text).__name__}")
         if text:
             yield text
+
+
+def take_documents(documents, n_tokens: int, model):
+    """Documents until they hold about `n_tokens` tokens (with some to spare)."""
+    total = 0
+    for document in documents:
+        yield document
+        total += len(model.tokenizer(document, add_special_tokens=False)["input_ids"])
+        if total >= 1.2 * n_tokens + 1000:
+            return
+
+
+def windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
+    """Token windows of `context` tokens cut from each document, about `n_tokens` in all
+    (what evaluation and contexts run on: one window per row, unpacked)."""
+    windows, total = [], 0
+    for document in documents:
+        ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), context):
+            if len(ids[i:i + context]) > 1:
+                windows.append(ids[i:i + context])
+                total += len(windows[-1])
+        if total >= n_tokens:
+            break
+    return windows
 
 
 def _open(store, n_tokens: int, width: int, site: str):

@@ -32,8 +32,9 @@ import time
 
 import torch
 
-from ..checks import is_int
-from .model import KINDS, SAE, SAEError
+from ..core.checks import is_int
+from ..core.errors import SAEError
+from .model import KINDS, SAE
 
 
 def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = None,

@@ -1,0 +1,488 @@
+"""The model base: a causal language model wrapped for interpretability, and its state.
+
+`ModelBase` holds what every method works on: the transformers model (`.hf`), wrapped in
+an nnsight `TransformersModel` (`.nn`), its tokenizer, its architecture map (`.arch`)
+and the attention hook points that give every site of `mechnb.core.sites` a module; and
+the state a session changes: the persistent interventions, the active weight edits, the
+attached SAEs (as interventions) and the running trace. It offers the core verbs: read
+and write sites in a trace, cache sites, the next-token table, and add or remove
+interventions. Every method (patching, circuits, SAEs, ...) lives in its own module and
+is a method of `mechnb.Model`, this class's subclass (see `mechnb.model`).
+
+    >>> model = mechnb.load()
+    >>> model.top("The Eiffel Tower is located in the city of").token[0]
+    ' Paris'
+    >>> cache = model.cache(["When Mary and John went to the store, John gave a drink to"],
+    ...                     ["resid_pre.5", "pattern.3", "head.9.6"])
+    >>> cache["pattern.3"].shape          # batch head pos_q pos_k
+    torch.Size([1, 9, 14, 14])
+    >>> with model.trace("Hello world"):
+    ...     model["head.9.6"] = 0
+    ...     logits = model["logits"].save()
+
+Gotchas: attention always runs through mechnb's eager function (`mechnb.core.hookpoints`),
+so patterns are real probabilities even if the model was loaded for `sdpa`. State is
+changed only through the methods here (`add`, `remove`, `clear`, `weight_edits`,
+`attach_module`): no method reaches into another's private attributes.
+"""
+
+from __future__ import annotations
+
+from .errors import ArgumentError, InterventionError, PromptError, SiteError, TraceError
+from .interventions import Scoped
+
+
+class ModelBase:
+    """A causal LM ready for interpretability: sites, traces, caches, interventions.
+
+    Args:
+        hf_model: a transformers causal LM of a supported architecture.
+        tokenizer: its tokenizer.
+        name: a label for displays (default: the config's name or model type).
+        remote: run every trace on NDIF, on the hub model named by
+            `hf_model.name_or_path`; `hf_model` is then only its structure (on the
+            `meta` device, as `mechnb.load(name, remote=True)` builds it), and methods
+            that need the weights here raise `RemoteError` (see `mechnb.core.remote`).
+
+    A model spread over devices by accelerate (`from_pretrained(device_map=...)` or
+    `accelerate.dispatch_model`) works as it is; see `mechnb.core.devices`.
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str | None = None, remote: bool = False):
+        import nnsight
+
+        from .arch import arch_for
+        from .hookpoints import install
+
+        self.arch = arch_for(hf_model.config)
+        hf_model.eval()
+        self.remote = bool(remote)
+        self.hf = hf_model
+        if self.remote:
+            from .remote import wrap
+
+            # NDIF runs the stock model: no hook points, no attention function of ours.
+            self.nn = wrap(hf_model, tokenizer)
+        else:
+            install(hf_model, self.arch)
+            self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
+        self.weight_edits = WeightEdits()
+        self._trace = None
+        self._context = None  # set only by `mechnb.core.engine.run`
+        self._installed: list = []  # (intervention, torch hook handle), in order added
+
+    # -- dimensions ---------------------------------------------------------
+
+    @property
+    def config(self):
+        """The transformers config."""
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def d_head(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        for attr in ("intermediate_size", "n_inner"):
+            value = getattr(self.config, attr, None)
+            if value:
+                return value
+        return 4 * self.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self):
+        """The device inputs go to: the embedding's (CPU for a remote model). A model
+        spread by `device_map` computes each layer on its own device (`devices`)."""
+        import torch
+
+        from .devices import input_device
+
+        if self.remote:
+            return torch.device("cpu")
+        return input_device(self.hf)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the model runs on, in model order (`"disk"` for offloaded layers)."""
+        from .devices import devices
+
+        return ["ndif"] if self.remote else devices(self.hf)
+
+    @property
+    def dtype(self):
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        """True when attention and MLP read the same residual (no `resid_mid`)."""
+        return self.arch.resid_mid_for(self.config) is None
+
+    @property
+    def resid_mid_path(self) -> str:
+        """The module (relative to a layer) whose input is `resid_mid`."""
+        return self.arch.resid_mid_for(self.config)
+
+    @property
+    def context(self):
+        """The `Context` of the forward now running (its prompts' tokens), or None."""
+        return self._context
+
+    def info(self) -> dict:
+        """Dimensions, device, dtype and memory of the model, as a dict."""
+        n_params = sum(p.numel() for p in self.hf.parameters())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        return {
+            "name": self.name,
+            "architecture": f"{self.arch.name} ({type(self.hf).__name__})",
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "vocab_size": self.vocab_size,
+            "parameters": f"{n_params / 1e6:.1f} M",
+            "device": self._where(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "memory": f"{n_bytes / 2**20:.0f} MiB",
+        }
+
+    def _where(self) -> str:
+        """Where the model runs, in words: `cpu`, `cuda:0, cuda:1 (device_map)`, `NDIF (...)`."""
+        if self.remote:
+            from .remote import host
+
+            return f"NDIF ({host()})"
+        found = self.devices
+        return found[0] if len(found) == 1 else f"{', '.join(found)} (device_map)"
+
+    def require_local(self, method: str) -> None:
+        """`RemoteError` when this model is remote: `method` (a key of
+        `mechnb.core.remote.UNAVAILABLE`) needs the model in this process."""
+        if self.remote:
+            from .remote import unavailable
+
+            raise unavailable(method)
+
+    def __repr__(self) -> str:
+        return (f"<mechnb.Model {self.name}: {self.arch.name}, {self.n_layers} layers, "
+                f"{self.n_heads} heads, d_model {self.d_model}, on {self._where()}>")
+
+    # -- tokens -------------------------------------------------------------
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The prompt's token strings, as positions count them."""
+        from .batch import Batch
+
+        return Batch.of(self.tokenizer, prompt).tokens[0]
+
+    # -- traces -------------------------------------------------------------
+
+    def trace(self, prompts, grad: bool = False):
+        """A `with` block running the model on `prompts`; read and write sites inside it.
+
+        Args:
+            prompts: a string or a list of strings (padded on the right).
+            grad: keep autograd on (off by default).
+
+        Returns:
+            A `mechnb.core.trace.Trace`; `.batch` has the tokens. Inside the block,
+            `model[site]` reads (call `.save()` to keep it) and `model[site] = v` writes.
+            On a remote model the block runs on NDIF (see `mechnb.core.remote`).
+        """
+        if grad:
+            self.require_local("trace(grad=True)")
+        from .trace import Trace
+
+        return Trace(self, prompts, grad=grad)
+
+    def _enter_trace(self, trace) -> None:
+        if self._trace is not None:
+            raise TraceError("a trace of this model is already running: traces do not nest; "
+                             "finish the open `with model.trace(...)` block first")
+        self._trace = trace
+
+    def _leave_trace(self, trace) -> None:
+        if self._trace is trace:
+            self._trace = None
+
+    def _active(self, site):
+        if self._trace is None:
+            raise TraceError(
+                f"model[{str(site)!r}] reads or writes a value during a run of the model: use "
+                "it inside `with model.trace(prompt):` or a %%trace cell, or "
+                f"model.cache(prompt, {str(site)!r}) outside one"
+            )
+        return self._trace
+
+    # Through the trace's own methods, not an import: on NDIF this code runs where
+    # mechnb is not installed (see `mechnb.core.remote`).
+    def __getitem__(self, site):
+        return self._active(site).read(site)
+
+    def __setitem__(self, site, value) -> None:
+        self._active(site).write(site, value)
+
+    def cache(self, prompts, sites, batch_size: int | None = None):
+        """Run the model and keep the values of `sites`.
+
+        Args:
+            prompts: a string or a list of strings (padded on the right; the cache
+                knows each prompt's real length).
+            sites: a site string or a list of them (ranges such as `resid_pre.*`
+                allowed). Each is stored whole; index and positions apply on lookup.
+            batch_size: prompts per forward (default: all in one). In several chunks,
+                each chunk's values move to CPU as it finishes, so the device holds
+                one chunk; a chunk that runs out of memory is halved and run again.
+
+        Returns:
+            A `mechnb.core.cache.Cache`: `cache["resid_pre.5"]` is `batch pos d_model`,
+            `cache["pattern.3"]` `batch head pos_q pos_k`, `cache["head.9.6"]`
+            `batch pos d_head`, `cache["neuron.4.17"]` `batch pos`, `cache["logits"]`
+            `batch pos vocab`. Example: `model.cache(prompts, "resid_post.*", batch_size=32)`.
+        """
+        from .cache import cache
+
+        return cache(self, prompts, sites, batch_size=batch_size)
+
+    def top(self, prompt: str, k: int = 10):
+        """The k most likely next tokens after `prompt`.
+
+        Returns:
+            A DataFrame with columns `rank` (1 = most likely), `token`, `token_id`,
+            `prob`, `logit`, sorted by probability. Example: `model.top("The sky is", 5)`.
+        """
+        import nnsight
+        import pandas as pd
+        import torch
+
+        from .checks import is_int
+
+        if not isinstance(prompt, str):
+            raise PromptError(f"top takes one prompt string, got {type(prompt).__name__}")
+        if not is_int(k) or k < 1:
+            raise ArgumentError(f"k, the tokens listed, must be a positive int, got {k!r}")
+        k = min(k, self.vocab_size)
+        found = []
+        with self.trace(prompt):
+            found.append(self["logits@-1"].save())
+            # Saved as a whole so that a remote run (mechnb.core.remote) sends the list back.
+            nnsight.save(found)
+        logits = found[0][0].float().cpu()
+        probs = torch.softmax(logits, dim=-1)
+        top = probs.topk(k)
+        ids = top.indices.tolist()
+        return pd.DataFrame({
+            "rank": range(1, k + 1),
+            "token": [self.tokenizer.decode([i]) for i in ids],
+            "token_id": ids,
+            "prob": top.values.tolist(),
+            "logit": logits[top.indices].tolist(),
+        })
+
+    # -- persistent interventions ---------------------------------------------
+
+    @property
+    def interventions(self) -> list:
+        """The active interventions, in the order they apply."""
+        return [intervention for intervention, _ in self._installed]
+
+    def interventions_table(self):
+        """The active interventions as a DataFrame (`#`, kind, site, detail)."""
+        import pandas as pd
+
+        rows = [{"#": i, **intervention.describe()} for i, intervention in enumerate(self.interventions)]
+        return pd.DataFrame(rows, columns=["#", "kind", "site", "detail"])
+
+    def add(self, interventions) -> list:
+        """Activate interventions (an `Intervention` or a list); returns them."""
+        self.require_local("add")
+        from .interventions import Intervention, install
+
+        items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        for intervention in items:
+            self._installed.append((intervention, install(self, intervention)))
+        return items
+
+    def remove(self, interventions) -> None:
+        """Deactivate the given interventions (others stay)."""
+        from .interventions import Intervention
+
+        items = [interventions] if isinstance(interventions, Intervention) else interventions
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, Intervention) for i in items):
+            raise InterventionError(f"remove takes interventions from model.interventions (one or a list), "
+                                    f"got {interventions!r:.60}; model.clear() removes them all")
+        keep = []
+        for intervention, handle in self._installed:
+            if any(intervention is item for item in items):
+                handle.remove()
+            else:
+                keep.append((intervention, handle))
+        self._installed = keep
+
+    def clear(self, kind: str | None = None) -> None:
+        """Remove every active intervention (the model is as loaded), or every one of a
+        `kind`: `"ablate"`, `"hook"`, `"steer"` or `"sae"` (`model.clear("steer")`)."""
+        from .interventions import KINDS
+
+        if kind is not None and kind not in KINDS:
+            raise InterventionError(f"unknown intervention kind {kind!r}: use one of {', '.join(KINDS)}, "
+                                    "or no kind to remove them all")
+        self.remove([i for i in self.interventions if kind is None or i.kind == kind])
+
+    def ablate(self, sites, mode: str = "zero", ref=None, positions=None, seed: int = 0) -> list:
+        """Ablate sites until removed: `zero`, `mean` or `resample` over reference prompts.
+
+        Args:
+            sites: a site or list of sites (`head.9.6`, `neuron.5.1`, `mlp_out.*`,
+                `resid_pre.3@-1`, ...); ranges expand to one ablation per site.
+            mode: `zero`; `mean` (the mean over every real token of `ref`); or
+                `resample` (per-token draws from `ref`'s tokens, seeded by `seed`).
+            ref: reference prompts for mean and resample.
+            positions: positions for every site (`-1`, `"3:7"`, `slice(0, 4)`,
+                `"'John'"`); default all, or those in the site string.
+            seed: the seed of resample's draws (the same draws on every forward).
+
+        Returns:
+            The `Ablate` interventions added. Example: `model.ablate("head.9.6")`.
+        """
+        self.require_local("ablate")
+        from .interventions import ablations
+
+        return self.add(ablations(self, sites, mode, ref, positions, seed))
+
+    def hook(self, site, fn) -> list:
+        """Run `fn(value) -> value` on a site's value in every forward, until removed.
+
+        `value` is the part the site names (`head.9.6@-1` gives `batch d_head`).
+        Returns the `Hook` interventions added (one per site of a range).
+        """
+        self.require_local("hook")
+        from .interventions import Hook
+        from .sites import parse
+
+        if not callable(fn):
+            raise InterventionError(f"hook takes a function of the site's tensor, got {type(fn).__name__}")
+        return self.add([Hook(concrete, fn=fn) for concrete in parse(site).expand(self)])
+
+    def ablated(self, *args, **kwargs) -> Scoped:
+        """`with model.ablated(...):` the ablations `ablate(...)` makes (the same arguments),
+        active inside the block only."""
+        return Scoped(self, self.ablate(*args, **kwargs))
+
+    def hooked(self, *args, **kwargs) -> Scoped:
+        """`with model.hooked(site, fn):` the hook `hook(site, fn)` adds, inside the block only."""
+        return Scoped(self, self.hook(*args, **kwargs))
+
+    # -- weight edits and attached modules -------------------------------------------
+
+    @property
+    def edits(self) -> list:
+        """The active weight edits (`mechnb.methods.rome.WeightEdit`), oldest first."""
+        return list(self.weight_edits)
+
+    @property
+    def saes(self) -> list:
+        """The attached SAEs (each attached by an intervention of kind `sae`)."""
+        return [i.sae for i in self.interventions if i.kind == "sae"]
+
+    def sae_at(self, site, required: bool = True):
+        """The attached SAE a feature site (`sae.12.5`, `sae.NAME.5`) refers to."""
+        from .sites import parse
+
+        site = parse(site)
+        for sae in self.saes:
+            if sae.name == site.layer or parse(sae.site).layer == site.layer:
+                return sae
+        if required:
+            raise SiteError(f"no SAE attached for {site}: attached are {[s.name for s in self.saes]}")
+        return None
+
+    def attach_module(self, path: str, name: str, module) -> None:
+        """Add `module` as submodule `name` of the module at `path` (an attached SAE), so
+        that traces see it: the nnsight wrapper is rebuilt around the changed model."""
+        from .arch import submodule
+
+        submodule(self.hf, path).add_module(name, module)
+        self._rewrap()
+
+    def detach_module(self, path: str, name: str) -> None:
+        """Remove submodule `name` of the module at `path` (see `attach_module`)."""
+        from .arch import submodule
+
+        delattr(submodule(self.hf, path), name)
+        self._rewrap()
+
+    def _rewrap(self) -> None:
+        import nnsight
+
+        self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)
+
+
+class WeightEdits:
+    """The active weight edits of one model, stacked per module.
+
+    An edit is any object with `.module` (a module with a `weight`) and `.delta` (added
+    to that weight). `apply` adds one; `revert` removes one and rebuilds its module's
+    weight from the weight before the first active edit plus the deltas still active,
+    in order: reverting in any order leaves the others, and reverting all restores the
+    original weights bit for bit.
+    """
+
+    def __init__(self):
+        self._active: list = []
+        self._base: dict = {}  # id(module) -> its weight before the first active edit
+
+    def __iter__(self):
+        return iter(list(self._active))
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def apply(self, edit) -> None:
+        """Activate `edit`: its module's weight gains its delta."""
+        if id(edit.module) not in self._base:
+            self._base[id(edit.module)] = edit.module.weight.detach().clone()
+        self._active.append(edit)
+        self._rebuild(edit.module)
+
+    def revert(self, edit) -> None:
+        """Deactivate `edit` (the others stay)."""
+        self._active.remove(edit)
+        self._rebuild(edit.module)
+
+    def _rebuild(self, module) -> None:
+        import torch
+
+        base = self._base[id(module)]
+        weight = base.clone()
+        remaining = [e for e in self._active if e.module is module]
+        for each in remaining:
+            weight += each.delta
+        with torch.no_grad():
+            module.weight.copy_(weight if remaining else base)
+        if not remaining:
+            del self._base[id(module)]

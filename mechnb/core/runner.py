@@ -1,0 +1,296 @@
+"""The batched engine behind patching sweeps: many edited runs of one prompt, without waste.
+
+A sweep asks "what is the metric if I replace this one value by that one?" for
+hundreds of values. Running one forward per question repeats work that cannot
+change. This engine records one forward of the target prompt (every layer's
+residual input, the arguments each layer was called with, and every layer's
+attention keys and values), then answers a batch of edited runs ("rows") at once:
+
+- A row whose first edit is in layer L starts at layer L from the recorded
+  residual: layers below L are exactly as in the target run, so they are skipped.
+- A row whose edits all sit at positions >= p computes only positions p..n-1:
+  earlier positions cannot see later ones (causal attention), so their keys and
+  values come from the record (`mechnb_prefix` in `mechnb.core.hookpoints`).
+- Rows are grouped by p, sorted by start layer, and join the batch as it reaches
+  their layer; chunks of `batch_size` rows bound the memory, and a chunk that runs
+  out of memory is halved and run again (`mechnb.core.memory`).
+- Only the last position goes through the final norm and the unembedding.
+
+Edits at `resid_pre`/`resid_post` set a row's starting residual; edits inside a
+layer (heads, patterns, attention or MLP outputs, neurons, `resid_mid`) are applied
+by temporary PyTorch hooks that touch only their own rows. Active persistent
+interventions (`Model.ablate`, `Model.hook`) apply as in any forward.
+
+Example:
+    >>> target = TargetRun(model, "When Mary and John went to the store, Mary gave a drink to")
+    >>> rows = [Row([Edit(parse("resid_pre.5"), [9], clean_value)])]
+    >>> run_rows(model, target, rows).shape        # rows vocab: logits at the last position
+    torch.Size([1, 49152])
+
+Gotchas: the record is of one unpadded prompt; layers are called with the keyword
+arguments the model itself passed them (sliced to the computed positions), so any
+family of the architecture map works without its own code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .arch import locate, submodule
+from .engine import run, unembed
+from .interventions import Context, apply
+from .sites import Site, assign_part, read_part
+
+_SEQ_KWARGS = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
+_DROP_KWARGS = ("cache", "layer_past", "past_key_values", "past_key_value")
+
+
+@dataclass
+class Edit:
+    """Set `site` (concrete, positions ignored) at absolute `positions` (None: all) to `value`.
+
+    `value` is shaped like the site's part at those positions for one prompt
+    (`1 pos ...`, or broadcastable).
+    """
+
+    site: Site
+    positions: list[int] | None
+    value: torch.Tensor
+
+    @property
+    def start(self) -> int:
+        """The first layer a row with this edit must compute."""
+        if self.site.kind == "embed":
+            return 0
+        if self.site.kind == "resid_post":
+            return self.site.layer + 1
+        return self.site.layer
+
+    @property
+    def sets_residual(self) -> bool:
+        """True when the edit is to a row's starting residual rather than inside a layer."""
+        return self.site.kind in ("embed", "resid_pre", "resid_post")
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.positions is None else min(self.positions)
+
+
+@dataclass
+class Row:
+    """One edited run: its edits, and optionally sites whose values to record."""
+
+    edits: list[Edit]
+
+    @property
+    def start(self) -> int:
+        return min(edit.start for edit in self.edits)
+
+    @property
+    def offset(self) -> int:
+        return min(edit.offset for edit in self.edits)
+
+
+class TargetRun:
+    """One recorded forward of an unpadded prompt (see the module docstring)."""
+
+    def __init__(self, model, prompt: str):
+        from .batch import Batch, check_length
+
+        self.model = model
+        batch = Batch.of(model.tokenizer, prompt)
+        self.tokens = batch.tokens[0]
+        self.n = len(self.tokens)
+        check_length(model, self.n)
+        layers = submodule(model.hf, model.arch.layers)
+        self.resid: list[torch.Tensor] = [None] * (model.n_layers + 1)
+        self.calls: list[dict] = [None] * model.n_layers
+
+        def record_layer(index):
+            signature = inspect.signature(type(layers[index]).forward)
+
+            def hook(module, args, kwargs):
+                bound = signature.bind(module, *args, **kwargs).arguments
+                bound.pop("self", None)
+                name = next(iter(bound))
+                self.resid[index] = bound.pop(name)
+                self.calls[index] = (name, bound)
+
+            return hook
+
+        def record_final(module, args):
+            self.resid[model.n_layers] = args[0]
+
+        def record_embed(module, args, output):
+            self.embed = output
+
+        records = []
+        with run(model, [self.tokens]) as forward:
+            for index, layer in enumerate(layers):
+                # First in line, so the record is the input before any active intervention,
+                # which the engine's own call of the layer then applies once.
+                forward.torch_hook(layer, record_layer(index), pre=True, with_kwargs=True, prepend=True)
+                records.append(forward.attach(submodule(layer, model.arch.attn), "mechnb_record", []))
+            forward.torch_hook(submodule(model.hf, model.arch.final_norm), record_final, pre=True)
+            forward.torch_hook(submodule(model.hf, model.arch.embed), record_embed)
+            out = model.hf(**batch.inputs(model.device), use_cache=False)
+        self.logits = out.logits[:, -1].float()
+        self.kv = [record[0] if record else None for record in records]
+
+    def call(self, layer: int, offset: int) -> tuple[str, dict]:
+        """The name of the residual argument and the other arguments, for positions >= offset."""
+        name, arguments = self.calls[layer]
+        sliced = {}
+        for key, value in arguments.items():
+            if key in _DROP_KWARGS:
+                value = None
+            elif key == "use_cache":
+                value = False
+            elif key in _SEQ_KWARGS and value is not None and offset:
+                value = _slice_positions(key, value, offset)
+            sliced[key] = value
+        return name, sliced
+
+
+def _slice_positions(key: str, value, offset: int):
+    if key == "position_embeddings":
+        return tuple(v[..., offset:, :] for v in value)
+    if key == "attention_mask":
+        return value[..., offset:, :]  # query rows from offset; every key column stays
+    return value[..., offset:]
+
+
+def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
+             progress=None, record: list[Site] = (), metric=None) -> torch.Tensor:
+    """Logits at the last position, `rows vocab`, of each edited run (see module doc).
+
+    `batch_size` is the rows per forward (default from a 256 MiB budget), or a
+    `mechnb.core.memory.Chunks` shared by the calls of one sweep; a chunk that runs out
+    of memory is halved and run again. With `metric` (logits `batch vocab` ->
+    `batch`), its value per row instead, computed chunk by chunk so that the logits
+    of all rows are never held at once. Values move to CPU chunk by chunk.
+    `progress`, if given, is a tqdm bar updated by the number of rows done.
+    `record` names concrete sites whose whole values each row should report: they
+    are stored, after the row's edits, in `row.recorded` (site name -> `1 pos ...`,
+    positions from the row's offset on).
+    """
+    from .memory import Chunks
+
+    out = torch.empty(len(rows)) if metric is not None else torch.empty(len(rows), model.vocab_size)
+    groups: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row.offset, []).append(index)
+    chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(batch_size, "a patching sweep", "rows")
+    default = default_batch_size(model, target.n)
+    for offset, members in sorted(groups.items()):
+        members.sort(key=lambda i: rows[i].start)
+
+        def run(chunk, offset=offset):
+            logits = _run_chunk(model, target, [rows[i] for i in chunk], offset, record)
+            return metric(logits).cpu() if metric is not None else logits.cpu()
+
+        for chunk, values in chunks.run(run, members, default=default):
+            out[chunk] = values
+            if progress is not None:
+                progress.update(len(chunk))
+    return out
+
+
+def default_batch_size(model, n_pos: int, budget_bytes: float = 256 * 2**20) -> int:
+    """Rows per chunk so that one layer's activations stay within `budget_bytes`."""
+    per_row = n_pos * (3 * model.d_mlp + 4 * model.d_model + model.n_heads * n_pos) * 4
+    return max(1, min(512, int(budget_bytes // max(per_row, 1))))
+
+
+def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()) -> torch.Tensor:
+    """Run rows sorted by start layer, all computing positions offset..n-1."""
+    layers = submodule(model.hf, model.arch.layers)
+    inner: dict[tuple[str, str], list] = {}
+    for index, row in enumerate(rows):
+        for edit in row.edits:
+            if not edit.sets_residual:
+                path, io, _ = locate(model, edit.site)
+                inner.setdefault((path, io), []).append((index, edit))
+    with run(model, [target.tokens], offset) as forward:
+        for (path, io), entries in inner.items():
+            forward.hook(path, io, _edit(entries, offset))
+        for site in record:
+            path, io, _ = locate(model, site)
+            forward.hook(path, io, _record(site, rows))
+        hidden = None
+        for layer_index in range(rows[0].start, model.n_layers + 1):
+            joining = [row for row in rows if row.start == layer_index]
+            if joining:
+                start = torch.cat([_start(target, row, layer_index, offset) for row in joining])
+                hidden = start if hidden is None else torch.cat([hidden, start])
+            if layer_index < model.n_layers:
+                hidden = _run_layer(model, forward, target, layers[layer_index], layer_index, hidden, offset)
+        logits = unembed(model, hidden[:, -1:])
+        for intervention in model.interventions:
+            if intervention.site.kind == "logits":
+                logits = apply(intervention, logits, Context([target.tokens], target.n - 1))
+    return logits[:, -1].float()
+
+
+def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor:
+    """A row's residual entering `layer` (`1 pos d_model`), with its residual edits applied."""
+    start = target.resid[layer][:, offset:].clone()
+    for edit in row.edits:
+        if not edit.sets_residual or edit.start != layer:
+            continue
+        positions = _relative(edit.positions, offset)
+        if edit.site.kind == "embed":
+            # resid_pre.0 is the embedding plus terms that do not depend on it
+            # (GPT-2's position embeddings): move it by the embedding's change.
+            embed = target.embed[:, offset:].clone()
+            assign_part(embed, Site("embed"), edit.value, positions)
+            start += embed - target.embed[:, offset:]
+        else:
+            assign_part(start, Site("resid_pre", layer), edit.value, positions)
+    return start
+
+
+def _relative(positions: list[int] | None, offset: int):
+    """Absolute positions as a `1 n` index into a forward that starts at `offset`."""
+    return None if positions is None else torch.tensor([[p - offset for p in positions]])
+
+
+def _run_layer(model, forward, target, layer, index, hidden, offset):
+    """One decoder layer on `hidden` (`rows pos d_model`), reusing the record's earlier keys."""
+    attn = submodule(layer, model.arch.attn)
+    _, arguments = target.call(index, offset)
+    if offset:
+        keys, values = target.kv[index]
+        rows = hidden.shape[0]
+        forward.attach(attn, "mechnb_prefix", (keys[:, :, :offset].expand(rows, -1, -1, -1),
+                                               values[:, :, :offset].expand(rows, -1, -1, -1)))
+    out = layer(hidden, **arguments)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _record(site: Site, rows: list[Row]):
+    """A hook function storing each active row's value of `site` in `row.recorded`."""
+
+    def keep(value):
+        for index, row in enumerate(rows[: value.shape[0]]):
+            part = read_part(value[index:index + 1], site, None)
+            row.__dict__.setdefault("recorded", {})[site.name] = part.clone()
+
+    return keep
+
+
+def _edit(entries: list, offset: int):
+    """A hook function that applies each row's edit at one module to that row only."""
+
+    def edit(value):
+        value = value.clone()
+        for row, entry in entries:
+            if row < value.shape[0]:  # a row joins the batch at its start layer
+                assign_part(value[row:row + 1], entry.site, entry.value,
+                            _relative(entry.positions, offset))
+        return value
+
+    return edit

@@ -1,0 +1,363 @@
+"""Sites: one small grammar for *where* in a model, parsed once into `Site` objects.
+
+A site string names a value the model computes. The same strings work in
+`Model.cache`, inside `%%trace` (`model[site]`), and in every magic:
+
+    embed                   token embeddings                 batch pos d_model
+    resid_pre.5             residual stream entering layer 5 batch pos d_model
+    resid_mid.5             after attention, before the MLP  batch pos d_model
+    resid_post.5            leaving layer 5                  batch pos d_model
+    attn_out.5, mlp_out.5   what attention / the MLP adds    batch pos d_model
+    head.9                  every head's output z            batch pos head d_head
+    head.9.6                one head's output z              batch pos d_head
+    neuron.5                MLP activations (after gating)   batch pos d_mlp
+    neuron.5.123            one neuron                       batch pos
+    sae.12.1234             feature 1234 of the SAE attached batch pos
+                            at layer 12 (`sae.NAME.F` names one of several)
+    pattern.3               attention probabilities          batch head pos_q pos_k
+    pattern.3.1             one head's pattern               batch pos_q pos_k
+    logits                  the model's output logits        batch pos vocab
+
+Layers and indices take an int, a range `0:5` (end excluded) or `*`; a site with a
+range names several sites (`resid_pre.*` is one per layer) and reading it stacks
+them on a new leading axis. Positions follow `@`: `@-1` (one position; the axis is
+dropped), `@3:7` (a range), `@'John'` (every position whose token, stripped of
+surrounding spaces, is `John`). Positions count real tokens of each prompt, so
+`@-1` is each prompt's own last token whatever the padding; on a pattern they
+select query positions.
+
+Example:
+    >>> site = parse("head.9.6@-1")
+    >>> site.kind, site.layer, site.index, site.positions.text
+    ('head', 9, 6, '-1')
+
+Gotchas: sites are read and written in the order the model computes them (nnsight
+runs a trace in execution order); `Site.order` sorts them that way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from .errors import SiteError
+
+if TYPE_CHECKING:  # torch loads on first use, so that `import mechnb` stays fast
+    import torch
+
+# Kind -> (takes a layer, takes an index, the name of its index, stage within a layer).
+KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
+    "embed": (False, False, None, 0),
+    "resid_pre": (True, False, None, 0),
+    "pattern": (True, True, "head", 1),
+    "head": (True, True, "head", 2),
+    "attn_out": (True, False, None, 3),
+    "resid_mid": (True, False, None, 4),
+    "neuron": (True, True, "neuron", 5),
+    "mlp_out": (True, False, None, 6),
+    "resid_post": (True, False, None, 7),
+    "logits": (False, False, None, 0),
+    "sae": (True, True, "feature", 8),
+}
+
+_SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
+_RANGE = re.compile(r"^(-?\d*):(-?\d*)$")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which token positions of each prompt a site selects (parsed from after `@`)."""
+
+    text: str
+    index: int | None = None
+    start: int | None = None
+    stop: int | None = None
+    token: str | None = None
+
+    @property
+    def squeeze(self) -> bool:
+        """True when one position is named, so the position axis is dropped."""
+        return self.index is not None
+
+    def resolve(self, tokens: list[list[str]]) -> "torch.Tensor":
+        """Position indices per prompt, `batch n`, for prompts given as token strings."""
+        import torch
+
+        rows = []
+        for row, toks in enumerate(tokens):
+            n = len(toks)
+            if self.index is not None:
+                p = self.index + n if self.index < 0 else self.index
+                if not 0 <= p < n:
+                    raise SiteError(
+                        f"position {self.index} out of range: prompt {row} has {n} tokens "
+                        f"(positions 0..{n - 1} or -{n}..-1)"
+                    )
+                rows.append([p])
+            elif self.token is not None:
+                want = self.token.strip()
+                found = [i for i, t in enumerate(toks) if t.strip() == want]
+                if not found:
+                    raise SiteError(
+                        f"token {self.token!r} is not in prompt {row}: its tokens are "
+                        f"{[t for t in toks]}"
+                    )
+                rows.append(found)
+            else:
+                found = list(range(n))[slice(self.start, self.stop)]
+                if not found:
+                    raise SiteError(
+                        f"positions {self.text} select nothing in prompt {row}, which has "
+                        f"{n} tokens"
+                    )
+                rows.append(found)
+        if len({len(r) for r in rows}) > 1:
+            raise SiteError(
+                f"positions @{self.text} select {[len(r) for r in rows]} tokens in the "
+                "prompts: each prompt must give the same number; use @-1, a range both "
+                "prompts cover, or one prompt at a time"
+            )
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed site: kind, layer, index and positions (see the module docstring)."""
+
+    kind: str
+    layer: int | slice | str | None = None
+    index: int | slice | None = None
+    positions: Positions | None = None
+    # Where an attached SAE runs relative to its host site (set by `expand`).
+    stage: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical string without positions, e.g. `head.9.6`."""
+        parts = [self.kind]
+        for part in (self.layer, self.index):
+            if part is not None:
+                parts.append(_format_part(part))
+        return ".".join(parts)
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.positions.text}" if self.positions else "")
+
+    @property
+    def base(self) -> "Site":
+        """The whole value this site is part of: no index, no positions (`head.9.6` -> `head.9`)."""
+        return replace(self, index=None, positions=None)
+
+    @property
+    def is_concrete(self) -> bool:
+        """True when the site names one value (no layer or index ranges)."""
+        return not isinstance(self.layer, slice) and not isinstance(self.index, slice)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """Sort key in execution order: embed, layers in order (stage by kind), logits."""
+        if self.kind == "embed":
+            return (-1, 0)
+        if self.kind == "logits":
+            return (float("inf"), 0)
+        return (self.layer, self.stage if self.stage is not None else KINDS[self.kind][3])
+
+    def expand(self, model) -> list["Site"]:
+        """The concrete sites this site names, validated against `model`'s dimensions."""
+        if self.kind == "sae":
+            return _expand_sae(self, model)
+        layers = [self.layer]
+        if KINDS[self.kind][0]:
+            layers = _expand_part(self.layer, model.n_layers, "layer", self)
+        indices = [self.index]
+        if self.index is not None:
+            size = model.n_heads if KINDS[self.kind][2] == "head" else model.d_mlp
+            indices = _expand_part(self.index, size, KINDS[self.kind][2], self)
+        if self.kind == "resid_mid" and model.parallel_attn_mlp:
+            raise SiteError(
+                f"{self}: this {model.arch.name} model runs attention and MLP in parallel, "
+                "so there is no residual stream between them; use resid_pre or resid_post"
+            )
+        return [replace(self, layer=l, index=i) for l in layers for i in indices]
+
+
+def _expand_sae(site: Site, model) -> list[Site]:
+    """Feature sites of attached SAEs: `sae.L.F` (the SAE at layer L) or `sae.NAME.F`."""
+    attached = model.saes
+    if not attached:
+        raise SiteError(f"{site} names an SAE feature, but no SAE is attached: model.attach(sae) first")
+    if isinstance(site.layer, str):
+        chosen = [s for s in attached if s.name == site.layer]
+    elif isinstance(site.layer, slice):
+        chosen = [s for s in attached if _host_layer(s) in list(range(model.n_layers))[site.layer]]
+    else:
+        chosen = [s for s in attached if _host_layer(s) == site.layer]
+        if len(chosen) > 1:
+            raise SiteError(f"layer {site.layer} holds several SAEs ({', '.join(s.name for s in chosen)}): "
+                            f"name one, as sae.{chosen[0].name}.F")
+    if not chosen:
+        where = ", ".join(f"{s.name} at {s.site}" for s in attached)
+        raise SiteError(f"no attached SAE matches {site}: attached are {where}")
+    made = []
+    for sae in chosen:
+        host = parse(sae.site)
+        input_side = host.kind in ("resid_pre", "resid_mid", "neuron")
+        stage = KINDS[host.kind][3] + (-0.5 if input_side else 0.5)
+        indices = [site.index] if site.index is None else _expand_part(site.index, sae.d_sae, "feature", site)
+        made += [replace(site, layer=host.layer, index=i, stage=stage) for i in indices]
+    return made
+
+
+def _host_layer(sae) -> int:
+    return parse(sae.site).layer
+
+
+def parse(text: str | Site) -> Site:
+    """Parse a site string into a `Site` (no model needed); `SiteError` if malformed."""
+    if isinstance(text, Site):
+        return text
+    if not isinstance(text, str):
+        raise SiteError(f"a site is a string such as 'resid_post.5', not {type(text).__name__}")
+    match = _SITE.match(text.strip())
+    if not match:
+        raise SiteError(f"empty site {text!r}: write a site such as 'resid_post.5'")
+    parts = match["name"].split(".")
+    kind = parts[0]
+    if kind not in KINDS:
+        raise SiteError(
+            f"unknown site kind {kind!r} in {text!r}: valid kinds are {', '.join(KINDS)}"
+        )
+    takes_layer, takes_index, index_name, _ = KINDS[kind]
+    most = 1 + takes_layer + takes_index
+    if len(parts) > most or (takes_layer and len(parts) < 2):
+        shape = kind + (".L" if takes_layer else "") + (f"[.{index_name}]" if takes_index else "")
+        raise SiteError(f"{text!r} does not fit the form {shape}, e.g. {_example(kind)!r}")
+    if kind == "sae" and len(parts) > 1 and parts[1].isidentifier():
+        layer = parts[1]  # an SAE's name
+    else:
+        layer = _parse_part(parts[1], "layer", text) if takes_layer else None
+    index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
+    positions = parse_positions(match["pos"], text) if match["pos"] else None
+    return Site(kind, layer, index, positions)
+
+
+def _example(kind: str) -> str:
+    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3", "sae": "sae.12.1234"}.get(
+        kind, kind + ".5" if KINDS[kind][0] else kind
+    )
+
+
+def _parse_part(text: str, what: str, site: str) -> int | slice:
+    if text == "*":
+        return slice(None)
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    match = _RANGE.match(text)
+    if match:
+        start, stop = (int(x) if x else None for x in match.groups())
+        return slice(start, stop)
+    raise SiteError(f"bad {what} {text!r} in {site!r}: write an int, a range such as 0:5, or *")
+
+
+def _format_part(part: int | slice | str) -> str:
+    if isinstance(part, (int, str)):
+        return str(part)
+    if part.start is None and part.stop is None:
+        return "*"
+    return f"{'' if part.start is None else part.start}:{'' if part.stop is None else part.stop}"
+
+
+def _expand_part(part, size: int, what: str, site: Site) -> list[int]:
+    if isinstance(part, slice):
+        found = list(range(size))[part]
+        if not found:
+            raise SiteError(f"{what}s {_format_part(part)} in {site} select nothing: "
+                            f"this model has {what}s 0-{size - 1}")
+        return found
+    if not 0 <= part < size:
+        raise SiteError(f"{what} {part} out of range in {site}: this model has {what}s 0-{size - 1}")
+    return [part]
+
+
+def parse_positions(text: str, site: str = "") -> Positions:
+    """`Positions` from the text after `@` (`-1`, `3:7`, `'John'`); `site` names it in errors."""
+    text = str(text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return Positions(text, token=text[1:-1])
+    if re.fullmatch(r"-?\d+", text):
+        return Positions(text, index=int(text))
+    match = _RANGE.match(text)
+    if match:
+        start, stop = (int(x) if x else None for x in match.groups())
+        return Positions(text, start=start, stop=stop)
+    raise SiteError(
+        f"bad positions @{text} in {site!r}: write @-1, a range @3:7, or a token @'John'"
+    )
+
+
+def select_positions(value: "torch.Tensor", axis: int, positions: "torch.Tensor", squeeze: bool):
+    """The positions (`batch n`, per row) of `value` along `axis`; drop the axis if `squeeze`."""
+    import torch
+
+    moved = value.movedim(axis, 1)
+    rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
+    picked = moved[rows, positions.to(moved.device)].movedim(1, axis)
+    return picked.squeeze(axis) if squeeze else picked
+
+
+def assign_positions(value: "torch.Tensor", axis: int, positions: "torch.Tensor", new, squeeze: bool):
+    """Write `new` (shaped as `select_positions` returns) into `value`, in place."""
+    import torch
+
+    new = torch.as_tensor(new, dtype=value.dtype, device=value.device)
+    if squeeze and new.dim() == value.dim() - 1:
+        new = new.unsqueeze(axis)
+    if new.dim() == value.dim():
+        new = new.movedim(axis, 1)
+    moved = value.movedim(axis, 1)
+    rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
+    moved[rows, positions.to(moved.device)] = new
+
+
+def indices(text: str, size: int, what: str) -> list[int]:
+    """The indices a part such as `"20:26"`, `"*"` or `"5"` names among `size` (`what`: layer,
+    head), checked: `indices("20:26", 30, "layer")` is `[20, ..., 25]`."""
+    return _expand_part(_parse_part(text, what, text), size, what, text)
+
+
+def _index_axis(site: Site) -> int | None:
+    """The axis of the site's whole value that `site.index` selects along."""
+    if site.index is None:
+        return None
+    return {"head": 2, "pattern": 1, "neuron": 2, "sae": 2}[site.kind]
+
+
+def position_axis(site: Site) -> int:
+    """The axis of positions in the part a site names (its index, if any, selected)."""
+    if site.kind == "pattern":
+        return 1 if site.index is not None else 2
+    return 1
+
+
+def read_part(full: "torch.Tensor", site: Site, positions: "torch.Tensor | None") -> "torch.Tensor":
+    """The part of a site's whole value that its index and (resolved) positions name."""
+    axis = _index_axis(site)
+    value = full.select(axis, site.index) if axis is not None else full
+    if positions is not None:
+        squeeze = site.positions is not None and site.positions.squeeze
+        value = select_positions(value, position_axis(site), positions, squeeze)
+    return value
+
+
+def assign_part(full: "torch.Tensor", site: Site, new, positions: "torch.Tensor | None") -> None:
+    """Write `new` (shaped as `read_part` returns, or broadcastable) into `full`, in place."""
+    import torch
+
+    axis = _index_axis(site)
+    target = full.select(axis, site.index) if axis is not None else full
+    if positions is not None:
+        squeeze = site.positions is not None and site.positions.squeeze
+        assign_positions(target, position_axis(site), positions, new, squeeze)
+    else:
+        target[...] = torch.as_tensor(new, dtype=full.dtype, device=full.device)
