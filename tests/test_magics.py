@@ -330,3 +330,69 @@ def test_load_passes_device_map_and_remote(shell, capsys, saved):
         (f"%mechnb load {tmp_path} --device cpu --device-map auto", "ModelError"),
         ("%mechnb load --remote", "RemoteError"),
     ])
+
+
+# Each magic with only its required words, and the keyword arguments that call must pass on:
+# everything else is left to the API's own defaults (a magic has none of its own).
+MINIMAL = [
+    ('%mechnb top "x"', "top", set()),
+    ('%patch --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" --sites resid_pre.*', "patch",
+     {"answer", "wrong"}),
+    ('%path_patch --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" --senders head.*.* '
+     '--receivers head.2.1', "path_patch", {"answer", "wrong"}),
+    ('%attention "x y"', "attention", set()),
+    ('%activations neuron.1.0 "x y"', "activations", set()),
+    ('%lens "x y"', "logit_lens", set()),
+    ('%dla "x y" --answer " Mary"', "dla", {"answer"}),
+    ("%heads", "detect_heads", set()),
+    ('%attribute "x y"', "attribute", set()),
+    ('%circuit --clean {clean} --corrupt {corrupt} --answer " Mary" --wrong " John" --no-faithfulness', "circuit",
+     {"wrong"}),
+    ('%generate "x y"', "generate", set()),
+    ("%steer resid_pre.1 {v}", "steer", set()),
+    ('%causal_trace "The Eiffel Tower is located in the city of" --subject "Eiffel Tower"', "causal_trace", set()),
+    ("%ov head.1.2", "ov", set()),
+    ("%qk head.1.2", "qk", set()),
+    ("%composition", "composition", set()),
+    ("%coactivation mlp_out.1 {texts}", "coactivation", set()),
+    ("%ablate head.1.0", "ablate", set()),
+    ("%explore", "explore", set()),
+    ('%%trace "x y"\nlogits = model["logits"].save()', "trace", set()),
+]
+
+
+@pytest.mark.parametrize("line, method, passed", MINIMAL, ids=[m for _, m, _ in MINIMAL])
+def test_every_magic_leaves_the_defaults_to_its_api(shell, llama, monkeypatch, line, method, passed):
+    from mechnb.methods.weights import FactoredMatrix
+
+    calls = []
+    original = getattr(llama, method)
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llama, method, recording, raising=False)
+    pairs = []
+    monkeypatch.setattr(FactoredMatrix, "top_pairs",
+                        lambda self, *a, _top=FactoredMatrix.top_pairs, **kw: pairs.append((a, kw)) or _top(self, *a, **kw))
+    shell.user_ns.update(clean=PROMPT, corrupt=PROMPT.replace("John gave", "Mary gave"), v=torch.zeros(32),
+                         texts=[PROMPT, PARIS])
+    try:
+        result = run(shell, line)
+        assert result.success, result.error_in_exec
+    finally:
+        llama.clear()
+    assert len(calls) == 1 and set(calls[0]) == passed, calls
+    assert all(a == () and kw == {} for a, kw in pairs), pairs  # %ov, %qk: top_pairs' own defaults
+
+
+def test_stability_magic_leaves_the_defaults_to_quality(shell, llama, monkeypatch):
+    from mechnb.circuits import Circuit
+
+    circuit = llama.circuit(PROMPT, PROMPT.replace("John gave", "Mary gave"), " Mary", " John", method="eap")
+    calls = []
+    monkeypatch.setattr(Circuit, "quality", lambda self, *a, **kw: calls.append((a, kw)) or "table")
+    shell.user_ns["circ"] = circuit
+    assert run(shell, "%stability {circ}").result == "table"
+    assert calls == [((), {})]

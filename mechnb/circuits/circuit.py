@@ -273,7 +273,7 @@ class Circuit:
                 "axes": ["variation"], "labels": {"variation": df.variation.tolist()}}
         return Result(torch.tensor(df.jaccard.tolist()), df, meta)
 
-    def quality(self, fractions=(0.01, 0.1, 1.0), n_resamples: int = 3, top=0.01) -> "pd.DataFrame":
+    def quality(self, fractions=(0.01, 0.1, 1.0), n_resamples: int = 3, top=0.01):
         """Fidelity and stability side by side: faithfulness (CPR, CMD, f at each
         fraction) and the Jaccard stability of the top items, one row."""
         import pandas as pd

@@ -22,6 +22,7 @@ All hooks are removed and all attributes reset when a forward ends, however it e
 from __future__ import annotations
 
 import torch
+from einops import einsum, rearrange
 
 from ..core.arch import output_weights, submodule
 from ..core.engine import last_logits, run
@@ -36,7 +37,7 @@ def _layers(model):
 def _heads_out(model, layer_module, z: torch.Tensor) -> torch.Tensor:
     """Per-head outputs `head batch pos d_model` from `z` (`batch pos head d_head`)."""
     weights = output_weights(model, submodule(layer_module, model.arch.o_proj), z.device)
-    return torch.einsum("bphd,hdm->hbpm", z.float(), weights)
+    return einsum(z.float(), weights, "batch pos head d_head, head d_head d_model -> head batch pos d_model")
 
 
 def _record_writers(model, graph: Graph, forward, store):
@@ -134,7 +135,7 @@ class _Split:
 
     def stack(self, inputs: torch.Tensor) -> torch.Tensor:
         """`variant batch pos d_model` -> `(variant*batch) pos d_model`."""
-        return inputs.reshape(-1, *inputs.shape[2:])
+        return rearrange(inputs, "variant batch ... -> (variant batch) ...")
 
     def select(self, query, key, value, mask):
         heads = torch.arange(self.inverse.shape[1], device=query.device)

@@ -87,22 +87,6 @@ class Task:
 
 def _plain_logits(model, prompts: list[str], chunks: Chunks) -> torch.Tensor:
     """Last-position logits of each prompt, `batch vocab`, in `chunks`."""
-    from ..core.interventions import Context
-
-    def run(chunk):
-        batch = Batch.of(model.tokenizer, chunk)
-        model._context = Context(batch.tokens)
-        try:
-            with torch.no_grad():
-                return last_logits(model, batch).float()
-        finally:
-            model._context = None
-
-    return torch.cat([logits for _, logits in chunks.run(run, prompts)])
-
-
-def _plain_logits(model, prompts: list[str], chunks: Chunks) -> torch.Tensor:
-    """Last-position logits of each prompt, `batch vocab`, in `chunks`."""
 
     def logits(chunk):
         batch = Batch.of(model.tokenizer, chunk)

@@ -27,8 +27,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import ModelError
+
+if TYPE_CHECKING:  # torch loads on first use, so that `import mechnb` stays fast
+    import torch
 
 
 @dataclass(frozen=True)

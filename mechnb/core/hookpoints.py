@@ -41,6 +41,7 @@ Gotchas:
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 ATTN_IMPLEMENTATION = "mechnb"
 
@@ -118,7 +119,7 @@ def attention(
         pattern = pattern.detach() + (hot - hot.detach())
     pattern = module.hook_pattern(pattern)
     pattern_used = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)
-    z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()
+    z = rearrange(torch.matmul(pattern_used, value), "batch head pos d_head -> batch pos head d_head").contiguous()
     z = module.hook_z(z)
     if split is not None:
         z = split.expand(z)

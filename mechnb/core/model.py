@@ -68,6 +68,8 @@ class ModelBase:
             self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
+        from .edits import WeightEdits
+
         self.weight_edits = WeightEdits()
         self._trace = None
         self._context = None  # set only by `mechnb.core.engine.run`
@@ -440,49 +442,3 @@ class ModelBase:
         import nnsight
 
         self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)
-
-
-class WeightEdits:
-    """The active weight edits of one model, stacked per module.
-
-    An edit is any object with `.module` (a module with a `weight`) and `.delta` (added
-    to that weight). `apply` adds one; `revert` removes one and rebuilds its module's
-    weight from the weight before the first active edit plus the deltas still active,
-    in order: reverting in any order leaves the others, and reverting all restores the
-    original weights bit for bit.
-    """
-
-    def __init__(self):
-        self._active: list = []
-        self._base: dict = {}  # id(module) -> its weight before the first active edit
-
-    def __iter__(self):
-        return iter(list(self._active))
-
-    def __len__(self) -> int:
-        return len(self._active)
-
-    def apply(self, edit) -> None:
-        """Activate `edit`: its module's weight gains its delta."""
-        if id(edit.module) not in self._base:
-            self._base[id(edit.module)] = edit.module.weight.detach().clone()
-        self._active.append(edit)
-        self._rebuild(edit.module)
-
-    def revert(self, edit) -> None:
-        """Deactivate `edit` (the others stay)."""
-        self._active.remove(edit)
-        self._rebuild(edit.module)
-
-    def _rebuild(self, module) -> None:
-        import torch
-
-        base = self._base[id(module)]
-        weight = base.clone()
-        remaining = [e for e in self._active if e.module is module]
-        for each in remaining:
-            weight += each.delta
-        with torch.no_grad():
-            module.weight.copy_(weight if remaining else base)
-        if not remaining:
-            del self._base[id(module)]

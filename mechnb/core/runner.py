@@ -188,11 +188,11 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     for offset, members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start)
 
-        def run(chunk, offset=offset):
+        def values_of(chunk, offset=offset):
             logits = _run_chunk(model, target, [rows[i] for i in chunk], offset, record)
             return metric(logits).cpu() if metric is not None else logits.cpu()
 
-        for chunk, values in chunks.run(run, members, default=default):
+        for chunk, values in chunks.run(values_of, members, default=default):
             out[chunk] = values
             if progress is not None:
                 progress.update(len(chunk))

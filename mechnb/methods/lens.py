@@ -21,6 +21,7 @@ final logit soft-capping is left out: DLA splits the logits before the cap.
 from __future__ import annotations
 
 import torch
+from einops import einsum
 
 from ..core.arch import output_weights, submodule
 from ..core.checks import is_int
@@ -172,7 +173,7 @@ def dla(model, prompt: str, answer, wrong=None) -> Result:
 def head_outputs(model, o_proj, z: torch.Tensor):
     """Each head's output through the output projection, `head d_model`, and the bias
     (on `z`'s device)."""
-    per_head = torch.einsum("hd,hdm->hm", z, output_weights(model, o_proj, z.device))
+    per_head = einsum(z, output_weights(model, o_proj, z.device), "head d_head, head d_head d_model -> head d_model")
     bias = parameter(o_proj, "bias", z.device)
     return per_head, bias.float() if bias is not None else None
 

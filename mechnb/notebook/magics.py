@@ -18,28 +18,21 @@ line, without a traceback, wherever they are raised in the shell.
 The session (one per shell) holds the current model; `%mechnb use {m}` adopts a
 model loaded from Python.
 
-Gotchas: `%%trace` compiles the cell under a new file name each run and registers
-it in `linecache`, because nnsight reads the traced block's source and caches it
-by file name. Names assigned in the cell survive only when `.save()`d (nnsight).
+Gotchas: `%%trace` runs its cell through `mechnb.notebook.cells` (a new file name per
+run, for nnsight, which reads the traced block's source). Names assigned in the cell
+survive only when `.save()`d (nnsight).
 """
 
 from __future__ import annotations
 
-import itertools
-import linecache
 import re
 import sys
-import textwrap
-import traceback
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
-from ..core.errors import MagicError, MechnbError, ModelError, TraceError
+from ..core.errors import MagicError, MechnbError, ModelError
 from .options import parse_options, percentage, split_args
 from .reference import help_text
-
-
-_counter = itertools.count()
 
 
 class Session:
@@ -460,6 +453,8 @@ class MechnbMagics(Magics):
         if len(positional) != 1:
             raise MagicError('%%trace takes one prompt (or {prompts}): %%trace "The sky is"')
         model = self.session.require()
+        from .cells import run_traced_cell
+
         run_traced_cell(self.shell, model, positional[0], cell, **options)
 
 
@@ -468,64 +463,6 @@ def _direction(options: dict) -> dict:
     if options.pop("noising", False):
         options["direction"] = "noising"
     return options
-
-
-def run_traced_cell(shell, model, prompts, cell: str, grad: bool = False) -> None:
-    """Execute `cell` in the user namespace inside `model.trace(prompts)`."""
-    handle = "__mechnb_trace__"
-    body = textwrap.dedent(cell).strip("\n") or "pass"
-    # A first statement of our own: nnsight refuses a body that opens with `try:`.
-    source = f"with {handle}:\n    {handle}.batch\n" + textwrap.indent(body, "    ") + "\n"
-    filename = f"<mechnb-trace-{next(_counter)}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    try:
-        code = compile(source, filename, "exec")
-    except SyntaxError as error:
-        raise MagicError(f"syntax error in the %%trace cell, line {(error.lineno or 3) - 2}: "
-                         f"{error.msg}") from None
-    namespace = shell.user_ns
-    assigned = _assigned_names(body)
-    before = {name: id(namespace[name]) for name in assigned if name in namespace}
-    namespace[handle] = model.trace(prompts, grad=grad)
-    try:
-        exec(code, namespace)
-    except MechnbError:
-        raise
-    except KeyboardInterrupt:
-        raise TraceError("the %%trace cell was interrupted; the model is unchanged") from None
-    except Exception as error:
-        where = _cell_line(error, filename)
-        raise TraceError(f"the %%trace cell raised {type(error).__name__}: {error}{where}; "
-                         "the model is unchanged") from None
-    finally:
-        namespace.pop(handle, None)
-    lost = [n for n in assigned if n not in namespace or before.get(n) == id(namespace[n])]
-    if lost:
-        print(f"note: {', '.join(lost)} assigned in the %%trace cell but not kept: only values "
-              "marked with .save() leave a trace (e.g. h = model['resid_post.5'].save())",
-              file=sys.stderr)
-
-
-def _assigned_names(body: str) -> list[str]:
-    """Names the cell assigns at its top level (plain `name = ...` statements)."""
-    import ast
-
-    names = []
-    for statement in ast.parse(body).body:
-        targets = statement.targets if isinstance(statement, ast.Assign) else []
-        for target in targets:
-            if isinstance(target, ast.Name) and target.id not in names:
-                names.append(target.id)
-    return names
-
-
-def _cell_line(error: BaseException, filename: str) -> str:
-    """` (cell line N: source)` for the innermost frame of the cell in the traceback."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == filename]
-    if not frames:
-        return ""
-    frame = frames[-1]
-    return f" (cell line {frame.lineno - 2}: {(frame.line or '').strip()})"
 
 
 def _show_one_line(shell, etype, value, tb, tb_offset=None):

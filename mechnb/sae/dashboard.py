@@ -108,9 +108,7 @@ def features(model, prompt: str, sae, k: int = 5) -> Result:
     Example: `model.features("def add(a, b):", sae, k=3).df`."""
     import pandas as pd
 
-    from .model import SAE
-
-    if not isinstance(sae, SAE) or sae.site is None:
+    if not isinstance(sae, torch.nn.Module) or not hasattr(sae, "encode") or getattr(sae, "site", None) is None:
         raise SAEError(f"features takes a mechnb SAE that knows its site (sae.site), got {sae!r:.60}")
     if not is_int(k) or k < 1:
         raise SAEError(f"k, the features shown per token, must be a positive int, got {k!r}")

@@ -30,6 +30,9 @@ import torch
 
 from ..core.errors import SAEError
 from ..core.hookpoints import HookPoint
+from . import dashboard as dashboards
+from . import evaluate as evaluation
+from . import label as labelling
 
 KINDS = ("topk", "batchtopk", "relu", "jumprelu")
 _ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
@@ -149,31 +152,12 @@ class SAE(torch.nn.Module):
         k = f", k={self.k}" if self.k else ""
         return f"<mechnb SAE {self.name}: {self.kind}{k}, {self.d_in} -> {self.d_sae}, site {self.site}>"
 
-    # -- analysis (in their own modules) ------------------------------------------
+    # -- analysis: each a function of the SAE, written once in its own module ----------
 
-    def evaluate(self, model, texts, n_tokens: int = 20_000, context: int = 128, batch_size: int = 16):
-        """Sparsity, reconstruction and downstream-loss metrics; see `mechnb.sae.evaluate`."""
-        from .evaluate import evaluate
-
-        return evaluate(self, model, texts, n_tokens=n_tokens, context=context, batch_size=batch_size)
-
-    def record_contexts(self, model, texts, n_tokens: int = 20_000, per_feature: int = 40) -> dict:
-        """Keep each feature's top-activating contexts and as many quiet ones, for `label`."""
-        from .label import record_contexts
-
-        return record_contexts(self, model, texts, n_tokens=n_tokens, per_feature=per_feature)
-
-    def label(self, features, labeler="local", n_examples: int = 20, cache_dir=None):
-        """Plain-language labels for features, scored by simulation (see `mechnb.sae.label`)."""
-        from .label import label
-
-        return label(self, features, labeler=labeler, n_examples=n_examples, cache_dir=cache_dir)
-
-    def dashboard(self, feature: int, model, texts, n_tokens: int = 20_000, top: int = 10):
-        """One feature: top contexts, activation histogram, promoted / suppressed tokens."""
-        from .dashboard import dashboard
-
-        return dashboard(self, feature, model, texts, n_tokens=n_tokens, top=top)
+    evaluate = evaluation.evaluate
+    record_contexts = labelling.record_contexts
+    label = labelling.label
+    dashboard = dashboards.dashboard
 
 
 def load(source, device=None) -> SAE:
