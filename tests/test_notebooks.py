@@ -83,7 +83,7 @@ CHECKS = {
     "01_attention_and_lens.ipynb": check_attention,
     "02_activation_patching_ioi.ipynb": phrases("patches", "Pearson correlation of attribution"),
     "03_induction_heads.ipynb": phrases("loss on the repeated half", "copying score"),
-    "04_sae_features.ipynb": phrases("strongest feature", "feature ablated"),
+    "04_sae_features.ipynb": phrases("the feature that fires most on ' +'", "feature ablated"),
     "05_circuits_gim.ipynb": check_circuits,
     "06_steering_and_editing.ipynb": phrases("clean p(Paris) 0.70", "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'",
                                              "[]  Paris"),  # reverted: no edits, Paris again

@@ -28,6 +28,7 @@ import torch
 
 from ..core.checks import is_int
 from ..display.results import Result
+from ..display.viz import title
 from ..core.errors import CircuitError
 from ..core.progress import progress as progress_bar
 from .task import Task
@@ -223,7 +224,8 @@ class Circuit:
                 "axes": ["fraction"], "labels": {"fraction": [f"{v:g}" for v in fractions]},
                 "cpr": cpr, "cmd": cmd, "full_metric": full, "empty_metric": empty,
                 "corrupt_metric": task.corrupt_metric, "absolute": absolute, "x": x,
-                "method": self.meta["method"], "level": self.level, "n_pairs": len(task)}
+                "method": self.meta["method"], "level": self.level, "n_pairs": len(task),
+                "clean": task.clean, "corrupt": task.corrupt}
         return _Curve(f, df, meta)
 
     def stability(self, n_resamples: int = 5, top=0.01, steps=None, seed: int = 0) -> Result:
@@ -268,6 +270,7 @@ class Circuit:
         resampled = df[df.variation.str.startswith("resample")].jaccard
         stepped = df[df.variation.str.startswith("steps")].jaccard
         meta = {"title": f"stability of the top {count} {self.level}s of {self.meta['method']} (Jaccard)",
+                "scale": "probability",
                 "top": count, "resample_mean": float(resampled.mean()) if len(resampled) else None,
                 "steps_mean": float(stepped.mean()) if len(stepped) else None,
                 "axes": ["variation"], "labels": {"variation": df.variation.tolist()}}
@@ -311,7 +314,8 @@ class Circuit:
             return self._plot_nodes(ax)
         df = self.df.head(max_edges)
         if ax is None:
-            figure, ax = plt.subplots(figsize=(min(4 + 0.9 * graph.n_heads, 16), min(3 + 0.45 * graph.n_layers, 18)))
+            # A notebook column: at most 9 x 8 inches, whatever the model's size.
+            figure, ax = plt.subplots(figsize=(min(3 + 0.6 * (graph.n_heads + 2), 9), min(2.5 + 0.2 * graph.n_layers, 8)))
         else:
             figure = ax.figure
         centre = graph.n_heads / 2
@@ -344,8 +348,8 @@ class Circuit:
             x, y = reader_at(name, None) if name == "logits" else writer_at(name)
             label = {"embed": "embed", "logits": "logits"}.get(name) or (
                 f"{name.split('.')[1]}.{name.split('.')[2]}" if name.startswith("head") else f"MLP {name.split('.')[1]}")
-            ax.scatter([x], [y], s=120, color="white", edgecolor="black", zorder=3)
-            ax.annotate(label, (x, y), fontsize=7, ha="center", va="center", zorder=4)
+            ax.annotate(label, (x, y), fontsize=6.5, ha="center", va="center", zorder=4,
+                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="0.3", linewidth=0.6))
         for kind, colour in (("query", "tab:green"), ("key", "tab:purple"), ("value", "tab:orange"),
                              ("MLP input", "tab:blue"), ("logits", "tab:red")):
             ax.plot([], [], color=colour, label=kind)
@@ -354,7 +358,9 @@ class Circuit:
         ax.set_ylim(-1.6, graph.n_layers + 0.6)
         ax.set_xlabel("head (MLP on the right)")
         ax.set_ylabel("layer")
-        ax.set_title(f"{self.meta['method']} circuit: {len(df)} of {self.n_kept} kept edges shown", fontsize=9)
+        ax.set_title(title({**self.meta, "title": f"{self.meta['method']} circuit: {len(df)} of {self.n_kept} "
+                                                   "kept edges shown (width: |score|, dashed: negative)"}),
+                     fontsize=8)
         figure.tight_layout()
         return figure
 
@@ -367,7 +373,8 @@ class Circuit:
         for layer in range(graph.n_layers):
             first = graph.head(layer, 0)
             grid[layer] = self.scores[first:first + graph.n_heads + 1]
-        meta = {"axes": ["layer", "node"], "title": f"{self.meta['method']} node scores",
+        meta = {"axes": ["layer", "node"], "title": f"{self.meta['method']} node scores", "scale": "signed",
+                "clean": self.meta.get("clean"), "corrupt": self.meta.get("corrupt"),
                 "labels": {"layer": [str(i) for i in range(graph.n_layers)],
                            "node": [f"H{h}" for h in range(graph.n_heads)] + ["MLP"]}}
         return heatmap(grid.nan_to_num(), meta, ax=ax)
@@ -465,6 +472,6 @@ class _Curve(Result):
         ax.set_xscale("log")
         ax.set_xlabel("fraction of edges kept" if self.meta["level"] == "edge" else "fraction of nodes kept")
         ax.set_ylabel("faithfulness f")
-        ax.set_title(self.meta["title"], fontsize=9)
+        ax.set_title(title(self.meta), fontsize=8)
         figure.tight_layout()
         return figure

@@ -109,7 +109,7 @@ def attribute(model, prompt: str, target=None, method: str = "gim", steps: int =
     tokens = batch.tokens[0]
     target_token = model.tokenizer.decode([target])
     df = pd.DataFrame({"pos": range(len(tokens)), "token": tokens, "value": values.tolist()})
-    meta = {"title": f"{method} attribution of {target_token!r}", "prompt": prompt, "method": method,
+    meta = {"title": f"{method} attribution of {target_token!r}", "prompt": prompt, "method": method, "scale": "signed",
             "target": target_token, "target_id": target, "steps": steps, "model": model.name,
             "axes": ["pos"], "labels": {"pos": [f"{t!r}" for t in tokens]}, "notes": notes}
 
@@ -174,7 +174,7 @@ def _components(model, prompt: str, target, method: str, sites) -> Result:
     target_token = model.tokenizer.decode([target])
     meta = {"title": f"{method} attribution of {target_token!r} to {', '.join(grid.patterns)}",
             "prompt": prompt, "method": method, "target": target_token, "target_id": target,
-            "sites": grid.patterns, "model": model.name, "notes": notes}
+            "sites": grid.patterns, "model": model.name, "notes": notes, "scale": "signed"}
     result = grid.result(torch.stack(values).cpu().reshape(grid.shape), meta)
     result.rerun = lambda **changes: attribute(
         model, **{**dict(prompt=prompt, target=target, method=method, sites=sites), **changes})

@@ -160,7 +160,7 @@ def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3
             "prompt": prompt, "subject": subject, "subject_positions": subject_at, "answer": answer_token,
             "answer_id": answer_id, "kind": kind, "window": window, "noise": noise, "noise_std": scale,
             "samples": samples, "seed": seed, "clean_prob": clean_prob, "corrupt_prob": corrupt_prob / samples,
-            "model": model.name, "axes": ["layer", "pos"],
+            "model": model.name, "axes": ["layer", "pos"], "scale": "probability",
             "labels": {"layer": [str(layer) for layer in layers], "pos": labels},
             "seconds": round(time.perf_counter() - start_time, 3)}
     return Result(values, df, meta)

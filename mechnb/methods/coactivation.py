@@ -126,7 +126,8 @@ def _pca(model, site: str, values, tokens, where, components: int):
             shown_values += context_scores + [0.0]
         views.append(view("ColoredTokens", {"tokens": shown_tokens, "values": compact(shown_values, 3)},
                           title=f"component {c}: {ratio[c].item():.1%} of the variance"))
-    meta = {"title": f"PCA of {site} over {len(values)} tokens", "site": site, "method": "pca",
+    meta = {"title": f"PCA of {site} over {len(values)} tokens: explained variance", "site": site,
+            "method": "pca", "scale": "probability",
             "explained_variance": ratio.tolist(), "n_tokens": len(values), "model": model.name,
             "axes": ["component"], "labels": {"component": [str(c) for c in range(components)]}}
     return Result(ratio[:components], pd.DataFrame(rows), meta, html=lambda result: "".join(views))
@@ -161,6 +162,10 @@ def _clusters(model, site: str, values, k: int, seed: int):
                        "cluster_size": [(labels == c).sum().item() for c in labels.tolist()],
                        "mean_correlation_within": [within[c] for c in labels.tolist()]})
     meta = {"title": f"{site}: {k} clusters of co-activating units (correlation, ordered by cluster)",
+            "scale": "signed",
             "site": site, "method": "kmeans", "clusters": k, "n_tokens": len(values), "model": model.name,
-            "axes": ["unit", "unit_"], "order": order.tolist(), "mean_correlation_within": within}
+            "axes": ["unit", "unit_"], "order": order.tolist(), "mean_correlation_within": within,
+            # Units in cluster order, labelled `cluster.unit`: the figure's ticks mark the clusters.
+            "labels": {axis: [f"{labels[u]}.{u}" for u in order.tolist()] for axis in ("unit", "unit_")},
+            "groups": {"unit": "cluster", "unit_": "cluster"}}
     return Result(correlation[order][:, order], df, meta)

@@ -75,7 +75,8 @@ def detect_heads(model, kind=KINDS, n_samples: int = 8, seq_len: int = 24, seed:
     rows = [{"kind": name, "layer": l, "head": h, "value": scores[name][l, h].item()}
             for name in kinds for l in range(model.n_layers) for h in range(model.n_heads)]
     axes = ["layer", "head"] if len(kinds) == 1 else ["kind", "layer", "head"]
-    meta = {"title": f"{', '.join(kinds)} scores", "kinds": kinds, "n_samples": n_samples,
+    meta = {"title": f"head scores ({', '.join(kinds)}) on {n_samples} repeated random sequences",
+            "kinds": kinds, "n_samples": n_samples, "scale": "probability",
             "seq_len": seq_len, "seed": seed, "model": model.name, "axes": axes,
             "labels": {"kind": kinds},
             "loss_first_half": first, "loss_repeated_half": repeated,

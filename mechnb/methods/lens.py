@@ -76,7 +76,7 @@ def logit_lens(model, prompt: str, k: int = 1) -> Result:
                          "target": model.tokenizer.decode([targets[pos]]),
                          "prob": right[layer, pos].item()})
     df = pd.DataFrame(rows)
-    meta = {"title": "logit lens: probability of the next token (annotated: top token)",
+    meta = {"title": "logit lens: probability of the next token (annotated: top token)", "scale": "probability",
             "prompt": prompt, "model": model.name, "axes": ["layer", "pos"],
             "labels": {"pos": [f"{t!r}" for t in tokens]},
             "annotations": [[str(df["top_token"][l * n + p] if k == 1 else df["top_token"][l * n + p][0])
@@ -164,6 +164,7 @@ def dla(model, prompt: str, answer, wrong=None) -> Result:
             for l in range(L) for c in range(model.n_heads + 1)]
     what = f"logit({answer!r})" + (f" - logit({wrong!r})" if wrong is not None else "")
     meta = {"title": f"direct logit attribution to {what}", "prompt": prompt, "model": model.name,
+            "scale": "signed",
             "axes": ["layer", "component"], "labels": {"component": labels},
             "embed": embed, "attention_biases": attn_bias.sum().item(), "norm_bias": norm_bias,
             "unembed_bias": bias_term, "total": total, "logit_diff": actual, "notes": notes}

@@ -129,7 +129,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
     values, meta = tally.finish(model, pairs, metric, answer, wrong, normalize, start_time)
     meta["title"] = (f"{method} patching, {direction}: {', '.join(grid.patterns)} ({meta['metric']}"
                      f"{', normalized' if normalize else ''})")
-    meta.update(method=method, sites=grid.patterns)
+    meta.update(method=method, sites=grid.patterns, scale=_scale(metric, normalize))
     return grid.result(values.reshape(grid.shape), meta)
 
 
@@ -234,7 +234,8 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
     receiver_names = [str(r) for r in receiver_sites]
     meta["title"] = (f"path patching {', '.join(grid.patterns)} -> {', '.join(receiver_names[:4])}"
                      f"{' ...' if len(receiver_names) > 4 else ''} ({meta['metric']})")
-    meta.update(method="path", senders=grid.patterns, receivers=receiver_names, freeze=freeze)
+    meta.update(method="path", senders=grid.patterns, receivers=receiver_names, freeze=freeze,
+                scale=_scale(metric, normalize))
     return grid.result(values.reshape(grid.shape), meta)
 
 
@@ -325,6 +326,11 @@ def _concrete(model, sites, what: str) -> list[Site]:
     if not patterns:
         raise PatchError(f"path patching needs at least one of the {what}")
     return [Site(s.kind, s.layer, s.index) for p in patterns for s in parse(p).expand(model)]
+
+
+def _scale(metric, normalize: bool) -> str:
+    """How the values read: a probability or a divergence cannot be negative; the rest can."""
+    return "positive" if metric in ("prob", "kl") and not normalize else "signed"
 
 
 def _normalized(values: torch.Tensor, clean: float, corrupt: float) -> torch.Tensor:

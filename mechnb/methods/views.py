@@ -46,6 +46,7 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
             for i, l in enumerate(layer_list) for j, h in enumerate(head_list)
             for q in range(len(tokens)) for k in range(q + 1)]
     meta = {"title": f"attention of layers {_span(layer_list)}", "prompt": prompt, "tokens": tokens,
+            "scale": "probability",
             "layers": layer_list, "heads": head_list, "model": model.name,
             "axes": ["layer", "head", "pos_q", "pos_k"],
             "labels": {"layer": layer_list, "head": head_list, "pos_q": tokens, "pos_k": tokens}}

@@ -235,6 +235,8 @@ def composition(model, kind: str = "k"):
     labels = [f"{layer}.{head}" for layer in range(n) for head in range(H)]
     rows = [{"head": labels[i], "later_head": labels[j], "score": scores[i, j].item()}
             for i in range(n * H) for j in range((i // H + 1) * H, n * H)]
-    meta = {"title": f"{kind.upper()}-composition scores", "kind": kind, "model": model.name,
-            "axes": ["head", "later_head"], "labels": {"head": labels, "later_head": labels}}
+    meta = {"title": f"{kind.upper()}-composition of each head (rows) into later heads (columns)", "kind": kind,
+            "model": model.name, "scale": "positive",
+            "axes": ["head", "later_head"], "labels": {"head": labels, "later_head": labels},
+            "groups": {"head": "layer", "later_head": "layer"}}
     return Result(scores, pd.DataFrame(rows), meta)

@@ -2,15 +2,25 @@
 
     >>> sae.dashboard(1234, model, python_docs(split="eval"))
 
-- Top contexts: the windows where the feature fires hardest, each shown as
-  circuitsvis `ColoredTokens` with the feature's activation per token (HTML-escaped,
-  like every view).
-- Histogram of its non-zero activations, and how often it fires.
+- Top contexts, as keyword-in-context lines: each centred on the token where the feature
+  peaks (the peak tokens line up in one column, bold), a few tokens before and after,
+  every token shaded by the feature's activation there, the number on hover (and the
+  peak's in its own column). Invisible whitespace is drawn (`↵` a newline, `·` a token
+  of spaces), so a feature that fires on line starts reads as such, not as a blank.
+  HTML-escaped.
+- A histogram of its non-zero activations, and how often it fires.
 - Logit effects: `W_dec[f] @ W_U` (through the final norm's gain): the tokens the
   feature's direction promotes and suppresses when written to the residual stream.
 
 `Model.features(prompt, sae)` (`%features`) lists, per token, the most active
 features of an attached or free SAE with each feature's top promoted tokens.
+
+Gotcha: a few features fire with activations 10-100x the rest on the first token of a
+line, on whitespace or on the first position of a text. They read the residual
+stream's outlier directions (the attention sink's and a handful of massive-activation
+dimensions), which carry large norms and little meaning; ranked by raw activation they
+come first. Rank by activation at a chosen token, or by activation over the feature's
+own maximum, to find features that name something.
 """
 
 from __future__ import annotations
@@ -24,13 +34,28 @@ import torch
 from ..core.checks import is_int
 from ..core.errors import SAEError
 from ..core.remote import local_only
-from ..display.render import compact, view
 from ..display.results import Result
+
+BEFORE, AFTER = 10, 4  # tokens shown before and after a context's peak
 
 
 def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int = 10,
               context: int = 64) -> Result:
-    """A `Result` for one feature: values are its activations over the sampled tokens."""
+    """One feature of an SAE, read from text: where it fires, how strongly, what it promotes.
+
+    Args:
+        feature: the feature's index.
+        model: the model the SAE reads (its site is `sae.site`).
+        texts: strings or a Dataset with `text`, cut into windows of `context` tokens.
+        n_tokens: tokens read from the texts.
+        top: top contexts shown.
+
+    Returns:
+        A `Result`: `.values` the feature's activation at every token read; `.df` the top
+        contexts (`rank`, `activation`, `context`, `token`); `.meta` its firing frequency,
+        maximum, promoted and suppressed tokens; shown as the dashboard (see the module
+        docstring). Example: `sae.dashboard(1234, model, python_docs("eval"), n_tokens=3_000)`.
+    """
     import pandas as pd
 
     from .store import collect, documents_of, take_documents, windows as windows_of
@@ -46,18 +71,16 @@ def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int 
     # Map each stored row back to (window, position): collection keeps positions 1.. of each window.
     owners = [(w, p) for w, ids in enumerate(windows) for p in range(1, len(ids))][: len(acts)]
     best = acts.topk(min(top, len(acts)))
+    row_of = {owner: row for row, owner in enumerate(owners)}
     contexts = []
     for value, row in zip(best.values.tolist(), best.indices.tolist()):
         if value <= 0:
             break
         window, position = owners[row]
         ids = windows[window]
-        start = max(0, position - 12)
-        tokens = [model.tokenizer.decode([t]) for t in ids[start:position + 4]]
-        values = [0.0] * len(tokens)
-        for other, (w, p) in enumerate(owners):
-            if w == window and start <= p < position + 4:
-                values[p - start] = acts[other].item()
+        start, stop = max(1, position - BEFORE), min(len(ids), position + AFTER + 1)
+        tokens = [model.tokenizer.decode([t]) for t in ids[start:stop]]
+        values = [acts[row_of[(window, p)]].item() if (window, p) in row_of else 0.0 for p in range(start, stop)]
         contexts.append({"activation": value, "tokens": tokens, "values": values, "focus": position - start})
     promoted, suppressed = logit_effects(sae, model, feature)
     firing = acts[acts > 0]
@@ -72,12 +95,11 @@ def dashboard(sae, feature: int, model, texts, n_tokens: int = 20_000, top: int 
     def render(result):
         parts = [f"<h4>{html.escape(meta['title'])}</h4>",
                  f"<p>fires on {meta['frequency']:.2%} of {len(acts)} tokens; max {meta['max']:.3g}</p>",
-                 _histogram(firing),
+                 _histogram(firing, meta["title"]),
                  "<p><b>promotes</b> " + html.escape(", ".join(repr(t) for t, _ in promoted)) + "</p>",
                  "<p><b>suppresses</b> " + html.escape(", ".join(repr(t) for t, _ in suppressed)) + "</p>",
-                 "<p><b>top contexts</b></p>"]
-        for c in contexts:
-            parts.append(view("ColoredTokens", {"tokens": c["tokens"], "values": compact(c["values"], 3)}))
+                 "<p><b>top contexts</b> (centred on the peak token; hover a token for its activation)</p>",
+                 _contexts_table(contexts, meta["max"])]
         return "\n".join(parts)
 
     return Result(acts, df, meta, html=render)
@@ -140,17 +162,49 @@ def features(model, prompt: str, sae, k: int = 5) -> Result:
     return Result(acts, df, meta, html=render)
 
 
-def _histogram(values: torch.Tensor) -> str:
-    """A small PNG histogram as an inline `<img>`."""
+def _histogram(values: torch.Tensor, what: str) -> str:
+    """A small PNG histogram of a feature's non-zero activations, as an inline `<img>`."""
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(4, 1.8))
+    figure, ax = plt.subplots(figsize=(5, 2))
     if values.numel():
         ax.hist(values.numpy(), bins=40, color="#4a72b0")
-    ax.set_xlabel("activation (where it fires)")
+    ax.set_xlabel("activation, where the feature fires")
     ax.set_ylabel("tokens")
+    ax.set_title(f"{what}: {values.numel()} firing tokens", fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=70)
+    figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"/>'
+
+
+def _visible(token: str) -> str:
+    """A token as it reads, with whitespace that would be invisible drawn: newlines as `↵`,
+    tabs as `⇥`, and a token of spaces alone as `·`s."""
+    shown = token.replace("\n", "↵").replace("\t", "⇥")
+    return "·" * len(shown) if shown and not shown.strip(" ") else shown
+
+
+def _contexts_table(contexts: list[dict], peak: float) -> str:
+    """Keyword-in-context rows: left context, the peak token (bold), right context; each
+    token shaded by its activation (of `peak`, the feature's largest), the value on hover."""
+    def span(token: str, value: float, bold: bool = False) -> str:
+        shade = max(0.0, min(1.0, value / peak)) if peak > 0 else 0.0
+        weight = "font-weight:700;outline:1px solid #c0392b;" if bold else ""
+        return (f'<span title="activation {value:.3g}" style="background:rgba(214,39,40,{shade:.2f});'
+                f'white-space:pre;{weight}">{html.escape(_visible(token))}</span>')
+
+    rows = []
+    for rank, context in enumerate(contexts, 1):
+        focus, tokens, values = context["focus"], context["tokens"], context["values"]
+        left = "".join(span(t, v) for t, v in zip(tokens[:focus], values[:focus]))
+        right = "".join(span(t, v) for t, v in zip(tokens[focus + 1:], values[focus + 1:]))
+        rows.append(f"<tr><td style='text-align:right'>{rank}</td>"
+                    f"<td style='text-align:right'>{context['activation']:.3g}</td>"
+                    f"<td style='text-align:right;font-family:monospace'>{left}</td>"
+                    f"<td style='text-align:center;font-family:monospace'>"
+                    f"{span(tokens[focus], values[focus], bold=True)}</td>"
+                    f"<td style='text-align:left;font-family:monospace'>{right}</td></tr>")
+    return ("<table class='mechnb-contexts'><tr><th>#</th><th>activation</th><th>before</th><th>peak</th>"
+            f"<th>after</th></tr>{''.join(rows)}</table>")

@@ -291,15 +291,16 @@ def take_documents(documents, n_tokens: int, model):
 
 
 def windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
-    """Token windows of `context` tokens cut from each document, about `n_tokens` in all
-    (what evaluation and contexts run on: one window per row, unpacked)."""
+    """Token windows of `context` tokens cut from each document, until they hold `n_tokens`
+    positions that collection keeps (all but each window's first), or the documents end:
+    what evaluation, contexts and dashboards run on, one window per row, unpacked."""
     windows, total = [], 0
     for document in documents:
         ids = model.tokenizer(document, add_special_tokens=False)["input_ids"]
         for i in range(0, len(ids), context):
             if len(ids[i:i + context]) > 1:
                 windows.append(ids[i:i + context])
-                total += len(windows[-1])
+                total += len(windows[-1]) - 1
         if total >= n_tokens:
             break
     return windows
