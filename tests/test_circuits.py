@@ -9,10 +9,9 @@ import torch
 
 from conftest import ARCH_NAMES, PROMPT
 
-from mechnb import CircuitError
+from mechnb import CircuitError, ModelError
 from mechnb.circuits import Circuit, Graph
 from mechnb.circuits import engine
-from mechnb import ModelError
 
 CLEAN = [PROMPT, "When Alice and Bob went to the park, Bob gave a ball to"]
 CORRUPT = [PROMPT.replace("John gave", "Mary gave"), "When Alice and Bob went to the park, Alice gave a ball to"]

@@ -11,8 +11,7 @@ import torch
 
 from conftest import PARIS, PROMPT, clean_logits
 from mechnb.core.arch import submodule
-from mechnb import MechnbError, MemoryBudgetError
-from mechnb import OutOfMemoryWarning
+from mechnb import MechnbError, MemoryBudgetError, OutOfMemoryWarning
 from mechnb.core.memory import Chunks, is_out_of_memory
 
 CLEAN, CORRUPT = PROMPT, "When Mary and John went to the store, Mary gave a drink to"

@@ -5,8 +5,7 @@ import torch
 
 from conftest import PROMPT
 from mechnb.core.arch import submodule
-from mechnb import MechnbError
-from mechnb import PatchError
+from mechnb import MechnbError, PatchError
 
 CLEAN = PROMPT
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"

@@ -28,19 +28,11 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, clean_logits
-from mechnb import CausalTraceError
-from mechnb import CircuitError
-from mechnb import (ArgumentError, CoactivationError, HeadError, LensError, MechnbError, ModelError, PromptError,
-                    SiteError, SteerError, TraceError, ViewError, WeightError)
-from mechnb import GenerationError
-from mechnb import InterventionError
+from mechnb import (ArgumentError, CausalTraceError, CircuitError, CoactivationError, EditError, GenerationError,
+                    HeadError, InterventionError, LensError, MechnbError, MetricError, ModelError, PatchError,
+                    PromptError, SAEError, SiteError, SteerError, StoreError, TraceError, ViewError, WeightError)
 from mechnb.core.interventions import Intervention
-from mechnb import MetricError
-from mechnb import PatchError
-from mechnb import EditError
 from mechnb.sae import SAE
-from mechnb import SAEError
-from mechnb import StoreError
 
 CORRUPT = PROMPT.replace("John gave", "Mary gave")
 EVIL = "<script>alert(1)</script> café 日本語 🙂"

@@ -218,8 +218,11 @@ def test_a_local_directory_cannot_run_remotely(ndif, weights):
 # -- offline: one line, in seconds, model clean ---------------------------------------------
 
 
-def remote_trace(model, seconds: float = 10):
-    """A remote trace that must end (with an error) within `seconds`: a hang fails the test."""
+def remote_trace(model, seconds: float = 30):
+    """A remote trace that must end (with an error) within `seconds`: a hang fails the test.
+
+    The bound only tells a hang from an answer; the timeouts under test are about 1 s, so
+    a loaded machine is far from it."""
     import signal
 
     def hung(signum, frame):
@@ -267,14 +270,14 @@ def test_a_name_lookup_that_hangs_is_cut_short(model, monkeypatch):
     released = threading.Event()
 
     def stuck(*args, **kwargs):  # getaddrinfo takes no timeout: a dead resolver hangs it
-        released.wait(30)
+        released.wait(120)
         raise socket.gaierror("released by the test")
 
     monkeypatch.setattr(socket, "create_connection", stuck)
     monkeypatch.setattr(remote, "CONNECT_TIMEOUT", 0.5)
     try:
         with pytest.raises(RemoteError, match="did not answer in time") as error:
-            remote_trace(model, seconds=5)
+            remote_trace(model)
         assert "api.ndif.us:443" in one_line(error)
     finally:
         # The check's thread ends inside this test, not in a later one that no longer patches
@@ -318,7 +321,7 @@ def test_a_silent_host_times_out_instead_of_hanging(model, monkeypatch):
         monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{listener.getsockname()[1]}")
         monkeypatch.setattr(remote, "HANDSHAKE_TIMEOUT", 1.0)
         with pytest.raises(RemoteError, match="did not answer in time") as error:
-            remote_trace(model, seconds=5)
+            remote_trace(model)
         one_line(error)
     finally:
         listener.close()

@@ -9,9 +9,8 @@ import torch
 import mechnb
 from conftest import PROMPT, clean_logits
 from mechnb.core.arch import submodule
-from mechnb import MechnbError
+from mechnb import MechnbError, StoreError
 from mechnb.sae import SAE, ActivationStore, load, train
-from mechnb import StoreError
 from mechnb.sae.store import open_store
 
 DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog, and the cat sat on mat {i}."

@@ -6,8 +6,7 @@ import pytest
 
 from conftest import json_server
 from mechnb.sae import train
-from mechnb import LabelError
-from mechnb import SAEError
+from mechnb import LabelError, SAEError
 from test_sae import DOCS
 
 

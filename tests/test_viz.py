@@ -89,7 +89,6 @@ def test_circuit_figures_fit_a_column(llama):
 
 
 def test_a_grid_of_270_heads_is_labelled_by_layer():
-    from mechnb import Result
     from mechnb.display.viz import heatmap
 
     labels = [f"{layer}.{head}" for layer in range(30) for head in range(9)]
