@@ -301,8 +301,8 @@ def windows(model, documents, context: int, n_tokens: int) -> list[list[int]]:
             if len(ids[i:i + context]) > 1:
                 windows.append(ids[i:i + context])
                 total += len(windows[-1]) - 1
-        if total >= n_tokens:
-            break
+            if total >= n_tokens:  # a long document is cut where the count is reached
+                return windows
     return windows
 
 
