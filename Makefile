@@ -38,11 +38,12 @@ browser:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium is missing and this is not root: the browser tests will be skipped (install the Debian package chromium)"; fi
 
-test: setup browser
-	$(PY) -m pytest -q --durations=15
+# Two workers (one per core); the embedded model is converted before they start.
+test: model browser
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+test-fast: model
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: model
 	$(PY) bench/trace_overhead.py

@@ -9,9 +9,20 @@ first run on a machine converts the GGUF, about 30 s).
 from __future__ import annotations
 
 import contextlib
+import os
 
-import pytest
-import torch
+# `make test` runs two pytest-xdist workers, one per core. Each worker, and every process
+# it starts (notebook kernels, subprocesses), computes on one thread: two processes of two
+# OpenMP threads each on two cores wait on each other's descheduled threads (a tutorial
+# took minutes instead of seconds), and the tests' tensors are small.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case torch was imported before this file
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 PARIS = "The Eiffel Tower is located in the city of"
@@ -153,3 +164,43 @@ def json_server(reply):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# The longest tests, in seconds (measured with --durations, two workers on 2 cores), start
+# first; they are dealt to two groups by cost (`--dist loadgroup` runs each group on one
+# worker), and the other tests go to whichever worker is free.
+LONGEST = {
+    "test_sae.py::test_an_sae_on_the_embedded_model": 180,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 124,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 124,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 115,
+    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 100,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 99,
+    "test_rome.py::test_rome_moves_the_eiffel_tower_to_rome_and_reverts_exactly": 40,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 38,
+    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 36,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 35,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 34,
+    "test_circuits.py::test_ioi_circuit_of_the_embedded_model_beats_random": 34,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 27,
+    "test_causal.py::test_embedded_model_recalls_the_eiffel_tower_at_its_subject_tokens": 21,
+    "test_model.py::test_gguf_file_is_converted_once_and_cached": 20,
+}
+
+
+def expected_seconds(item) -> float:
+    name = item.nodeid.split("/")[-1]
+    return max((s for prefix, s in LONGEST.items() if name.startswith(prefix)), default=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first, dealt to the group with less work so far; the rest in file order."""
+    rank = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-expected_seconds(item), rank[id(item)]))
+    load = [0.0, 0.0]
+    for item in items:
+        seconds = expected_seconds(item)
+        if seconds:
+            group = load.index(min(load))
+            load[group] += seconds
+            item.add_marker(pytest.mark.xdist_group(f"longest-{group}"))

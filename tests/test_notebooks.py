@@ -8,6 +8,7 @@ figures (seconds, peak memory) go to `tests/artifacts/`. Without Chromium the no
 run in a plain kernel (nbclient) and only the printed results are checked.
 """
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -96,9 +97,9 @@ def test_every_tutorial_has_its_checks():
     assert sorted(CHECKS) == [p.name for p in NOTEBOOKS]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    """JupyterLab and Chromium, once for all tutorials; None where Chromium is missing."""
+    """JupyterLab and Chromium, once per test process; None where Chromium is missing."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         yield None
@@ -127,9 +128,11 @@ def record(name: str, figures: dict) -> None:
     """Keep each tutorial's seconds and peak memory in tests/artifacts/tutorials.json."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "tutorials.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[name] = figures
-    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    with open(ARTIFACTS / "tutorials.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test workers may finish tutorials at once
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[name] = figures
+        path.write_text(json.dumps(table, indent=1, sort_keys=True))
 
 
 def check_page(run) -> None:

@@ -255,6 +255,15 @@ def test_evaluate_dashboard_and_features(attached):
     assert "<b>brown</b>" not in listed.html()
 
 
+def test_windows_stop_at_the_token_count_inside_a_long_document(tiny_factory):
+    from mechnb.sae.store import windows
+
+    long = " ".join(f"word{i}" for i in range(2000))  # one document of thousands of tokens
+    cut = windows(tiny_factory("llama"), [long, "never reached"], 32, 100)
+    kept = sum(len(w) - 1 for w in cut)
+    assert 100 <= kept < 100 + 32 and all(len(w) <= 32 for w in cut)
+
+
 def real_tmp(model):
     import tempfile
 
@@ -265,9 +274,10 @@ def real_tmp(model):
 def test_an_sae_on_the_embedded_model(real):
     from mechnb.datasets import python_docs
 
-    store = real.collect("resid_post.12", python_docs(), n_tokens=40_000, batch_size=32, progress=False)
-    sae = train(store, kind="topk", d_sae=1152, k=32, batch_size=1024, epochs=3, progress=False)
-    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=3_000).T.values))
+    # 20,000 tokens seen 6 times: fvu 0.28, loss recovered 0.92 (40,000 seen 3 times: 0.35, 0.91).
+    store = real.collect("resid_post.12", python_docs(), n_tokens=20_000, batch_size=32, progress=False)
+    sae = train(store, kind="topk", d_sae=1152, k=32, batch_size=1024, epochs=6, progress=False)
+    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=2_000).T.values))
     assert metrics["l0"] <= 32
     assert metrics["cosine"] > 0.8 and metrics["fvu"] < 0.5
     assert metrics["loss_recovered"] > 0.6
@@ -281,9 +291,10 @@ def test_an_sae_on_the_embedded_model(real):
     finally:
         real.detach(sae)
     # Labels from the embedded instruct model, scored by simulation on held-out contexts.
-    sae.record_contexts(real, python_docs("eval"), n_tokens=10_000, per_feature=20)
+    sae.record_contexts(real, python_docs("eval"), n_tokens=6_000, per_feature=20)
     firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:4]
     labels = sae.label(firing, labeler="local", n_examples=20, cache_dir=str(real_tmp(real)))
     assert len(labels) == 4 and all(isinstance(t, str) and t.strip() for t in labels.label)
-    # Measured: mean simulation score 0.35 against -0.02 for shuffled activations (4 features).
+    # Measured with 40,000 training and 10,000 context tokens: mean simulation score 0.35
+    # against -0.02 for shuffled activations (4 features).
     assert labels.score.mean() > labels.shuffled_score.mean() + 0.05
