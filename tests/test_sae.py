@@ -291,10 +291,10 @@ def test_an_sae_on_the_embedded_model(real):
     finally:
         real.detach(sae)
     # Labels from the embedded instruct model, scored by simulation on held-out contexts.
-    sae.record_contexts(real, python_docs("eval"), n_tokens=6_000, per_feature=20)
+    sae.record_contexts(real, python_docs("eval"), n_tokens=10_000, per_feature=20)
     firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:4]
     labels = sae.label(firing, labeler="local", n_examples=20, cache_dir=str(real_tmp(real)))
     assert len(labels) == 4 and all(isinstance(t, str) and t.strip() for t in labels.label)
-    # Measured with 40,000 training and 10,000 context tokens: mean simulation score 0.35
-    # against -0.02 for shuffled activations (4 features).
+    # Measured: mean simulation score 0.27 against 0.01 for shuffled activations (4 features);
+    # with contexts from 6,000 tokens only 0.07 against 0.00, too thin a margin to test.
     assert labels.score.mean() > labels.shuffled_score.mean() + 0.05
