@@ -195,8 +195,7 @@ def expected_seconds(item) -> float:
 
 def pytest_collection_modifyitems(config, items):
     """Longest first, dealt to the group with less work so far; the rest in file order."""
-    rank = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-expected_seconds(item), rank[id(item)]))
+    items.sort(key=lambda item: -expected_seconds(item))  # stable: ties keep file order
     load = [0.0, 0.0]
     for item in items:
         seconds = expected_seconds(item)
