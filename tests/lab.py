@@ -116,6 +116,7 @@ class JupyterLab:
 
         self._playwright = sync_playwright().start()
         self.browser = self._playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        self._lab_page = None
 
     def _wait_for_server(self, timeout: float = 60) -> None:
         deadline = time.time() + timeout
@@ -129,20 +130,18 @@ class JupyterLab:
                 time.sleep(0.3)
         raise RuntimeError("jupyter lab did not start within a minute")
 
-    def run(self, name: str, timeout: float = 600, ui: str = "lab") -> Run:
-        """Open `name` in JupyterLab (or `ui="notebook"`: Notebook 7), run all cells, save;
-        what ran and what the page showed."""
+    def _new_page(self, url: str):
+        """A page on `url` whose requests outside 127.0.0.1 are refused and kept in `page.outside`,
+        and whose script errors are kept in `page.errors` (or `page.frontend_errors`)."""
         page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
-        outside, errors = [], []
+        page.outside, page.errors, page.frontend_errors = [], [], []
 
         def gate(route):
             url = route.request.url
             if url.startswith(("data:", "blob:", "about:")) or url.startswith(f"{self.url}/"):
                 return route.continue_()
-            outside.append(url)
+            page.outside.append(url)
             return route.abort()
-
-        page.route("**/*", gate)
 
         def page_error(error):
             stack = (error.stack or "").splitlines()[1:2]
@@ -150,15 +149,44 @@ class JupyterLab:
             # undefined while loading shortcuts; `filebrowser:open-path` not registered):
             # errors raised in the front end's core, not in a view, are kept apart.
             own = any(f"{self.url}/static/notebook/notebook_core." in line for line in stack)
-            (frontend_errors if own else errors).append(f"{error} {stack}")
+            (page.frontend_errors if own else page.errors).append(f"{error} {stack}")
 
-        frontend_errors = []
+        page.route("**/*", gate)
         page.on("pageerror", page_error)
+        page.goto(url)
+        return page
+
+    def run(self, name: str, timeout: float = 600, ui: str = "lab") -> Run:
+        """Open `name` in JupyterLab (or `ui="notebook"`: Notebook 7), run all cells, save;
+        what ran and what the page showed.
+
+        JupyterLab's page is loaded once and each notebook opened in it, then closed, as a
+        user goes from one tutorial to the next (loading the front end took about as long
+        as the shorter tutorials); Notebook 7 gets a page of its own.
+        """
+        if ui == "lab":
+            if self._lab_page is None:
+                self._lab_page = self._new_page(f"{self.url}/lab?reset")
+                self._lab_page.wait_for_function(
+                    "() => window.jupyterapp && ['docmanager:open', 'notebook:run-all-cells', 'application:close-all']"
+                    ".every(c => window.jupyterapp.commands.hasCommand(c))", timeout=120_000)
+            page = self._lab_page
+            widget = page.evaluate("""async name => {
+                const widget = await window.jupyterapp.commands.execute('docmanager:open', {path: name});
+                return widget.id; }""", name)
+            # A click on its tab focuses it, as a user's would: the shell's current widget
+            # (which the notebook commands act on) follows focus.
+            page.click(f'li.lm-TabBar-tab[data-id="{widget}"]')
+        else:
+            page = self._new_page(f"{self.url}/notebooks/{name}")
+        # What this run sees, apart from the runs before it in the same page.
+        del page.outside[:], page.errors[:], page.frontend_errors[:]
+        ok = False
         try:
-            page.goto(f"{self.url}/lab/tree/{name}?reset" if ui == "lab" else f"{self.url}/notebooks/{name}")
-            page.wait_for_function("""() => { const p = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-                return p && p.sessionContext && p.sessionContext.session && p.sessionContext.session.kernel
-                    && p.sessionContext.session.kernel.status === 'idle'; }""", timeout=120_000)
+            page.wait_for_function("""name => { const p = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                return p && p.context && p.context.path === name && p.sessionContext && p.sessionContext.session
+                    && p.sessionContext.session.kernel && p.sessionContext.session.kernel.status === 'idle'; }""",
+                                   arg=name, timeout=120_000)
             started = time.perf_counter()
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             progress = page.wait_for_function(PROGRESS, timeout=timeout * 1000, polling=500).json_value()
@@ -171,8 +199,17 @@ class JupyterLab:
             rendered = page.evaluate(RENDERED)
             rendered["progress"] = progress
             self._screenshot(page, name if ui == "lab" else f"{Path(name).stem}-notebook7.png")
+            outside, errors, frontend_errors = list(page.outside), list(page.errors), list(page.frontend_errors)
+            ok = True
         finally:
-            page.close()
+            if ui == "lab" and ok:
+                page.evaluate("() => window.jupyterapp.commands.execute('application:close-all')")
+                page.wait_for_function("() => !window.jupyterapp.shell.currentWidget || "
+                                       "!window.jupyterapp.shell.currentWidget.sessionContext", timeout=30_000)
+            else:  # a run that failed leaves its page; the next one starts on a fresh one
+                page.close()
+                if ui == "lab":
+                    self._lab_page = None
             self._shutdown_kernels()
         notebook = nbformat.read(self.root / name, as_version=4)
         return Run(notebook, seconds, peak, rendered, outside, errors, frontend_errors)
