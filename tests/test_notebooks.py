@@ -3,13 +3,17 @@
 Each tutorial is opened in JupyterLab 4 in headless Chromium (see `lab.py`), every cell
 is run and the notebook saved; then: no cell errored, every circuitsvis view and widget
 drew elements with a size, no request left 127.0.0.1, the kernel's peak memory stayed
-under 2 GB, and the tutorial printed what its text promises. Screenshots and the
+under 2 GB, and the tutorial printed what its text promises. The tutorials are also where
+the embedded model's heavier behaviour is asserted (an SAE's fidelity, feature labels that
+beat shuffled activations, an IOI circuit that beats random edges, causal tracing, ROME):
+each is computed once, there, not again in a test of its own. Screenshots and the
 figures (seconds, peak memory) go to `tests/artifacts/`. Without Chromium the notebooks
 run in a plain kernel (nbclient) and only the printed results are checked.
 """
 
 import fcntl
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -64,12 +68,56 @@ def check_attention(notebook, text, rendered):
         assert len(rendered["widgets"]) >= 1  # the explorer
 
 
+def table_rows(text, first_column):
+    """Rows of a printed DataFrame whose first column is one of `first_column`: name -> numbers."""
+    names = "|".join(re.escape(name) for name in first_column)
+    return {m.group(1): [float(v) for v in m.group(2).split()]
+            for m in re.finditer(rf"^\d+\s+({names})\s+([-\d.e ]+)$", text, re.M)}
+
+
+def check_sae(notebook, text, rendered):
+    # The tutorial's SAE on the embedded model (measured: l0 16, fvu 0.73, cosine 0.83,
+    # dead 0.01, loss recovered 0.76 on 2,000 tokens).
+    metrics = {name: values[0] for name, values in
+               table_rows(text, ["l0", "fvu", "cosine", "dead", "loss_recovered"]).items()}
+    assert metrics["l0"] <= 16 and metrics["dead"] < 0.5
+    assert metrics["fvu"] < 0.85 and metrics["cosine"] > 0.75 and metrics["loss_recovered"] > 0.6, metrics
+    assert "top token with the SAE attached:  Paris" in text  # the error term keeps the model intact
+    assert "the feature that fires most on ' +'" in text and "feature ablated" in text
+
+
 def check_circuits(notebook, text, rendered):
     assert "forward unchanged under GIM: True" in text
     assert "faithfulness of eap-ig edges" in text
     assert "same edges: True" in text
     assert int(text.split("shared: ")[1].split(" of 10")[0]) >= 5
     assert len(images(notebook)) >= 2
+    # The IOI circuit beats random edges: f with 10 % of the edges, and CMD (lower is better).
+    rows = table_rows(text, ["eap-ig", "random"])
+    (_, ig_10, ig_cmd, _), (_, random_10, random_cmd, _) = rows["eap-ig"], rows["random"]
+    assert ig_10 > 0.6 and ig_10 > random_10 + 0.4 and ig_cmd < random_cmd, rows
+
+
+def check_editing(notebook, text, rendered):
+    assert "clean p(Paris) 0.70" in text
+    # Causal tracing: restoring a subject token brings " Paris" back, no token after it does.
+    subject, between = re.search(r"best restoration at a subject token: ([\d.]+), between the subject "
+                                 r"and the last token: ([\d.]+)", text).groups()
+    assert float(subject) > 0.4 and float(between) < 0.1
+    # ROME: Rome follows the prompt and most paraphrases, the neighbours keep their answers.
+    before, after, moved, kept = re.search(r"efficacy: p\(' Rome'\) ([\d.]+) -> ([\d.]+); paraphrases moved: "
+                                           r"(\d) of 3; neighbours kept: (\d+)%", text).groups()
+    assert float(after) > 0.5 > float(before) and int(moved) >= 2 and int(kept) >= 75
+    assert "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'" in text
+    assert "[]  Paris" in text  # reverted: no edits, Paris again
+
+
+def check_concepts(notebook, text, rendered):
+    for phrase in ("OV head.18.6: copying score", "of the variance in 6 of 576 components", "stability (resamples)"):
+        assert phrase in text
+    # Labels by the embedded model beat chance (measured: 0.19 against 0.01 for shuffled activations).
+    score, shuffled = re.search(r"mean simulation score (-?[\d.]+), against (-?[\d.]+)", text).groups()
+    assert float(score) > float(shuffled) + 0.05
 
 
 def phrases(*expected):
@@ -84,12 +132,10 @@ CHECKS = {
     "01_attention_and_lens.ipynb": check_attention,
     "02_activation_patching_ioi.ipynb": phrases("patches", "Pearson correlation of attribution"),
     "03_induction_heads.ipynb": phrases("loss on the repeated half", "copying score"),
-    "04_sae_features.ipynb": phrases("the feature that fires most on ' +'", "feature ablated"),
+    "04_sae_features.ipynb": check_sae,
     "05_circuits_gim.ipynb": check_circuits,
-    "06_steering_and_editing.ipynb": phrases("clean p(Paris) 0.70", "WeightEdit 'Eiffel Tower': ' Paris' -> ' Rome'",
-                                             "[]  Paris"),  # reverted: no edits, Paris again
-    "07_weights_and_concepts.ipynb": phrases("OV head.18.6: copying score",
-                                             "of the variance in 6 of 576 components", "stability (resamples)"),
+    "06_steering_and_editing.ipynb": check_editing,
+    "07_weights_and_concepts.ipynb": check_concepts,
 }
 
 

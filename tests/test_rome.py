@@ -1,16 +1,14 @@
-"""ROME weight edits on the embedded model: efficacy, paraphrases, neighbourhood, exact revert."""
+"""ROME weight edits on tiny models: errors leave the weights alone, edits stack and revert exactly.
+
+On the embedded model (efficacy, paraphrases, neighbourhood) ROME is checked where tutorial 06
+runs it (tests/test_notebooks.py).
+"""
 
 import pytest
 import torch
 
 from conftest import PARIS
 from mechnb import EditError
-
-PARAPHRASES = ["The Eiffel Tower stands in the city of", "Where is the Eiffel Tower? It is in the city of",
-               "The Eiffel Tower, a famous landmark, is in the city of"]
-NEIGHBOURS = ["The Colosseum is located in the city of", "Big Ben is located in the city of",
-              "The Statue of Liberty is located in the city of", "The Brandenburg Gate is located in the city of",
-              "The Louvre is located in the city of"]
 
 
 def down_weights(model):
@@ -48,18 +46,3 @@ def test_edits_stack_and_revert_in_any_order_on_a_tiny_model(tiny_factory, tmp_p
     assert all(torch.equal(p, before[n]) for n, p in down_weights(model).items())
     with pytest.raises(EditError, match="already been reverted"):
         first.revert()
-
-
-@pytest.mark.slow
-def test_rome_moves_the_eiffel_tower_to_rome_and_reverts_exactly(real):
-    before = down_weights(real)
-    edit = real.edit(PARIS, subject="Eiffel Tower", target=" Rome", paraphrases=PARAPHRASES, neighbours=NEIGHBOURS)
-    report = edit.report()
-    assert report.meta["efficacy"]["after"] > 0.5 > report.meta["efficacy"]["before"]
-    assert report.meta["paraphrase_success"] >= 2
-    assert report.meta["neighbourhood_kept"] >= 0.8
-    assert " Rome" in report.meta["generations"]["after"][0]
-    assert "<table" in report._repr_mimebundle_()["text/html"]
-    edit.revert()
-    assert all(torch.equal(p, before[n]) for n, p in down_weights(real).items())
-    assert real.top(PARIS, k=1).token[0] == " Paris"

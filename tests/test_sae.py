@@ -262,39 +262,3 @@ def test_windows_stop_at_the_token_count_inside_a_long_document(tiny_factory):
     cut = windows(tiny_factory("llama"), [long, "never reached"], 32, 100)
     kept = sum(len(w) - 1 for w in cut)
     assert 100 <= kept < 100 + 32 and all(len(w) <= 32 for w in cut)
-
-
-def real_tmp(model):
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="mechnb-labels-")
-
-
-@pytest.mark.slow
-def test_an_sae_on_the_embedded_model(real):
-    from mechnb.datasets import python_docs
-
-    # 20,000 tokens seen 6 times: fvu 0.28, loss recovered 0.92 (40,000 seen 3 times: 0.35, 0.91).
-    store = real.collect("resid_post.12", python_docs(), n_tokens=20_000, batch_size=32, progress=False)
-    sae = train(store, kind="topk", d_sae=1152, k=32, batch_size=1024, epochs=6, progress=False)
-    metrics = dict(zip(*sae.evaluate(real, python_docs("eval"), n_tokens=2_000).T.values))
-    assert metrics["l0"] <= 32
-    assert metrics["cosine"] > 0.8 and metrics["fvu"] < 0.5
-    assert metrics["loss_recovered"] > 0.6
-    assert metrics["dead"] < 0.5
-    real.attach(sae)
-    try:
-        prompt = "The Eiffel Tower is located in the city of"
-        assert real.top(prompt, k=1).token[0] == " Paris"  # the error term keeps the model intact
-        listed = real.features(prompt, sae)
-        assert len(listed.df) > 0
-    finally:
-        real.detach(sae)
-    # Labels from the embedded instruct model, scored by simulation on held-out contexts.
-    sae.record_contexts(real, python_docs("eval"), n_tokens=10_000, per_feature=20)
-    firing = [f for f, c in sae.contexts.items() if len(c["positive"]) >= 20 and len(c["negative"]) >= 10][:4]
-    labels = sae.label(firing, labeler="local", n_examples=20, cache_dir=str(real_tmp(real)))
-    assert len(labels) == 4 and all(isinstance(t, str) and t.strip() for t in labels.label)
-    # Measured: mean simulation score 0.27 against 0.01 for shuffled activations (4 features);
-    # with contexts from 6,000 tokens only 0.07 against 0.00, too thin a margin to test.
-    assert labels.score.mean() > labels.shuffled_score.mean() + 0.05
