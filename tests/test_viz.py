@@ -73,7 +73,13 @@ def test_head_scores_and_causal_traces_are_probabilities(llama):
 
 
 def test_composition_and_coactivation_group_their_ticks(llama):
-    check(llama.composition("k").plot(), "composition", "positive")
+    composition = llama.composition("k")
+    check(composition.plot(), "composition", "positive")
+    # Pairs that do not apply (into an earlier head) are NaN: the one-line summary skips them.
+    known = composition.values[~composition.values.isnan()]
+    assert composition.values.isnan().any() and known.numel()
+    assert f"min {known.min():.3g}, max {known.max():.3g}" in composition.summary()
+    assert "nan" not in composition.summary()
     clusters = llama.coactivation("mlp_out.1", [PROMPT, PARIS], components=3, method="kmeans")
     check(clusters.plot(), "coactivation_clusters", "signed")
     check(llama.coactivation("mlp_out.1", [PROMPT, PARIS], components=3).plot(), "coactivation_pca",

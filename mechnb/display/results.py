@@ -44,10 +44,14 @@ class Result:
     def summary(self) -> str:
         """One line: what was measured and where its largest value is."""
         values = self.values.float()
-        text = f"{self.meta.get('title', 'result')}: min {values.min():.3g}, max {values.max():.3g}"
+        # NaN marks entries that do not apply (a head composing into an earlier one): not values.
+        known = values[~values.isnan()]
+        if not known.numel():
+            return f"{self.meta.get('title', 'result')}: no values"
+        text = f"{self.meta.get('title', 'result')}: min {known.min():.3g}, max {known.max():.3g}"
         axes = self.meta.get("axes", [])
-        if values.numel() and len(axes) == values.dim():
-            flat = int(values.abs().flatten().argmax())
+        if len(axes) == values.dim():
+            flat = int(values.abs().nan_to_num(nan=-1.0).flatten().argmax())
             where = []
             for axis, size in zip(reversed(axes), reversed(values.shape)):
                 flat, index = divmod(flat, size)
