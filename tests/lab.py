@@ -16,7 +16,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,7 @@ class JupyterLab:
         self._playwright = sync_playwright().start()
         self.browser = self._playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         self._lab_page = None
+        self._shutting_down: list[threading.Thread] = []
 
     def _wait_for_server(self, timeout: float = 60) -> None:
         deadline = time.time() + timeout
@@ -191,7 +194,8 @@ class JupyterLab:
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             progress = page.wait_for_function(PROGRESS, timeout=timeout * 1000, polling=500).json_value()
             seconds = time.perf_counter() - started
-            peak = self._kernel_peak_rss()
+            kernel = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
+            peak = self._kernel_peak_rss(kernel)
             page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
             page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
                                    timeout=30_000)
@@ -225,27 +229,37 @@ class JupyterLab:
             page.wait_for_timeout(300)
         page.screenshot(path=str(self.artifacts / f"{Path(name).stem}.png"))
 
-    def _kernels(self):
+    def _kernel_peak_rss(self, kernel_id: str) -> int:
+        """Peak resident memory of kernel `kernel_id` (its connection file is named after it), bytes."""
         import psutil
 
-        return [p for p in psutil.Process(self.server.pid).children(recursive=True)
-                if "ipykernel" in " ".join(p.cmdline())]
-
-    def _kernel_peak_rss(self) -> int:
-        """Peak resident memory of the running kernel, bytes."""
-        peaks = []
-        for process in self._kernels():
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            peaks.append(int(status.split("VmHWM:")[1].split()[0]) * 1024)
-        return max(peaks, default=0)
+        for process in psutil.Process(self.server.pid).children(recursive=True):
+            if "ipykernel" in " ".join(process.cmdline()) and kernel_id in " ".join(process.cmdline()):
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                return int(status.split("VmHWM:")[1].split()[0]) * 1024
+        return 0
 
     def _shutdown_kernels(self) -> None:
+        """Shut the sessions' kernels down in the background: the next notebook need not wait
+        for a kernel holding a model to exit (`close` waits for them)."""
         sessions = json.loads(urllib.request.urlopen(f"{self.url}/api/sessions", timeout=10).read())
+
+        def shut_down(session_id):
+            request = urllib.request.Request(f"{self.url}/api/sessions/{session_id}", method="DELETE")
+            try:
+                urllib.request.urlopen(request, timeout=60).read()
+            except urllib.error.HTTPError as error:
+                if error.code != 404:  # 404: the session ended already
+                    raise
+
         for session in sessions:
-            request = urllib.request.Request(f"{self.url}/api/sessions/{session['id']}", method="DELETE")
-            urllib.request.urlopen(request, timeout=30).read()
+            thread = threading.Thread(target=shut_down, args=(session["id"],))
+            thread.start()
+            self._shutting_down.append(thread)
 
     def close(self) -> None:
+        for thread in self._shutting_down:
+            thread.join(timeout=60)
         try:
             self.browser.close()
             self._playwright.stop()

@@ -100,6 +100,11 @@ def model(ndif):
     return mechnb.load(REPO, remote=True)
 
 
+# The tests on the simulated NDIF run on one test worker (`make test` runs two), which starts
+# the server once: it imports torch and nnsight, several seconds.
+ON_ONE_WORKER = pytest.mark.xdist_group("simulated-ndif")
+
+
 @pytest.fixture(scope="module")
 def server(weights, tmp_path_factory):
     """The process that plays NDIF, started once (it takes a few seconds to import torch)."""
@@ -365,6 +370,7 @@ def test_every_method_that_needs_local_weights_says_so_before_sending(model, mon
     assert sent == [] and model._trace is None
 
 
+@ON_ONE_WORKER
 def test_a_remote_trace_runs_where_mechnb_is_not_installed(on_ndif, local):
     def run(model):
         with model.trace([PROMPT, PARIS]):
@@ -380,6 +386,7 @@ def test_a_remote_trace_runs_where_mechnb_is_not_installed(on_ndif, local):
     assert torch.allclose(logits, expected_logits, atol=1e-5)
 
 
+@ON_ONE_WORKER
 def test_cache_top_steering_vectors_and_activation_views_run_remotely(on_ndif, local):
     sites = ["embed", "resid_pre.*", "attn_out.1", "neuron.2", "logits"]
     cache, expected = on_ndif.cache([PROMPT, PARIS], sites), local.cache([PROMPT, PARIS], sites)
@@ -395,6 +402,7 @@ def test_cache_top_steering_vectors_and_activation_views_run_remotely(on_ndif, l
                           atol=1e-4)
 
 
+@ON_ONE_WORKER
 def test_a_failure_on_ndif_comes_back_as_one_line(on_ndif):
     with pytest.raises(RemoteError) as error:
         with on_ndif.trace(PROMPT):
