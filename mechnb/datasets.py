@@ -21,6 +21,7 @@ import ast
 import functools
 import os
 import sysconfig
+import threading
 from typing import Iterator
 
 SOURCES = ("topics", "docstrings")
@@ -41,15 +42,48 @@ def python_docs(split: str = "train", sources=SOURCES, min_chars: int = 200) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def _documents(source: str, min_chars: int) -> tuple[str, ...]:
+def _documents(source: str, min_chars: int):
     if source == "topics":
         from pydoc_data.topics import topics
 
         return tuple(text.strip() for _, text in sorted(topics.items()) if len(text.strip()) >= min_chars)
     if source == "docstrings":
-        # The same docstring can stand in several files (copies, re-exports): keep one.
-        return tuple(dict.fromkeys(_docstrings(min_chars)))
+        # The same docstring can stand in several files (copies, re-exports): keep the first.
+        # Read as far as a reader asks (the held-out split's first documents need a few
+        # files, not the whole standard library: 6 s) and kept for the next reader.
+        return _Kept(_first_occurrences(_docstrings(min_chars)))
     raise ValueError(f"unknown source {source!r}: use {', '.join(SOURCES)}")
+
+
+def _first_occurrences(items: Iterator[str]) -> Iterator[str]:
+    seen = set()
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            yield item
+
+
+class _Kept:
+    """An iterator's items, read on demand once and kept: any number of readers, each from the start."""
+
+    def __init__(self, items: Iterator[str]):
+        self._items, self._kept, self._lock = items, [], threading.Lock()
+
+    def __iter__(self) -> Iterator[str]:
+        index = 0
+        while True:
+            with self._lock:
+                if index == len(self._kept):
+                    item = next(self._items, _END)
+                    if item is _END:
+                        return
+                    self._kept.append(item)
+                item = self._kept[index]
+            index += 1
+            yield item
+
+
+_END = object()
 
 
 def _docstrings(min_chars: int) -> Iterator[str]:

@@ -14,6 +14,22 @@ def test_python_docs_split_is_fixed_and_disjoint():
         list(python_docs("validation"))
 
 
+def test_python_docs_reads_the_standard_library_only_as_far_as_asked():
+    import itertools
+
+    from mechnb import datasets
+
+    datasets._documents.cache_clear()
+    try:
+        first = list(itertools.islice(python_docs("eval"), 20))
+        docstrings = datasets._documents("docstrings", 200)
+        read = len(docstrings._kept)
+        assert 0 < read < 1000  # of 2,351: the held-out split's first 20 need a few hundred
+        assert first == list(itertools.islice(python_docs("eval"), 20)) and len(docstrings._kept) == read
+    finally:
+        datasets._documents.cache_clear()
+
+
 def test_ioi_pairs_are_aligned_and_flip_the_answer(tokenizer):
     pairs = ioi(40, tokenizer, seed=1)
     assert len(pairs) == 40 and pairs == ioi(40, tokenizer, seed=1)
