@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 
-# `make test` runs two pytest-xdist workers, one per core. Each worker, and every process
-# it starts (notebook kernels, subprocesses), computes on one thread: two processes of two
-# OpenMP threads each on two cores wait on each other's descheduled threads (a tutorial
+# `make test` runs three pytest-xdist workers on two cores (while one waits on a kernel
+# starting, a page loading or pip writing files, the others compute). Each worker, and every
+# process it starts (notebook kernels, subprocesses), computes on one thread: processes of
+# two OpenMP threads each on two cores wait on each other's descheduled threads (a tutorial
 # took minutes instead of seconds), and the tests' tensors are small.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -166,21 +167,21 @@ def json_server(reply):
         server.server_close()
 
 
-# The longest tests, in seconds (measured with --durations, two workers on 2 cores), start
-# first; they are dealt to two groups by cost (`--dist loadgroup` runs each group on one
-# worker), and the other tests go to whichever worker is free.
+# The longest tests, in seconds (measured with --durations, three workers on 2 cores), start
+# first; they are dealt to one group per worker by cost (`--dist loadgroup` runs each group
+# on one worker), and the other tests go to whichever worker is free.
 LONGEST = {
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 150,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 140,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 125,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 120,
-    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 100,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 38,
-    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 36,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 30,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 30,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 20,
-    "test_model.py::test_gguf_file_is_converted_once_and_cached": 20,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 234,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 220,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 198,
+    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 184,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 131,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 52,
+    "test_model.py::test_gguf_file_is_converted_once_and_cached": 47,
+    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 45,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 29,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 28,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 28,
 }
 
 
@@ -190,9 +191,9 @@ def expected_seconds(item) -> float:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first, dealt to the group with less work so far; the rest in file order."""
+    """Longest first, dealt to the group (one per worker) with less work so far; the rest in file order."""
     items.sort(key=lambda item: -expected_seconds(item))  # stable: ties keep file order
-    load = [0.0, 0.0]
+    load = [0.0] * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2"))
     for item in items:
         seconds = expected_seconds(item)
         if seconds:
