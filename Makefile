@@ -30,8 +30,22 @@ $(STAMP): pyproject.toml $(VENV)/bin/python
 # compiled torch and transformers from source (a fresh-clone pytest took 14 min, not 10).
 RUN := env -u PYTHONDONTWRITEBYTECODE
 
+# What test workers, JupyterLab servers and kernels import, compiled once, by two processes,
+# before any of them starts. Without it the three test workers and their first servers and
+# kernels each compiled the same 4,400 modules at the same moment, 20 s a process for what
+# mechnb.load imports and 13 s for JupyterLab's and a kernel's (pip runs with --no-compile).
+# mechnb.load() also converts the embedded model if it is not cached yet.
+BYTECODE := $(VENV)/.mechnb-bytecode
+LAB_IMPORTS := import ipykernel.kernelapp, debugpy, matplotlib_inline.backend_inline, pandas, \
+	ipywidgets, nbconvert, nbclient, playwright.sync_api, pytest, xdist
+$(BYTECODE): $(STAMP)
+	($(RUN) $(VENV)/bin/jupyter server extension list && $(RUN) $(PY) -c "$(LAB_IMPORTS)") \
+		>/dev/null 2>$(VENV)/bytecode.log & lab=$$!; \
+	$(RUN) $(PY) -c "import mechnb; mechnb.load()" && wait $$lab || { cat $(VENV)/bytecode.log; exit 1; }
+	touch $@
+
 # Convert the embedded GGUF once and cache it as safetensors (about 30 s the first time).
-model: setup
+model: $(BYTECODE)
 	$(RUN) $(PY) -m mechnb.core.embedded
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
