@@ -177,7 +177,6 @@ LONGEST = {
     "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 184,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 131,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 52,
-    "test_model.py::test_gguf_file_is_converted_once_and_cached": 47,
     "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 35,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 29,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 28,

@@ -94,8 +94,9 @@ def test_postbuild_runs_in_a_fresh_venv(tmp_path):
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
-    # The conversion is tested on its own (test_model, the same code and versions); here the
-    # cache holds the converted model already, as on a rebuild, and postBuild's call finds it.
+    # The converter is tested on its own (test_model, on a GGUF laid out like the embedded one),
+    # and make converts the embedded model before the tests. Here the cache holds the converted
+    # model already, as on a rebuild, and postBuild's call finds it.
     from mechnb.core import embedded
 
     converted = embedded.converted()

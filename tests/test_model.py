@@ -140,16 +140,99 @@ def test_embedded_load_touches_no_network(monkeypatch, embedded_dir):
     assert model.top(PARIS, k=1).token[0] == " Paris"
 
 
-@pytest.mark.slow
+def byte_level_alphabet() -> list[str]:
+    """The 256 characters GPT-2's byte-level BPE uses for the 256 bytes (printable ones stand for themselves)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
+
+
+def write_tiny_gguf(path, seed=0):
+    """A two-layer Llama as llama.cpp lays it out (SmolLM2's keys, float32 tensors, q/k rows
+    permuted for its rotary layout, tied embeddings), and the transformers model it was written from."""
+    import gguf
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    merges = ["Ġ P", "a r", "i s", "ĠP ar", "ĠPar is"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_level_alphabet(),
+              *(m.replace(" ", "") for m in merges)]
+    heads, kv_heads = 4, 2
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    reference = LlamaForCausalLM(config).eval()
+    weights = {name: tensor.numpy() for name, tensor in reference.state_dict().items()}
+
+    def rotary_rows(w, n):  # llama.cpp's convert_hf_to_gguf permutes q and k this way
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(64 // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    parts = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for layer in range(2):
+        for ours, theirs in parts.items():
+            w = weights[f"model.layers.{layer}.{theirs}.weight"]
+            w = {"attn_q": lambda w: rotary_rows(w, heads), "attn_k": lambda w: rotary_rows(w, kv_heads)}.get(
+                ours, lambda w: w)(w)
+            writer.add_tensor(f"blk.{layer}.{ours}.weight", np.ascontiguousarray(w))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
 def test_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
+    """The converter on a GGUF laid out as the embedded one: weights exact, tokenizer whole, cached once.
+
+    The embedded model itself is converted by `make` (mechnb.load() before the tests) and
+    answers " Paris" in test_embedded_model_predicts_paris_and_mary.
+    """
     from mechnb.core import embedded
 
-    monkeypatch.setenv("MECHNB_CACHE", str(tmp_path))
-    model = mechnb.load(embedded.gguf_file())
-    assert model.top(PARIS, k=1).token[0] == " Paris"
-    (directory,) = list(tmp_path.iterdir())
+    source = tmp_path / "tiny.gguf"
+    reference = write_tiny_gguf(source)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MECHNB_CACHE", str(cache))
+    model = mechnb.load(source)
+    (directory,) = list(cache.iterdir())
     assert (directory / "model.safetensors").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(directory.name + ".")]
-    before = (directory / "model.safetensors").stat().st_mtime
-    assert embedded.converted(embedded.gguf_file()) == directory
-    assert (directory / "model.safetensors").stat().st_mtime == before
+    assert not [p for p in cache.iterdir() if p.name.startswith(directory.name + ".")]  # no staging left
+    converted = model.hf.state_dict()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(converted[name], tensor), name
+    assert "quantization_config" not in json.loads((directory / "config.json").read_text())
+    assert model.tokenizer.convert_ids_to_tokens(model.tokenizer(" Paris")["input_ids"]) == ["ĠParis"]
+    batch = model.tokenizer(" Paris is", return_tensors="pt")
+    with torch.no_grad():  # same weights; rope, norm and tying read from the file (mechnb picks its attention kernel)
+        torch.testing.assert_close(clean_logits(model, " Paris is"), reference(**batch).logits)
+    before = (directory / "model.safetensors").stat().st_mtime_ns
+    assert embedded.converted(source) == directory
+    assert (directory / "model.safetensors").stat().st_mtime_ns == before
