@@ -171,16 +171,16 @@ def json_server(reply):
 # first; they are dealt to one group per worker by cost (`--dist loadgroup` runs each group
 # on one worker), and the other tests go to whichever worker is free.
 LONGEST = {
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 234,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 220,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 198,
-    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 184,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 131,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 52,
-    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 35,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 29,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 28,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 28,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 242,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 228,
+    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 202,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 200,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 138,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 55,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 45,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 31,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 29,
+    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 24,
 }
 
 
@@ -189,6 +189,7 @@ def expected_seconds(item) -> float:
     return max((s for prefix, s in LONGEST.items() if name.startswith(prefix)), default=0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Longest first, dealt to the group (one per worker) with less work so far; the rest in file order."""
     items.sort(key=lambda item: -expected_seconds(item))  # stable: ties keep file order
@@ -199,3 +200,4 @@ def pytest_collection_modifyitems(config, items):
             group = load.index(min(load))
             load[group] += seconds
             item.add_marker(pytest.mark.xdist_group(f"longest-{group}"))
+
