@@ -60,7 +60,7 @@ for line in sys.stdin:
 '''
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def weights(saved):
     """A saved tiny Llama: what NDIF would hold under `REPO`."""
     return saved
@@ -100,14 +100,16 @@ def model(ndif):
     return mechnb.load(REPO, remote=True)
 
 
-# The tests on the simulated NDIF run on one test worker (`make test` runs two), which starts
+# The tests on the simulated NDIF run on one test worker (`make test` runs three), which starts
 # the server once: it imports torch and nnsight, several seconds.
 ON_ONE_WORKER = pytest.mark.xdist_group("simulated-ndif")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(weights, tmp_path_factory):
-    """The process that plays NDIF, started once (it takes a few seconds to import torch)."""
+    """The process that plays NDIF, started once per test process (it imports torch and nnsight,
+    about 9 s): its tests run between other files' on one worker, and a module's fixtures would
+    start it again after each switch."""
     script = tmp_path_factory.mktemp("ndif") / "server.py"
     script.write_text(SERVER)
     process = subprocess.Popen([sys.executable, str(script), str(weights)], stdin=subprocess.PIPE,
