@@ -200,4 +200,3 @@ def pytest_collection_modifyitems(config, items):
             group = load.index(min(load))
             load[group] += seconds
             item.add_marker(pytest.mark.xdist_group(f"longest-{group}"))
-

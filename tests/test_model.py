@@ -198,8 +198,8 @@ def write_tiny_gguf(path, seed=0):
     for layer in range(2):
         for ours, theirs in parts.items():
             w = weights[f"model.layers.{layer}.{theirs}.weight"]
-            w = {"attn_q": lambda w: rotary_rows(w, heads), "attn_k": lambda w: rotary_rows(w, kv_heads)}.get(
-                ours, lambda w: w)(w)
+            if ours in ("attn_q", "attn_k"):
+                w = rotary_rows(w, heads if ours == "attn_q" else kv_heads)
             writer.add_tensor(f"blk.{layer}.{ours}.weight", np.ascontiguousarray(w))
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
     writer.write_header_to_file()
