@@ -38,7 +38,7 @@ def test_edits_stack_and_revert_in_any_order_on_a_tiny_model(tiny_factory, tmp_p
     second = model.edit("The Colosseum is located in the city of", "Colosseum", " Paris", layer=1, steps=3,
                         cov_tokens=300)
     assert model.edits == [first, second]
-    assert list(tmp_path.glob("rome/*layer1-300.safetensors"))  # covariance cached on disk
+    assert list(tmp_path.glob("rome/*layer1-300-packed.safetensors"))  # covariance cached on disk
     first.revert()
     name = "model.layers.1.mlp.down_proj.weight"
     assert torch.allclose(dict(model.hf.named_parameters())[name], before[name] + second.delta, atol=1e-6)

@@ -11,8 +11,8 @@ ROME finds
   gradient descent on a vector added at that token, with a KL term that keeps what the
   model says about "{subject} is a" and a penalty on the vector's norm;
 - the update `W += (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*)`, where `C` is the second
-  moment of keys over ordinary text (Python's own documentation here, cached per
-  model and layer on disk): the change is largest for this key and small for keys
+  moment of keys over ordinary text (Python's own documentation here, packed into
+  128-token windows, cached per model and layer on disk): the change is largest for this key and small for keys
   unlike it, so other facts stay.
 
     >>> e = model.edit("The Eiffel Tower is located in the city of", subject="Eiffel Tower",
@@ -246,30 +246,34 @@ def _value(model, layer, contexts, prompt, subject, target_ids, steps, lr, kl_fa
 
 
 def _inverse_second_moment(model, layer: int, n_tokens: int) -> torch.Tensor:
-    """`C^-1` for keys of `layer` over Python's documentation, cached on disk."""
+    """`C^-1` for keys of `layer` over Python's documentation, cached on disk.
+
+    The keys are collected as `Model.collect` collects a site: documents packed into
+    full 128-token windows (no padding to compute: batches of whole documents cut at
+    600 characters were 44 % padding), each window's first position (the attention
+    sink) left out. They come `_KEYS_AT_ONCE` rows at a time (each piece starts at a
+    document); the products are summed in float64.
+    """
     from safetensors.torch import load_file, save_file
 
     from ..datasets import python_docs
     from ..core.embedded import cache_root
 
     name = "".join(c if c.isalnum() else "-" for c in model.name)
-    path = cache_root() / "rome" / f"{name}-layer{layer}-{n_tokens}.safetensors"
+    path = cache_root() / "rome" / f"{name}-layer{layer}-{n_tokens}-packed.safetensors"
     if path.exists():
         moment = load_file(str(path))["moment"]
     else:
-        from ..core.cache import cache as run_cache
-        from ..core.memory import Chunks
+        from ..sae.store import collect
 
         moment = torch.zeros(model.d_mlp, model.d_mlp, dtype=torch.float64)
-        count = 0
-        texts = iter(python_docs("train"))
-        # One budget for every call: a size halved after running out of memory stays halved.
-        chunks = Chunks(8, "ROME's key statistics", "texts")
+        documents, count = iter(python_docs("train")), 0
         while count < n_tokens:
-            chunk = [next(texts)[:600] for _ in range(8)]
-            cache = run_cache(model, chunk, f"neuron.{layer}", batch_size=chunks)
-            keys = cache[f"neuron.{layer}"][cache.attention_mask.bool()].double()
-            moment += (keys.T @ keys).cpu()
+            keys = collect(model, f"neuron.{layer}", documents, n_tokens=min(_KEYS_AT_ONCE, n_tokens - count),
+                           batch_size=16, progress=False).data
+            if not len(keys):
+                break
+            moment += (keys.T @ keys).double().cpu()
             count += len(keys)
         moment = (moment / count).float()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +282,11 @@ def _inverse_second_moment(model, layer: int, n_tokens: int) -> torch.Tensor:
         partial.replace(path)
     ridge = 1e-4 * moment.diagonal().mean()
     return torch.linalg.inv(moment.double() + ridge * torch.eye(len(moment), dtype=torch.float64)).float()
+
+
+# Rows of keys collected at once: two batches of 16 full windows (127 rows each), 12 MB
+# for a d_mlp of 1,536.
+_KEYS_AT_ONCE = 2 * 16 * 127
 
 
 def _default_paraphrases(prompt: str) -> list[str]:
