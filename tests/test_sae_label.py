@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import json_server
 from mechnb.sae import train
@@ -95,3 +96,15 @@ def test_features_that_never_fired_are_left_out_with_a_warning(recorded, tmp_pat
     with pytest.warns(UserWarning, match="never fired"):
         table = sae.label([feature, 10_000], labeler=lambda prompt: "a label 5", n_examples=6, cache_dir=tmp_path)
     assert table.feature.tolist() == [feature]
+
+
+@pytest.mark.slow
+def test_the_local_labeller_runs_on_the_embedded_model_already_loaded_while_it_is_clean(real, monkeypatch):
+    """No second copy of the embedded model (540 MB) while the user's is in the state load() gives."""
+    from mechnb.sae import label as labelling
+
+    assert labelling._local() is real
+    monkeypatch.setitem(labelling._LOCAL, "model", "the labeller's own")
+    with real.steered("resid_pre.3", torch.ones(real.d_model), scale=1):
+        assert labelling._local() == "the labeller's own"  # steered: it would answer otherwise
+    assert labelling._local() is real

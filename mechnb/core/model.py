@@ -28,8 +28,17 @@ changed only through the methods here (`add`, `remove`, `clear`, `weight_edits`,
 
 from __future__ import annotations
 
+import weakref
+
 from .errors import ArgumentError, InterventionError, PromptError, SiteError, TraceError
 from .interventions import Scoped
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def live_models() -> list:
+    """The models (`ModelBase` and subclasses) alive in this process."""
+    return list(_LIVE)
 
 
 class ModelBase:
@@ -74,6 +83,7 @@ class ModelBase:
         self._trace = None
         self._context = None  # set only by `mechnb.core.engine.run`
         self._installed: list = []  # (intervention, torch hook handle), in order added
+        _LIVE.add(self)
 
     # -- dimensions ---------------------------------------------------------
 
@@ -311,6 +321,13 @@ class ModelBase:
     def interventions(self) -> list:
         """The active interventions, in the order they apply."""
         return [intervention for intervention, _ in self._installed]
+
+    @property
+    def unmodified(self) -> bool:
+        """True when the model computes what its weights as loaded compute: no active
+        intervention or weight edit, and no trace or mechnb forward running."""
+        return not self._installed and not list(self.weight_edits) and self._trace is None \
+            and self._context is None
 
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""

@@ -231,9 +231,17 @@ def _chat(url: str, prompt: str) -> str:
 
 
 def _local():
-    if "model" not in _LOCAL:
-        from ..core.loading import load
+    """The embedded model the local labeller runs on: one this process has loaded already, if
+    it is `unmodified` (no intervention, edit or running trace: the same answers, without a
+    second copy in memory, 540 MB), else one of the labeller's own."""
+    from ..core.loading import EMBEDDED_NAME, load
+    from ..core.model import live_models
 
+    for model in live_models():
+        if model.name == EMBEDDED_NAME and not model.remote and model.dtype == torch.float32 \
+                and model.unmodified:
+            return model
+    if "model" not in _LOCAL:
         _LOCAL["model"] = load()
     return _LOCAL["model"]
 
