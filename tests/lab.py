@@ -118,8 +118,18 @@ class JupyterLab:
         startup.mkdir(parents=True)
         (startup / "00-quick-exit.py").write_text("__import__('atexit').register(__import__('gc').freeze)\n")
         self.log = open(root.parent / "lab.log", "w")
+        # The kernels' mechnb cache holds the converted model and nothing else: what the
+        # tutorials cache (ROME's key statistics, feature labels) is computed in every run, as
+        # on a new machine, and no run reads what an earlier one left.
+        from mechnb.core import embedded
+
+        cache = root.parent / "mechnb-cache"
+        cache.mkdir()
+        converted = embedded.converted()
+        (cache / converted.name).symlink_to(converted, target_is_directory=True)
         self.server = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
-                                       env=dict(os.environ, IPYTHONDIR=str(startup.parents[1])))
+                                       env=dict(os.environ, IPYTHONDIR=str(startup.parents[1]),
+                                                MECHNB_CACHE=str(cache)))
         self._wait_for_server()
         from playwright.sync_api import sync_playwright
 
