@@ -33,7 +33,17 @@ import weakref
 from .errors import ArgumentError, InterventionError, PromptError, SiteError, TraceError
 from .interventions import Scoped
 
-_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+class _Registry(weakref.WeakSet):
+    """The models alive in this process. A remote trace pickles mechnb's code by value, with
+    the globals it reads: the registry travels empty (the models it holds, their modules
+    included, stay here; NDIF could not resolve them)."""
+
+    def __reduce__(self):
+        return _Registry, ()
+
+
+_LIVE = _Registry()
 
 
 def live_models() -> list:
