@@ -178,16 +178,16 @@ def json_server(reply):
 # first; they are dealt to one group per worker by cost (`--dist loadgroup` runs each group
 # on one worker), and the other tests go to whichever worker is free.
 LONGEST = {
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 242,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 228,
-    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 202,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 200,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 138,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 55,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 45,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 31,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 29,
-    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 24,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 263,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 250,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 212,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 176,
+    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 122,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 66,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 50,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 50,
+    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 36,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 20,
 }
 
 
