@@ -13,7 +13,7 @@ import contextlib
 import gc
 import os
 
-# `make test` runs three pytest-xdist workers on two cores (while one waits on a kernel
+# `make test` runs four pytest-xdist workers on two cores (while one waits on a kernel
 # starting, a page loading or pip writing files, the others compute). Each worker, and every
 # process it starts (notebook kernels, subprocesses), computes on one thread: processes of
 # two OpenMP threads each on two cores wait on each other's descheduled threads (a tutorial
@@ -174,9 +174,10 @@ def json_server(reply):
         server.server_close()
 
 
-# The longest tests, in seconds (measured with --durations, three workers on 2 cores), start
-# first; they are dealt to one group per worker by cost (`--dist loadgroup` runs each group
-# on one worker), and the other tests go to whichever worker is free.
+# The longest tests, in seconds (measured with --durations in fresh-clone runs of three workers
+# on 2 cores; the deal they give four was measured too), start first; they are dealt to one
+# group per worker by cost (`--dist loadgroup` runs each group on one worker), and the other
+# tests go to whichever worker is free.
 LONGEST = {
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 263,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 250,

@@ -102,7 +102,7 @@ def model(ndif):
     return mechnb.load(REPO, remote=True)
 
 
-# The tests on the simulated NDIF run on one test worker (`make test` runs three), which starts
+# The tests on the simulated NDIF run on one test worker (`make test` runs four), which starts
 # the server once: it imports torch and nnsight, several seconds.
 ON_ONE_WORKER = pytest.mark.xdist_group("simulated-ndif")
 

@@ -1,4 +1,4 @@
-"""The test suite's own scheduling: `make test` deals tests to three workers by group."""
+"""The test suite's own scheduling: `make test` deals tests to four workers by group."""
 
 import pytest
 
