@@ -101,8 +101,11 @@ def test_features_that_never_fired_are_left_out_with_a_warning(recorded, tmp_pat
 @pytest.mark.slow
 def test_the_local_labeller_runs_on_the_embedded_model_already_loaded_while_it_is_clean(real, monkeypatch):
     """No second copy of the embedded model (540 MB) while the user's is in the state load() gives."""
+    from mechnb.core import model as models
     from mechnb.sae import label as labelling
 
+    # `real` the only live model (other tests of this process may hold embedded models too)
+    monkeypatch.setattr(models, "_LIVE", models._Registry([real]))
     assert labelling._local() is real
     monkeypatch.setitem(labelling._LOCAL, "model", "the labeller's own")
     with real.steered("resid_pre.3", torch.ones(real.d_model), scale=1):
