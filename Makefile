@@ -67,8 +67,9 @@ browser:
 
 # Four workers on two cores, each computing on one thread (tests/conftest.py): while some wait
 # on a kernel, a page or pip, the others compute, and both cores stay 99-100 % busy (vmstat 5).
-# A fresh-clone run took 10 min 15 s with four and 11 min 59 s with three (15.5 CPU-minutes
-# against 18.4). The embedded model is converted before they start.
+# The run is CPU-bound: its time follows the CPU time the same work takes on the day, which
+# varied from 14.2 to 18.6 minutes in fresh-clone runs of one commit (9 min 38 s to 12 min 3 s),
+# more than the worker count changed it. The embedded model is converted before they start.
 test: model browser
 	$(RUN) $(PY) -m pytest -q -n 4 --dist loadgroup --durations=15
 
