@@ -1,7 +1,7 @@
 """JupyterLab in headless Chromium, for the tutorial tests: open a notebook, run every cell, save.
 
 The server (JupyterLab 4, with Notebook 7 beside it) runs on 127.0.0.1 with no token, on a copy of the notebooks, with the
-news feed and update check off and notebook windowing off (so every cell is in the
+news feed, update check and autosave off and notebook windowing off (so every cell is in the
 page and measurable). Chromium is Debian's package driven by Playwright; every
 request the page makes is routed, and any that is not for 127.0.0.1 is refused and
 recorded. The kernel is a child of the server: its peak resident memory is read from
@@ -30,6 +30,10 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 
 SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    # No autosave (every 120 s): the test saves once, after the run. An autosave at the same
+    # moment can make JupyterLab ask whether to overwrite a file changed on disk, and the save
+    # the test awaits then never ends (a fresh-clone run hung on tutorial 06 that way).
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
                                                                         "checkForUpdates": False},
 }
