@@ -336,8 +336,7 @@ class ModelBase:
     def unmodified(self) -> bool:
         """True when the model computes what its weights as loaded compute: no active
         intervention or weight edit, and no trace or mechnb forward running."""
-        return not self._installed and not list(self.weight_edits) and self._trace is None \
-            and self._context is None
+        return not self._installed and not self.edits and self._trace is None and self._context is None
 
     def interventions_table(self):
         """The active interventions as a DataFrame (`#`, kind, site, detail)."""

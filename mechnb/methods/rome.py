@@ -12,8 +12,8 @@ ROME finds
   model says about "{subject} is a" and a penalty on the vector's norm;
 - the update `W += (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*)`, where `C` is the second
   moment of keys over ordinary text (Python's own documentation here, packed into
-  128-token windows, cached per model and layer on disk): the change is largest for this key and small for keys
-  unlike it, so other facts stay.
+  128-token windows, cached per model and layer on disk): the change is largest for
+  this key and small for keys unlike it, so other facts stay.
 
     >>> e = model.edit("The Eiffel Tower is located in the city of", subject="Eiffel Tower",
     ...                target=" Rome")
