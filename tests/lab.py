@@ -86,6 +86,22 @@ class Run:
     frontend_errors: list = field(default_factory=list)
 
 
+# Runs a JupyterLab command in the page; fails after `ms` instead of waiting for ever (a
+# command that opens a dialog, such as a save JupyterLab thinks would overwrite newer
+# changes, never ends on its own). `then` maps the command's result to what is returned.
+COMMAND = """async ([command, args, then, ms]) => {
+    const timeout = new Promise((_, reject) => setTimeout(
+        () => reject(new Error(`${command} did not finish in ${ms} ms`)), ms));
+    const result = await Promise.race([window.jupyterapp.commands.execute(command, args), timeout]);
+    return then ? eval(then)(result) : null;
+}"""
+
+
+def _command(page, command: str, args: dict | None = None, then: str | None = None, ms: int = 60_000):
+    """Run JupyterLab command `command` with `args` in `page`; `then` (JavaScript) maps its result."""
+    return page.evaluate(COMMAND, [command, args or {}, then, ms])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,9 +211,7 @@ class JupyterLab:
                     "() => window.jupyterapp && ['docmanager:open', 'notebook:run-all-cells', 'application:close-all']"
                     ".every(c => window.jupyterapp.commands.hasCommand(c))", timeout=120_000)
             page = self._lab_page
-            widget = page.evaluate("""async name => {
-                const widget = await window.jupyterapp.commands.execute('docmanager:open', {path: name});
-                return widget.id; }""", name)
+            widget = _command(page, "docmanager:open", {"path": name}, "widget => widget.id")
             # A click on its tab focuses it, as a user's would: the shell's current widget
             # (which the notebook commands act on) follows focus.
             page.click(f'li.lm-TabBar-tab[data-id="{widget}"]')
@@ -217,7 +231,7 @@ class JupyterLab:
             seconds = time.perf_counter() - started
             kernel = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
             peak = self._kernel_peak_rss(kernel)
-            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            _command(page, "docmanager:save")
             page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
                                    timeout=30_000)
             page.wait_for_timeout(1000)  # views draw after their output arrives
@@ -228,7 +242,7 @@ class JupyterLab:
             ok = True
         finally:
             if ui == "lab" and ok:
-                page.evaluate("() => window.jupyterapp.commands.execute('application:close-all')")
+                _command(page, "application:close-all")
                 page.wait_for_function("() => !window.jupyterapp.shell.currentWidget || "
                                        "!window.jupyterapp.shell.currentWidget.sessionContext", timeout=30_000)
             else:  # a run that failed leaves its page; the next one starts on a fresh one
