@@ -153,11 +153,24 @@ def test_patching_one_edge_equals_the_hand_written_reference(llama, edge):
 
 @pytest.mark.parametrize("name", CIRCUIT_ARCHS)
 def test_faithfulness_is_one_with_every_edge_and_the_corrupt_run_with_none(tiny_factory, name):
+    from mechnb.core.batch import Batch
+
     model = tiny_factory(name)
     circuit = model.circuit(CLEAN, CORRUPT, ANSWERS, WRONGS, method="eap")
+    # faithfulness takes these two from the task's runs instead of patching: the patched
+    # run must agree, with no edge removed and with every one
+    graph = circuit.graph
+    clean, corrupt = Batch.of(model.tokenizer, CLEAN), Batch.of(model.tokenizer, CORRUPT)
+    corrupt_outputs = engine.writer_outputs(model, graph, corrupt)
+    none = engine.patched_logits(model, graph, clean, corrupt_outputs, torch.zeros_like(graph.valid))
+    every = engine.patched_logits(model, graph, clean, corrupt_outputs, graph.valid.clone())
+    apart = (circuit.task.clean_logits - circuit.task.corrupt_logits).abs().max().item()
+    assert apart > 1e-4  # random weights: small logits, but the two runs differ
+    assert torch.allclose(none.float(), circuit.task.clean_logits, atol=1e-3 * apart)
+    assert torch.allclose(every.float(), circuit.task.corrupt_logits, atol=1e-3 * apart)
     curve = circuit.faithfulness(fractions=(0.05, 0.5, 1.0), progress=False)
-    assert abs(curve.values[-1].item() - 1) < 1e-4
-    assert abs(curve.meta["empty_metric"] - circuit.task.corrupt_metric) < 1e-4
+    assert curve.values[-1].item() == 1
+    assert curve.meta["empty_metric"] == circuit.task.corrupt_metric
     assert curve.df["kept"].tolist()[-1] == circuit.graph.n_edges
     assert circuit.scores.shape == (circuit.graph.n_upstream, circuit.graph.n_downstream)
     assert torch.isnan(circuit.scores[~circuit.graph.valid]).all()
@@ -316,7 +329,7 @@ def test_an_exception_inside_a_patched_run_leaves_the_model_clean(llama):
 
     circuit.task.metrics[0].fn = failing
     with pytest.raises(KeyboardInterrupt):
-        circuit.faithfulness(fractions=(0.1, 1.0), progress=False)
+        circuit.faithfulness(fractions=(0.1, 0.5), progress=False)
     _clean_state(llama, before)
 
 

@@ -171,6 +171,10 @@ class Circuit:
             A `Result`: `.values` is f per fraction; `.df` has `fraction`, `kept`
             (items after pruning), `metric`, `faithfulness`; `.meta` has `cpr`, `cmd`,
             `full_metric` m(N) and `empty_metric` m(empty). It plots as a curve.
+
+        m(N) is the task's clean run and, for edges, m(empty) its corrupt run (a patched
+        run with no edge removed, or every one, equals them; a node circuit keeps the
+        embeddings, so its empty circuit is run). Each other circuit is one patched run.
         """
         from .engine import patched_logits, writer_outputs
 
@@ -187,22 +191,40 @@ class Circuit:
         masks.append(self._mask(0, absolute))
         removed = [self._removed(mask) for mask in masks]
         task, graph, model = self.task, self.graph, self.model
-        totals = torch.zeros(len(masks))
-        bar = progress_bar(progress, len(masks) * len(task), "faithfulness")
+        # Masks that need no patched run: none removed is the clean run and every edge
+        # removed the corrupt one (each reader then reads the corrupt run's writers); a
+        # mask seen before (two fractions pruned to the same circuit) is run once.
+        metrics = torch.empty(len(masks))
+        runs: list[torch.Tensor] = []
+        slots: list[int] = []
+        for mask in removed:
+            if not mask.any():
+                slots.append(-1)
+            elif torch.equal(mask, graph.valid):
+                slots.append(-2)
+            else:
+                same = [i for i, seen in enumerate(runs) if torch.equal(seen, mask)]
+                slots.append(same[0] if same else len(runs))
+                if not same:
+                    runs.append(mask)
+        totals = torch.zeros(len(runs))
+        bar = progress_bar(progress and bool(runs), len(runs) * len(task), "faithfulness")
         def chunk_totals(rows, clean, corrupt):
             corrupt_outputs = writer_outputs(model, graph, corrupt)
             return torch.tensor([task.metric(patched_logits(model, graph, clean, corrupt_outputs, mask), rows)
-                                 .sum().item() for mask in removed])
+                                 .sum().item() for mask in runs])
 
         try:
-            for rows, part in task.chunks(chunk_totals, batch_size, "faithfulness"):
+            for rows, part in task.chunks(chunk_totals, batch_size, "faithfulness") if runs else ():
                 totals += part
                 if bar is not None:
-                    bar.update(len(rows) * len(removed))
+                    bar.update(len(rows) * len(runs))
         finally:
             if bar is not None:
                 bar.close()
-        metrics = totals / len(task)
+        known = {-1: task.clean_metric, -2: task.corrupt_metric}
+        for index, slot in enumerate(slots):
+            metrics[index] = known[slot] if slot < 0 else totals[slot] / len(task)
         full, empty = task.clean_metric, metrics[-1].item()
         if abs(full - empty) <= 1e-6 * max(1.0, abs(full)):
             raise CircuitError(
