@@ -255,6 +255,48 @@ def test_evaluate_dashboard_and_features(attached):
     assert "<b>brown</b>" not in listed.html()
 
 
+@pytest.mark.parametrize("arch,site", [("llama", "resid_post.1"), ("llama", "mlp_out.0"),
+                                       ("llama", "resid_pre.1"), ("gpt2", "attn_out.1")])
+def test_evaluate_equals_whole_forwards_of_each_window(tiny_factory, arch, site):
+    """The spliced and zero-ablated runs start at the site's layer: their losses, and the SAE's
+    metrics, equal those of whole forwards of every window, one at a time."""
+    from mechnb.core.engine import run
+    from mechnb.core.sites import parse
+    from mechnb.sae.store import take_documents, windows as windows_of
+
+    model = tiny_factory(arch)
+    generator = torch.Generator().manual_seed(0)
+    sae = SAE(model.d_model, 32, kind="relu", site=site)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(model.d_model, 32, generator=generator) * 0.3)
+        sae.W_dec.copy_(torch.randn(32, model.d_model, generator=generator) * 0.3)
+    n_tokens = 150
+    metrics = dict(sae.evaluate(model, DOCS, n_tokens=n_tokens, context=16, batch_size=3).values)
+    windows = windows_of(model, list(take_documents(iter(DOCS), n_tokens, model)), 16, n_tokens)
+    losses, values = [], []
+    for replace in (None, lambda part: sae(part), torch.zeros_like):
+        total = 0.0
+        for window in windows:
+            ids = torch.tensor([window])
+            with run(model, [[""] * len(window)]) as forward:
+                if replace is None:
+                    forward.hook_site(parse(site), lambda value: values.append(value[0, 1:].detach()))
+                    loss = model.hf(input_ids=ids, labels=ids).loss
+                else:
+                    with model.hooked(f"{site}@1:", replace):
+                        loss = model.hf(input_ids=ids, labels=ids).loss
+            total += loss.item() * (len(window) - 1)
+        losses.append(total / sum(len(w) - 1 for w in windows))
+    assert losses[1] != losses[0] != losses[2]
+    for name, expected in zip(("loss_clean", "loss_spliced", "loss_zero"), losses):
+        assert abs(metrics[name] - expected) < 1e-4 * max(1, abs(expected)), name
+    x = torch.cat(values)[:n_tokens]
+    with torch.no_grad():
+        x_hat = sae(x)
+    fvu = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert metrics["tokens"] == n_tokens and abs(metrics["fvu"] - fvu) < 1e-4
+
+
 def test_windows_stop_at_the_token_count_inside_a_long_document(tiny_factory):
     from mechnb.sae.store import windows
 

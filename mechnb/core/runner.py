@@ -110,16 +110,7 @@ class TargetRun:
         self.calls: list[dict] = [None] * model.n_layers
 
         def record_layer(index):
-            signature = inspect.signature(type(layers[index]).forward)
-
-            def hook(module, args, kwargs):
-                bound = signature.bind(module, *args, **kwargs).arguments
-                bound.pop("self", None)
-                name = next(iter(bound))
-                self.resid[index] = bound.pop(name)
-                self.calls[index] = (name, bound)
-
-            return hook
+            return _call_recorder(layers[index], index, self.resid, self.calls)
 
         def record_final(module, args):
             self.resid[model.n_layers] = args[0]
@@ -142,17 +133,76 @@ class TargetRun:
 
     def call(self, layer: int, offset: int) -> tuple[str, dict]:
         """The name of the residual argument and the other arguments, for positions >= offset."""
-        name, arguments = self.calls[layer]
-        sliced = {}
-        for key, value in arguments.items():
-            if key in _DROP_KWARGS:
-                value = None
-            elif key == "use_cache":
-                value = False
-            elif key in _SEQ_KWARGS and value is not None and offset:
-                value = _slice_positions(key, value, offset)
-            sliced[key] = value
-        return name, sliced
+        return _arguments(self.calls[layer], offset)
+
+
+def _call_recorder(layer, index: int, resid, calls):
+    """A pre-hook (with kwargs) storing the residual input of decoder layer `layer` in
+    `resid[index]` (unless `resid` is None) and `(its argument name, the other
+    arguments)` in `calls[index]`."""
+    signature = inspect.signature(type(layer).forward)
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(module, *args, **kwargs).arguments
+        bound.pop("self", None)
+        name = next(iter(bound))
+        value = bound.pop(name)
+        if resid is not None:
+            resid[index] = value
+        calls[index] = (name, bound)
+
+    return hook
+
+
+def _arguments(call: tuple[str, dict], offset: int) -> tuple[str, dict]:
+    """A recorded call's arguments for a forward computing positions >= offset, without a cache."""
+    name, arguments = call
+    sliced = {}
+    for key, value in arguments.items():
+        if key in _DROP_KWARGS:
+            value = None
+        elif key == "use_cache":
+            value = False
+        elif key in _SEQ_KWARGS and value is not None and offset:
+            value = _slice_positions(key, value, offset)
+        sliced[key] = value
+    return name, sliced
+
+
+class LayerCalls:
+    """The decoder layers' inputs in one forward of a batch, from layer `start` on, to run the
+    rest of the model again from there (`resume`) on the same tokens: the layers below
+    `start` are not recomputed. Made inside `run(...) as forward`, before the forward.
+
+        >>> with run(model, tokens) as forward:
+        ...     calls = LayerCalls(model, forward, 12)
+        ...     model.hf.model(input_ids=ids, use_cache=False)
+        >>> with model.hooked("mlp_out.12", torch.zeros_like), run(model, tokens):
+        ...     hidden = calls.resume()         # the final norm's input, 12's MLP zeroed
+    """
+
+    def __init__(self, model, forward, start: int):
+        self.model, self.start = model, start
+        layers = submodule(model.hf, model.arch.layers)
+        self.resid: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, tuple] = {}
+        for index in range(start, model.n_layers):
+            # First in line: the record is the input before any active intervention,
+            # which calling the layer again applies once. Only the first layer's residual
+            # is kept (the others' would hold a batch's activations per layer).
+            resid = self.resid if index == start else None
+            forward.torch_hook(layers[index], _call_recorder(layers[index], index, resid, self.calls),
+                               pre=True, with_kwargs=True, prepend=True)
+
+    def resume(self) -> torch.Tensor:
+        """Layers `start..` again from the recorded residual; their output (the final norm's input)."""
+        layers = submodule(self.model.hf, self.model.arch.layers)
+        hidden = self.resid[self.start]
+        for index in range(self.start, self.model.n_layers):
+            _, arguments = _arguments(self.calls[index], 0)
+            out = layers[index](hidden, **arguments)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
 
 def _slice_positions(key: str, value, offset: int):
