@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import PROMPT, build_hf
+from conftest import PROMPT
 from mechnb.core.arch import submodule
 from mechnb.core.hookpoints import ATTN_IMPLEMENTATION
 

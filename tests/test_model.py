@@ -3,7 +3,6 @@ import socket
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 import torch
 

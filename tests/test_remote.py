@@ -410,7 +410,7 @@ def test_cache_top_steering_vectors_and_activation_views_run_remotely(on_ndif, l
 def test_a_failure_on_ndif_comes_back_as_one_line(on_ndif):
     with pytest.raises(RemoteError) as error:
         with on_ndif.trace(PROMPT):
-            z = on_ndif["head.1.2"].save()  # noqa: F841 - hook points do not exist on NDIF
+            on_ndif["head.1.2"].save()  # hook points do not exist on NDIF
     text = one_line(error)
     assert "the trace failed on NDIF" in text and "head.1.2 is not available with remote=True" in text
     assert on_ndif._trace is None

@@ -3,7 +3,6 @@
 import socket
 
 import pytest
-import torch
 
 from mechnb.display import render
 

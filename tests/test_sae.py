@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-import mechnb
 from conftest import PROMPT, clean_logits
 from mechnb.core.arch import submodule
 from mechnb import MechnbError, StoreError
