@@ -23,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from xdist.scheduler import LoadGroupScheduling  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # in case torch was imported before this file
@@ -174,23 +175,27 @@ def json_server(reply):
         server.server_close()
 
 
-# The longest tests, in seconds (measured with --durations in fresh-clone runs of four workers
-# on 2 cores), start first; they are dealt to one group per worker by cost (`--dist loadgroup`
-# runs each group on one worker), and the other tests go to whichever worker is free. The
-# last group to finish ends the run: with tutorial 06 at its old 250 s, 04, the Binder test
-# and 00 shared one group, 450-550 s of a 530-590 s run, and it finished last.
+# The longest tests and about the CPU seconds each takes alone (tutorials: their kernels' cells;
+# the Binder test: pip, postBuild and a cold first prompt). Under `make test` they start first,
+# longest first, one per worker, and a worker running one takes no other test until it ends
+# (`pytest_xdist_make_scheduler` below); the others go to whichever worker is free. So the
+# run ends on short tests, on every worker at about the same time. Dealing them to fixed
+# groups by expected time did not: their times in a run vary with what runs beside them (06
+# took 120 s in one run and 218 s in the next), and a group waited behind another on one
+# worker, the last 45 s of a run on one core.
 LONGEST = {
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 272,
-    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 270,  # 65 s alone; 225 and 322 s in runs
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 215,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 185,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 120,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 48,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 47,
-    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 40,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 36,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 24,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 126,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 98,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 95,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 77,
+    "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 65,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 27,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 25,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 22,
+    "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 15,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[00": 10,
 }
+LONG_GROUP = "longest-"
 
 
 def expected_seconds(item) -> float:
@@ -200,12 +205,26 @@ def expected_seconds(item) -> float:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Longest first, dealt to the group (one per worker) with less work so far; the rest in file order."""
+    """Longest first, each in a group of its own (what the scheduler below recognises); the rest
+    in file order."""
     items.sort(key=lambda item: -expected_seconds(item))  # stable: ties keep file order
-    load = [0.0] * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2"))
-    for item in items:
-        seconds = expected_seconds(item)
-        if seconds:
-            group = load.index(min(load))
-            load[group] += seconds
-            item.add_marker(pytest.mark.xdist_group(f"longest-{group}"))
+    for rank, item in enumerate(item for item in items if expected_seconds(item)):
+        item.add_marker(pytest.mark.xdist_group(f"{LONG_GROUP}{rank}"))
+
+
+class LongestFirst(LoadGroupScheduling):
+    """`--dist loadgroup`, except that a worker running one of the longest tests is sent no
+    other test until it ends. pytest-xdist sends a worker more work whenever two or fewer of
+    its tests are left to run, so a worker starting a tutorial also got the next tutorial in
+    line, which waited there for minutes while other workers were free."""
+
+    def _reschedule(self, node):
+        running = self.assigned_work.get(node, {})
+        if any(scope.startswith(LONG_GROUP) and not all(done.values()) for scope, done in running.items()):
+            return
+        super()._reschedule(node)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    return LongestFirst(config, log) if config.getvalue("dist") == "loadgroup" else None
