@@ -205,11 +205,16 @@ def expected_seconds(item) -> float:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Longest first, each in a group of its own (what the scheduler below recognises); the rest
-    in file order."""
+    """Longest first, each in a group of its own with one short test (what the scheduler below
+    recognises); the rest in file order."""
     items.sort(key=lambda item: -expected_seconds(item))  # stable: ties keep file order
-    for rank, item in enumerate(item for item in items if expected_seconds(item)):
-        item.add_marker(pytest.mark.xdist_group(f"{LONG_GROUP}{rank}"))
+    longest = [item for item in items if expected_seconds(item)]
+    # Each goes with one short test behind it: a pytest-xdist worker starts a test only once
+    # it holds the next (or is told to stop), and a worker running one is sent nothing else.
+    short = [item for item in items if not expected_seconds(item) and not item.get_closest_marker("xdist_group")]
+    for rank, group in enumerate(zip(longest, short)):
+        for item in group:
+            item.add_marker(pytest.mark.xdist_group(f"{LONG_GROUP}{rank}"))
 
 
 class LongestFirst(LoadGroupScheduling):
@@ -219,8 +224,10 @@ class LongestFirst(LoadGroupScheduling):
     line, which waited there for minutes while other workers were free."""
 
     def _reschedule(self, node):
-        running = self.assigned_work.get(node, {})
-        if any(scope.startswith(LONG_GROUP) and not all(done.values()) for scope, done in running.items()):
+        assigned = self.assigned_work.get(node, {})
+        long_pending = any(scope.startswith(LONG_GROUP) and not all(done.values()) for scope, done in assigned.items())
+        # With nothing after it, a long test would not start: then the worker gets more.
+        if long_pending and self._pending_of(assigned) >= 2:
             return
         super()._reschedule(node)
 

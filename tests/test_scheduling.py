@@ -19,42 +19,56 @@ def test_the_longest_tests_and_the_simulated_ndif_keep_their_worker_groups(reque
     assert not lost, f"pytest-xdist ignores the xdist_group of {len(lost)} tests, first {lost[0]}: use pytest<9.2"
 
 
+
 def _simulated_run(scheduler_class):
-    """Two workers, three of the longest tests (a group each, as conftest marks them) and three
-    others: what each worker is sent when scheduling starts, and after its first test ends."""
+    """Two workers, three of the longest tests each with a short one (groups as conftest marks
+    them) and four other tests, run to the end. A worker runs a test only once it holds the
+    next one or is told to stop, as pytest-xdist's do. Returns each worker's tests in order and
+    whether a worker ever held two of the longest at once."""
     from types import SimpleNamespace
 
     class Worker:
         def __init__(self, name):
-            self.gateway, self.shutting_down, self.sent = SimpleNamespace(id=name), False, []
+            self.gateway, self.shutting_down, self.queue, self.ran = SimpleNamespace(id=name), False, [], []
 
         def send_runtest_some(self, indexes):
-            self.sent.extend(indexes)
+            self.queue.extend(indexes)
 
         def shutdown(self):
             self.shutting_down = True
 
     config = SimpleNamespace(getvalue={"tx": ["2*popen"], "dist": "loadgroup"}.get,
                              option=SimpleNamespace(loadscopereorder=True))
-    collection = [f"t.py::long{i}@longest-{i}" for i in range(3)] + [f"t.py::short{i}" for i in range(3)]
+    collection = [f"t.py::long{i}@longest-{i}" for i in range(3)]
+    collection += [f"t.py::filler{i}@longest-{i}" for i in range(3)] + [f"t.py::short{i}" for i in range(4)]
     scheduler = scheduler_class(config)
     workers = [Worker("gw0"), Worker("gw1")]
     for worker in workers:
         scheduler.add_node(worker)
         scheduler.add_node_collection(worker, collection)
     scheduler.schedule()
-    at_start = [[collection[i] for i in worker.sent] for worker in workers]
-    scheduler.mark_test_complete(workers[1], workers[1].sent[0])
-    return at_start, [collection[i] for i in workers[1].sent]
+    doubled = False
+    for _ in range(100):
+        ready = [w for w in workers if w.queue and (len(w.queue) >= 2 or w.shutting_down)]
+        if not ready:
+            break
+        worker = ready[0]
+        doubled |= sum(collection[i].startswith("t.py::long") for i in worker.queue) > 1
+        index = worker.queue.pop(0)
+        worker.ran.append(collection[index].split("::")[1].split("@")[0])
+        scheduler.mark_test_complete(worker, index)
+    return [w.ran for w in workers], doubled
 
 
 def test_a_worker_running_one_of_the_longest_tests_is_sent_nothing_else():
     from conftest import LongestFirst
     from xdist.scheduler import LoadGroupScheduling
 
-    at_start, second = _simulated_run(LongestFirst)
-    assert at_start == [["t.py::long0@longest-0"], ["t.py::long1@longest-1"]]
-    assert second == ["t.py::long1@longest-1", "t.py::long2@longest-2"]  # the next long one, when free
+    ran, doubled = _simulated_run(LongestFirst)
+    assert sorted(sum(ran, [])) == sorted([f"long{i}" for i in range(3)] + [f"filler{i}" for i in range(3)]
+                                          + [f"short{i}" for i in range(4)])  # every test ran: no deadlock
+    assert not doubled
+    assert [r[0] for r in ran] == ["long0", "long1"]
     # pytest-xdist's own loadgroup queues the third long test behind the first at once
-    plain, _ = _simulated_run(LoadGroupScheduling)
-    assert plain[0] == ["t.py::long0@longest-0", "t.py::long2@longest-2"]
+    _, doubled = _simulated_run(LoadGroupScheduling)
+    assert doubled
