@@ -35,9 +35,9 @@ def evaluate(sae, model, texts, n_tokens: int = 20_000, context: int = 128, batc
     import pandas as pd
 
     from ..core.memory import Chunks
-    from .store import _one_site, documents_of, take_documents, windows as windows_of
+    from .store import documents_of, one_site, take_documents, windows as windows_of
 
-    (site,) = _one_site(model, sae.site)
+    (site,) = one_site(model, sae.site)
     documents = list(take_documents(documents_of(texts), n_tokens, model))
     windows = windows_of(model, documents, context, n_tokens)
     if not windows:
@@ -77,16 +77,13 @@ def _chunk(model, sae, site, rows: list[list[int]]) -> tuple[torch.Tensor, list[
     from ..core.arch import submodule
     from ..core.engine import run
     from ..core.runner import LayerCalls
-    from ..core.sites import read_part
+    from .store import kept_rows, padded
 
     body = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
-    pad = model.tokenizer.pad_token_id or 0
-    length = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    ids, mask = padded(model, rows)
     # Every row as long as the batch: position ranges such as `@1:` then select
     # the same columns in each (padding columns included, which nothing reads).
-    tokens = [[""] * length] * len(rows)
+    tokens = [[""] * ids.shape[1]] * len(rows)
 
     def whole():
         out = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
@@ -103,10 +100,7 @@ def _chunk(model, sae, site, rows: list[list[int]]) -> tuple[torch.Tensor, list[
         calls = LayerCalls(model, forward, site.layer) if isinstance(site.layer, int) else None
         forward.hook_site(site.base, keep_value)
         totals = [_summed_loss(model, whole(), ids, mask)]
-    keep = mask.bool()
-    keep[:, 0] = False  # the attention sink, left out of training (see mechnb.sae.store)
-    value = read_part(captured.pop("value"), site, None).float()
-    values = value[keep.to(value.device)].reshape(int(keep.sum()), -1).cpu()
+    values = kept_rows(captured.pop("value"), site, mask)
     norm = submodule(model.hf, model.arch.final_norm)
     for replace in (lambda part: sae(part.to(sae.W_enc.dtype)).to(part.dtype), torch.zeros_like):
         with model.hooked(f"{sae.site}@1:", replace), run(model, tokens):

@@ -120,7 +120,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     """
     from ..core.memory import Chunks
 
-    (concrete,) = _one_site(model, site)
+    (concrete,) = one_site(model, site)
     if not is_int(n_tokens) or n_tokens < 1:
         raise StoreError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     # Each window drops its first position (the attention sink): one token needs two.
@@ -204,26 +204,19 @@ def _run(model, rows, site, data, written, n_tokens, chunks) -> int:
     return written
 
 
-def _forward(model, rows, site) -> torch.Tensor:
-    """One padded batch of token windows up to the site: its real tokens' values, on CPU."""
+def padded(model, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows as one batch: `(ids, attention mask)`, padded on the right."""
     length = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id or 0
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    captured = {}
+    return ids, mask
 
-    def grab(value):
-        captured["value"] = value
-        raise _Stop  # nothing after the site is needed: the forward ends here
 
-    # Every row as long as the batch: position ranges select the same columns in each.
-    with run(model, [[""] * length] * len(rows)) as forward:
-        forward.hook_site(site.base, grab)
-        try:
-            model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
-        except _Stop:
-            pass
-    value = read_part(captured.pop("value"), site, None).float()
+def kept_rows(value: torch.Tensor, site, mask: torch.Tensor) -> torch.Tensor:
+    """A site's whole value over a padded batch -> its rows at the real tokens after each
+    window's first, `tokens width` float32 on CPU: what collection keeps."""
+    value = read_part(value, site, None).float()
     keep = mask.bool()
     # Position 0 of every window is the model's attention sink (BOS or not): its residual
     # norm is ~100x the others' (about 23,000 against 150 in SmolLM2's resid_post.12).
@@ -231,7 +224,26 @@ def _forward(model, rows, site) -> torch.Tensor:
     return value[keep.to(value.device)].reshape(int(keep.sum()), -1).cpu()
 
 
-def _one_site(model, site):
+def _forward(model, rows, site) -> torch.Tensor:
+    """One padded batch of token windows up to the site: its real tokens' values, on CPU."""
+    ids, mask = padded(model, rows)
+    captured = {}
+
+    def grab(value):
+        captured["value"] = value
+        raise _Stop  # nothing after the site is needed: the forward ends here
+
+    # Every row as long as the batch: position ranges select the same columns in each.
+    with run(model, [[""] * ids.shape[1]] * len(rows)) as forward:
+        forward.hook_site(site.base, grab)
+        try:
+            model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+        except _Stop:
+            pass
+    return kept_rows(captured.pop("value"), site, mask)
+
+
+def one_site(model, site):
     from ..core.sites import parse
 
     parsed = parse(site)
