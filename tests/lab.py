@@ -86,20 +86,21 @@ class Run:
     frontend_errors: list = field(default_factory=list)
 
 
-# Runs a JupyterLab command in the page; fails after `ms` instead of waiting for ever (a
-# command that opens a dialog, such as a save JupyterLab thinks would overwrite newer
-# changes, never ends on its own). `then` maps the command's result to what is returned.
-COMMAND = """async ([command, args, then, ms]) => {
+# Runs a JupyterLab command in the page and returns the id of what it returned (the widget
+# `docmanager:open` opens), or null; fails after `ms` instead of waiting for ever (a command
+# that opens a dialog, such as a save JupyterLab thinks would overwrite newer changes, never
+# ends on its own).
+COMMAND = """async ([command, args, ms]) => {
     const timeout = new Promise((_, reject) => setTimeout(
         () => reject(new Error(`${command} did not finish in ${ms} ms`)), ms));
     const result = await Promise.race([window.jupyterapp.commands.execute(command, args), timeout]);
-    return then ? eval(then)(result) : null;
+    return result && result.id !== undefined ? result.id : null;
 }"""
 
 
-def _command(page, command: str, args: dict | None = None, then: str | None = None, ms: int = 60_000):
-    """Run JupyterLab command `command` with `args` in `page`; `then` (JavaScript) maps its result."""
-    return page.evaluate(COMMAND, [command, args or {}, then, ms])
+def _command(page, command: str, args: dict | None = None, ms: int = 60_000):
+    """Run JupyterLab command `command` with `args` in `page`; the id of its result, if any."""
+    return page.evaluate(COMMAND, [command, args or {}, ms])
 
 
 def free_port() -> int:
@@ -211,7 +212,7 @@ class JupyterLab:
                     "() => window.jupyterapp && ['docmanager:open', 'notebook:run-all-cells', 'application:close-all']"
                     ".every(c => window.jupyterapp.commands.hasCommand(c))", timeout=120_000)
             page = self._lab_page
-            widget = _command(page, "docmanager:open", {"path": name}, "widget => widget.id")
+            widget = _command(page, "docmanager:open", {"path": name})
             # A click on its tab focuses it, as a user's would: the shell's current widget
             # (which the notebook commands act on) follows focus.
             page.click(f'li.lm-TabBar-tab[data-id="{widget}"]')
