@@ -19,6 +19,7 @@ Where each method lives, by what it asks of the model:
   (`methods.generation`), `causal_trace` (`methods.causal`), `edit` (`methods.rome`);
 - sparse autoencoders: `collect` (`sae.store`), `attach`, `detach` (`sae.attach`),
   `features` (`sae.dashboard`);
+- attribution graphs over transcoders: `graph` (`graphs.build`);
 - the explorer widget: `explore` (`display.widgets`).
 """
 
@@ -30,6 +31,7 @@ from .circuits import discover
 from .core import loading
 from .core.model import ModelBase
 from .display import widgets
+from .graphs.build import graph as attribution_graph
 from .methods import (attribution, causal, coactivation, generation, gim, heads, lens, patching, rome, steering,
                       views, weights)
 from .sae import attach as splicing, dashboard, store
@@ -70,6 +72,8 @@ class Model(ModelBase):
     attach = splicing.attach
     detach = splicing.detach
     features = dashboard.features
+    # Attribution graphs over transcoders
+    graph = attribution_graph
     # Widgets
     explore = widgets.explore
 

@@ -2,7 +2,7 @@
 and `docs/architecture.md` names only what exists.
 
 Layers, lowest first (see docs/architecture.md): the core (and `datasets`), the display,
-the methods (`methods/`, `sae/`, `circuits/`), the API (`mechnb.model`), the notebook, and
+the methods (`methods/`, `sae/`, `circuits/`, `transcoders/`, `graphs/`), the API (`mechnb.model`), the notebook, and
 the package itself (its public names and the IPython extension's entry). Every import counts, those inside functions too: a lazy import
 that points upward is still a dependency, and a cycle of lazy imports is still a cycle.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "mechnb"
-LAYERS = {"core": 0, "datasets": 0, "display": 1, "methods": 2, "sae": 2, "circuits": 2, "model": 3, "notebook": 4,
+LAYERS = {"core": 0, "datasets": 0, "display": 1, "methods": 2, "sae": 2, "circuits": 2, "transcoders": 2,
+          "graphs": 2, "model": 3, "notebook": 4,
           "": 5}  # "": the package itself, whose names are the public API and the extension's entry
 
 

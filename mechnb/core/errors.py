@@ -131,6 +131,14 @@ class LabelError(SAEError):
     """A labeller that cannot be reached or used."""
 
 
+class TranscoderError(MechnbError, ValueError):
+    """A transcoder set, its files or its training data that cannot be used."""
+
+
+class GraphError(MechnbError, ValueError):
+    """A prompt, transcoder set or option that an attribution graph cannot use."""
+
+
 class MagicError(MechnbError, ValueError):
     """Arguments to a magic that do not parse."""
 

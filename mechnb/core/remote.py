@@ -87,6 +87,8 @@ UNAVAILABLE = {
     "attach": "an SAE is spliced in as a module in this process",
     "features": "an SAE is spliced in as a module in this process",
     "explore": "the explorer reads attention patterns and ablates heads live",
+    "graph": "an attribution graph freezes attention patterns and norm scales with hooks in this process "
+             "and runs hundreds of backward passes over them",
 }
 UNAVAILABLE_SITES = {
     "head": "per-head outputs pass through hook points inside mechnb's own attention function",

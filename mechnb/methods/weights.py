@@ -118,7 +118,7 @@ def _check_head(model, layer, head) -> None:
             raise WeightError(f"{what} {value!r} out of range: this model has {what}s 0-{limit - 1}")
 
 
-def _projection_rows(model, layer_module, kind: str, head: int) -> torch.Tensor:
+def projection_rows(model, layer_module, kind: str, head: int) -> torch.Tensor:
     """The `d_head d_model` rows of the q, k or v projection that `head` uses, on
     `model.device` (weights read through `parameter`: spread or offloaded by a device_map)."""
     attn = submodule(layer_module, model.arch.attn)
@@ -159,7 +159,7 @@ def ov(model, layer: int, head: int) -> FactoredMatrix:
 
     _check_head(model, layer, head)
     layer_module = submodule(model.hf, model.arch.layers)[layer]
-    value = _projection_rows(model, layer_module, "v", head)          # d_head d_model
+    value = projection_rows(model, layer_module, "v", head)          # d_head d_model
     out = output_weights(model, submodule(layer_module, model.arch.o_proj), model.device)[head]  # d_head d_model
     gain = parameter(submodule(model.hf, model.arch.final_norm), "weight", model.device)
     gain = gain.float() if gain is not None else 1.0
@@ -177,8 +177,8 @@ def qk(model, layer: int, head: int) -> FactoredMatrix:
     _check_head(model, layer, head)
     layer_module = submodule(model.hf, model.arch.layers)[layer]
     A, K = _embedded(model, submodule(layer_module, model.arch.attn_norm),
-                     _projection_rows(model, layer_module, "q", head),
-                     _projection_rows(model, layer_module, "k", head))
+                     projection_rows(model, layer_module, "q", head),
+                     projection_rows(model, layer_module, "k", head))
     return FactoredMatrix(A, K.T, kind=f"QK head.{layer}.{head}", tokenizer=model.tokenizer)
 
 
@@ -203,10 +203,10 @@ def composition(model, kind: str = "k"):
             gain = gain.float() if gain is not None else torch.ones(model.d_model, device=model.device)
             outs = output_weights(model, submodule(module, model.arch.o_proj), model.device)
             for head in range(H):
-                value = _projection_rows(model, module, "v", head) * gain        # d_head d_model
+                value = projection_rows(model, module, "v", head) * gain        # d_head d_model
                 ovs.append((value.T, outs[head]))                                # x -> x V^T O
-                query = _projection_rows(model, module, "q", head) * gain
-                key = _projection_rows(model, module, "k", head) * gain
+                query = projection_rows(model, module, "q", head) * gain
+                key = projection_rows(model, module, "k", head) * gain
                 if kind == "q":
                     reads.append((query.T, key))        # W_QK = Q^T K, read on the query side
                 elif kind == "k":

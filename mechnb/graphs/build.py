@@ -1,0 +1,261 @@
+"""Building an attribution graph: nodes, targets, and edges from batched backward passes.
+
+Nodes, in the order of the adjacency's rows and columns (circuit-tracer's order):
+active transcoder features (layer, position, feature; sorted), one error node per
+(layer, position) (layer-major), one token embedding per position, then the logits that
+cover `logit_prob` of the next-token probability (at most `max_logits`).
+
+Edges into the logits are computed first. Then, if more features are active than
+`max_feature_nodes`, features are visited in order of their influence on the logits as
+estimated from the rows computed so far (re-estimated every `update_every` features), and
+those never visited are left out; otherwise every feature's row is computed. Each batch
+of `batch_size` targets is one pass of `Replacement.backward`.
+
+    >>> graph = build(model, "The Eiffel Tower is located in the city of", tcs)
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..core.errors import GraphError
+from ..core.checks import is_int
+from ..core.remote import local_only
+from .prune import influence, normalised
+from .replacement import Replacement, record
+
+MAX_TOKENS = 64
+
+
+@local_only
+def graph(model, prompt: str, transcoders, **options):
+    """The attribution graph of `prompt` over `transcoders` (a `TranscoderSet`): see `build`
+    for the options. Example: `model.graph("The Eiffel Tower is located in the city of", tcs).top(20)`."""
+    return build(model, prompt, transcoders, **options)
+
+
+def _check_options(max_logits, logit_prob, max_feature_nodes, batch_size, max_tokens):
+    for name, value in (("max_logits", max_logits), ("max_feature_nodes", max_feature_nodes),
+                        ("batch_size", batch_size), ("max_tokens", max_tokens)):
+        if not is_int(value) or value < 1:
+            raise GraphError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(logit_prob, (int, float)) or isinstance(logit_prob, bool) or not 0 < logit_prob <= 1:
+        raise GraphError(f"logit_prob is the share of probability the logit nodes cover, in (0, 1]; "
+                         f"got {logit_prob!r}")
+
+
+def _logit_nodes(model, rec, max_logits, logit_prob, target):
+    """Token ids and probabilities of the logit nodes (the target first, if given)."""
+    probs = rec.probabilities
+    top = probs.topk(min(max_logits, len(probs)))
+    cumulative = top.values.cumsum(0)
+    count = min(int(torch.searchsorted(cumulative, torch.tensor(logit_prob))) + 1, len(top.values))
+    ids = top.indices[:count].tolist()
+    notes = []
+    if target is not None:
+        from ..core.errors import MetricError
+        from ..core.metrics import token_id
+
+        try:
+            wanted, note = token_id(model, target, role="target")
+        except MetricError as error:
+            raise GraphError(str(error)) from None
+        if note:
+            notes.append(note)
+        if wanted not in ids:
+            rank = int((probs > probs[wanted]).sum()) + 1
+            notes.append(f"the target {target!r} is not among the top logits (rank {rank}, p = "
+                         f"{float(probs[wanted]):.3g}): added as a logit node")
+            ids = [wanted] + ids[: max_logits - 1]
+        else:
+            ids.remove(wanted)
+            ids = [wanted] + ids
+    return ids, probs[ids].clone(), notes
+
+
+def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.95,
+          max_feature_nodes: int = 4096, batch_size: int = 256, update_every: int = 1024,
+          target: str | None = None, max_tokens: int = MAX_TOKENS, progress: bool = False):
+    """The attribution graph of `prompt` under the transcoders `tcs` (see the module doc).
+
+    Args:
+        max_logits, logit_prob: the logit nodes: the most probable next tokens until
+            their probabilities sum to `logit_prob`, at most `max_logits`.
+        max_feature_nodes: feature rows computed at most (by influence when fewer than active).
+        batch_size: targets per backward pass.
+        target: a next token to include (and list first) among the logit nodes.
+        max_tokens: the longest prompt accepted (the graph grows with its square).
+
+    Returns an `AttributionGraph`.
+    """
+    from ..core.batch import Batch
+    from ..transcoders.model import TranscoderSet
+    from .graph import AttributionGraph
+
+    started = time.perf_counter()
+    if not isinstance(tcs, TranscoderSet):
+        raise GraphError(f"a graph needs a TranscoderSet (mechnb.transcoders.train or load), got "
+                         f"{type(tcs).__name__}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise GraphError(f"a graph is of one prompt, a non-empty string; got {prompt!r:.60}")
+    _check_options(max_logits, logit_prob, max_feature_nodes, batch_size, max_tokens)
+    if not is_int(update_every) or update_every < 1:
+        raise GraphError(f"update_every must be a positive int, got {update_every!r}")
+    tcs.check_model(model)
+    if model.interventions:
+        raise GraphError(f"the model has {len(model.interventions)} active intervention(s) "
+                         f"({', '.join(str(i.site) for i in model.interventions[:3])}): a graph is of the "
+                         "unmodified model; model.clear() first, or attach the transcoders' edits after")
+    batch = Batch.of(model.tokenizer, prompt)
+    n_pos = int(batch.input_ids.shape[1])
+    if n_pos > max_tokens:
+        raise GraphError(f"the prompt has {n_pos} tokens, more than the graph budget of {max_tokens} "
+                         "(max_tokens=...): shorten it, or raise the budget")
+    timings = {}
+    tick = time.perf_counter()
+    dtypes = {tc: tc.W_enc.dtype for tc in tcs}
+    tcs.to(device=model.device, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            rec = record(model, batch.input_ids, tcs.reads)
+            rep = Replacement(model, rec, tcs)
+            timings["record"] = time.perf_counter() - tick
+            graph = _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batch_size,
+                           update_every, target, timings, progress)
+    finally:
+        for tc, dtype in dtypes.items():
+            tc.to(dtype=dtype)
+    graph_obj = AttributionGraph(model=model, prompt=prompt, tokens=batch.tokens[0], tcs=tcs, rep=rep, **graph)
+    timings["total"] = time.perf_counter() - started
+    graph_obj.meta["seconds"] = timings
+    return graph_obj
+
+
+def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batch_size, update_every,
+           target, timings, progress):
+    tick = time.perf_counter()
+    L, T, d = rep.n_layers, rep.n_pos, model.d_model
+    # Active features, sorted by (layer, position, feature).
+    layers, positions, ids, acts = [], [], [], []
+    for layer in tcs.layers:
+        pos, feat, act = rep.features[layer]
+        order = torch.argsort(pos * tcs.width + feat)
+        layers.append(torch.full((len(pos),), layer, dtype=torch.long))
+        positions.append(pos[order].cpu())
+        ids.append(feat[order].cpu())
+        acts.append(act[order].cpu())
+    f_layer = torch.cat(layers) if layers else torch.zeros(0, dtype=torch.long)
+    f_pos, f_id, f_act = torch.cat(positions), torch.cat(ids), torch.cat(acts)
+    n_active = len(f_layer)
+    logit_ids, logit_probs, notes = _logit_nodes(model, rec, max_logits, logit_prob, target)
+    n_logits = len(logit_ids)
+    error_start, token_start = n_active, n_active + L * T
+    logit_start = token_start + T
+    n_nodes = logit_start + n_logits
+
+    # What each source writes, grouped by the layer it writes at: a layer's features are a
+    # contiguous range of columns, sorted by position.
+    by_layer = {}
+    for layer in tcs.layers:
+        rows = (f_layer == layer).nonzero().squeeze(-1)
+        if not len(rows):
+            continue
+        tc = tcs[layer]
+        decoder = tc.W_dec.detach().float()[f_id[rows].to(tc.W_dec.device)] * f_act[rows, None].to(rep.device)
+        by_layer[layer] = (int(rows[0]), f_pos[rows].to(rep.device), decoder)
+    errors = rep.errors
+    resid0 = rec.resid0
+
+    def run_batch(layers, positions, vectors):
+        buffer = torch.zeros(len(layers), n_nodes, device=rep.device)
+
+        def sink(kind, layer, g):
+            n = g.shape[1]
+            if kind == "embed":
+                buffer[:, token_start:token_start + n] = torch.einsum("bpd,pd->bp", g, resid0[:n])
+                return
+            start = error_start + layer * T
+            buffer[:, start:start + n] = torch.einsum("bpd,pd->bp", g, errors[layer, :n])
+            if layer in by_layer:
+                first, pos, decoder = by_layer[layer]
+                count = int(torch.searchsorted(pos, n))        # features at positions < n
+                if count:
+                    # Every position against every feature (one matmul), then each feature's own.
+                    dots = g @ decoder[:count].T                  # batch pos feature
+                    picked = dots.gather(1, pos[:count].expand(len(layers), 1, count)).squeeze(1)
+                    buffer[:, first:first + count] = picked
+
+        rep.backward(layers, positions, vectors, sink)
+        return buffer.cpu()
+
+    # Logit rows.
+    mean_row = rep.unembed.mean(0)
+    logit_vectors = rep.unembed[logit_ids] - mean_row
+    logit_rows = torch.cat([
+        run_batch(torch.full((len(logit_vectors[i:i + batch_size]),), L), torch.full((len(logit_vectors[i:i + batch_size]),), T - 1),
+                  logit_vectors[i:i + batch_size])
+        for i in range(0, n_logits, batch_size)])
+    timings["logit rows"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+
+    # Feature rows, all of them or in order of influence.
+    feature_rows = torch.zeros(n_active, n_nodes)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    budget = min(max_feature_nodes, n_active)
+    weights = torch.zeros(n_nodes)
+    weights[logit_start:] = logit_probs.cpu()
+    encoder_columns = {layer: tcs[layer].W_enc.detach().float() for layer in tcs.layers}
+
+    def compute(chosen):
+        # Cheapest batches: sorted by layer, then position (a batch stops at its deepest layer
+        # and its last position).
+        chosen = chosen[torch.argsort(f_layer[chosen] * T + f_pos[chosen])]
+        for i in range(0, len(chosen), batch_size):
+            part = chosen[i:i + batch_size]
+            vectors = torch.stack([encoder_columns[int(f_layer[j])][:, int(f_id[j])] for j in part])
+            feature_rows[part] = run_batch(f_layer[part], f_pos[part], vectors)
+            visited[part] = True
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget, desc="graph: feature rows", unit="feature", delay=2)
+    try:
+        if budget == n_active:
+            compute(torch.arange(n_active))
+            if bar is not None:
+                bar.update(budget)
+        while int(visited.sum()) < budget:
+            done = visited.nonzero().squeeze(-1)
+            rows = torch.cat([feature_rows[done], logit_rows])
+            row_nodes = torch.cat([done, torch.arange(logit_start, n_nodes)])
+            partial = torch.zeros(n_nodes, n_nodes)
+            partial[row_nodes] = rows
+            estimate = influence(normalised(partial), weights)[:n_active]
+            estimate[visited] = -1
+            take = min(update_every, budget - int(visited.sum()))
+            chosen = estimate.topk(take).indices
+            compute(chosen)
+            if bar is not None:
+                bar.update(take)
+    finally:
+        if bar is not None:
+            bar.close()
+    timings["feature rows"] = time.perf_counter() - tick
+
+    # The square adjacency over the kept nodes: visited features, errors, tokens, logits.
+    kept = torch.cat([visited.nonzero().squeeze(-1), torch.arange(n_active, n_nodes)])
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    adjacency[:n_active] = feature_rows
+    adjacency[logit_start:] = logit_rows
+    adjacency = adjacency[kept][:, kept]
+    if budget < n_active:
+        notes.append(f"{budget} of {n_active} active features kept (max_feature_nodes), chosen by their "
+                     "influence on the logits")
+    sel = visited.nonzero().squeeze(-1)
+    return dict(adjacency=adjacency, feature_layer=f_layer[sel], feature_pos=f_pos[sel], feature_id=f_id[sel],
+                feature_act=f_act[sel], n_active=n_active, logit_ids=logit_ids, logit_probs=logit_probs.cpu(),
+                notes=notes)
