@@ -86,6 +86,7 @@ bench: model
 	$(RUN) $(PY) bench/load_time.py
 	$(RUN) $(PY) bench/patching.py
 	$(RUN) $(PY) bench/circuits.py
+	$(RUN) $(PY) bench/graphs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

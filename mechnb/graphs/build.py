@@ -164,7 +164,15 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
             continue
         tc = tcs[layer]
         decoder = tc.W_dec.detach().float()[f_id[rows].to(tc.W_dec.device)] * f_act[rows, None].to(rep.device)
-        by_layer[layer] = (int(rows[0]), f_pos[rows].to(rep.device), decoder)
+        # Per position, its features' decoder rows, padded to the most at any position: one
+        # batched product reads every feature's edge at its own position only.
+        pos = f_pos[rows]
+        counts = torch.bincount(pos, minlength=T)
+        width = int(counts.max())
+        padded = torch.zeros(T, width, d, device=rep.device)
+        slot = torch.arange(len(rows)) - torch.cumsum(counts, 0)[pos] + counts[pos]
+        padded[pos, slot] = decoder
+        by_layer[layer] = (int(rows[0]), pos.to(rep.device), slot.to(rep.device), padded)
     errors = rep.errors
     resid0 = rec.resid0
 
@@ -179,13 +187,11 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
             start = error_start + layer * T
             buffer[:, start:start + n] = torch.einsum("bpd,pd->bp", g, errors[layer, :n])
             if layer in by_layer:
-                first, pos, decoder = by_layer[layer]
+                first, pos, slot, padded = by_layer[layer]
                 count = int(torch.searchsorted(pos, n))        # features at positions < n
                 if count:
-                    # Every position against every feature (one matmul), then each feature's own.
-                    dots = g @ decoder[:count].T                  # batch pos feature
-                    picked = dots.gather(1, pos[:count].expand(len(layers), 1, count)).squeeze(1)
-                    buffer[:, first:first + count] = picked
+                    dots = torch.bmm(g.transpose(0, 1), padded[:n].transpose(1, 2))   # pos batch slot
+                    buffer[:, first:first + count] = dots[pos[:count], :, slot[:count]].T
 
         rep.backward(layers, positions, vectors, sink)
         return buffer.cpu()

@@ -12,7 +12,8 @@ Node names are sites where a site exists: a feature is `tc.L.F@P` (ablate or ste
 the real model with that string once the transcoders are attached), an error node
 `error.L@P`, a token `embed@P`, a logit `logit@ID`.
 
-`adjacency[target, source]` holds every computed direct effect, before pruning; `prune`
+`adjacency[target, source]` holds every computed direct effect, before pruning;
+`replacement` is the prompt's frozen model (`mechnb.graphs.replacement`); `prune`
 chooses what `df`, `edges`, `plot` and `save` show (by default node threshold 0.8,
 edge threshold 0.98, as circuit-tracer).
 """
@@ -33,7 +34,7 @@ class AttributionGraph:
 
     def __init__(self, model, prompt, tokens, tcs, rep, adjacency, feature_layer, feature_pos, feature_id,
                  feature_act, n_active, logit_ids, logit_probs, notes):
-        self.model, self.prompt, self.tokens, self.tcs, self._rep = model, prompt, list(tokens), tcs, rep
+        self.model, self.prompt, self.tokens, self.tcs, self.replacement = model, prompt, list(tokens), tcs, rep
         self.adjacency = adjacency
         self.feature_layer, self.feature_pos, self.feature_id = feature_layer, feature_pos, feature_id
         self.feature_act = feature_act
@@ -91,7 +92,7 @@ class AttributionGraph:
             elif i < self.token_start:
                 layer, pos = divmod(i - self.error_start, self.n_pos)
                 row.update(kind="error", layer=layer, position=pos,
-                           activation=float(self._rep.errors[layer, pos].norm()))
+                           activation=float(self.replacement.errors[layer, pos].norm()))
             elif i < self.logit_start:
                 pos = i - self.token_start
                 row.update(kind="embedding", layer=-1, position=pos)
@@ -159,7 +160,7 @@ class AttributionGraph:
         minus the mean logit): values from the model's real forward, biases from the frozen
         model with every source set to zero."""
         if self._values is None:
-            rep = self._rep
+            rep = self.replacement
             reads0, logits0 = rep.forward(zero_sources=True)
             real = self._target_values(rep.rec.reads, rep.rec.logits)
             bias = self._target_values(reads0, logits0)
@@ -211,7 +212,7 @@ class AttributionGraph:
         (the largest |change - expected|, relative to the largest expected change: 0 when exact)."""
         import pandas as pd
 
-        rep = self._rep
+        rep = self.replacement
         rows = torch.cat([torch.arange(self.n_features), torch.arange(self.logit_start, self.n_nodes)])
         reads0, logits0 = rep.forward()
         base = self._target_values(reads0, logits0)[rows]
@@ -306,7 +307,7 @@ class AttributionGraph:
 def graph_json(graph: AttributionGraph, slug: str) -> dict:
     """Neuronpedia's graph JSON (schema 1): metadata, qParams, nodes, links."""
     decode = graph.model.tokenizer.decode
-    ids = graph._rep.rec.input_ids[0].tolist()
+    ids = graph.replacement.rec.input_ids[0].tolist()
     cumulative = torch.zeros(graph.n_nodes)
     order = graph.node_influence.argsort(descending=True)
     total = graph.node_influence.sum().clamp(min=1e-30)

@@ -226,8 +226,12 @@ class Replacement:
             return g
         return self.rec.mlp_norms[layer].backward(g)
 
-    def _attention_back(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        """The transpose of layer `layer`'s frozen attention (norm, values, pattern, output)."""
+    def _attention_back(self, layer: int, g: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+        """The transpose of layer `layer`'s frozen attention (norm, values, pattern, output).
+
+        `live` (`batch pos` bools, or None for all) marks the rows that can be non-zero: a
+        target's gradient never reaches positions after its own, so the two projections,
+        the bulk of the work, run on those rows only."""
         n = g.shape[-2]
         post = self.rec.attn_post_norms[layer]
         if post is not None:
@@ -235,12 +239,23 @@ class Replacement:
         b, d = g.shape[0], g.shape[-1]
         heads, kv = self.model.n_heads, self.model.n_kv_heads
         pattern = self.rec.patterns[layer][:, :n, :n]
-        gz = (g.reshape(b * n, d) @ self.W_O[layer].T).view(b, n, heads, -1)      # b q head e
+        W_O, W_V = self.W_O[layer], self.W_V[layer]
+        if live is None:
+            gz = (g.reshape(b * n, d) @ W_O.T).view(b, n, heads, -1)              # b q head e
+        else:
+            gz = g.new_zeros(b, n, W_O.shape[0])
+            gz[live] = g[live] @ W_O.T
+            gz = gz.view(b, n, heads, -1)
         gv = torch.einsum("hqk,bqhe->bkhe", pattern, gz)                            # b k head e
         if kv < heads:  # query heads sharing a key/value head add their gradients
             gv = gv.reshape(b, n, kv, heads // kv, -1).sum(3)
-        gx = gv.reshape(b * n, -1) @ self.W_V[layer]                                 # (b k) d
-        return self.rec.attn_norms[layer].backward(gx.view(b, n, d))
+        gv = gv.reshape(b, n, -1)
+        if live is None:
+            gx = (gv.reshape(b * n, -1) @ W_V).view(b, n, d)
+        else:
+            gx = g.new_zeros(b, n, d)
+            gx[live] = gv[live] @ W_V
+        return self.rec.attn_norms[layer].backward(gx)
 
     def backward(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, sink) -> None:
         """Pull a batch of target vectors back through the frozen model.
@@ -267,6 +282,9 @@ class Replacement:
             return out
 
         g = torch.zeros(b, n, self.model.d_model, device=self.device)
+        live = torch.arange(n, device=self.device)[None] <= positions.to(self.device)[:, None]
+        if live.float().mean() > 0.8:
+            live = None  # packing rows costs more than the few zero rows it skips
         if top == self.n_layers:
             g = self.rec.final_norm.backward(injected(self.n_layers))
         for layer in range(min(top, self.n_layers - 1), -1, -1):
@@ -279,14 +297,14 @@ class Replacement:
             if here is not None:
                 through_mlp = here if through_mlp is None else through_mlp + here
             if self.parallel:
-                back = g + self._attention_back(layer, g)
+                back = g + self._attention_back(layer, g, live)
                 if through_mlp is not None:
                     back = back + self._read_back(layer, through_mlp)
                 g = back
             else:
                 if through_mlp is not None:
                     g = g + self._read_back(layer, through_mlp)
-                g = g + self._attention_back(layer, g)
+                g = g + self._attention_back(layer, g, live)
         sink("embed", None, g)
 
     # -- running the frozen model forward ----------------------------------------------
