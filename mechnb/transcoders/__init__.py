@@ -1,11 +1,13 @@
 """Transcoders: sparse stand-ins for MLPs, one per layer, the nodes of attribution graphs.
 
-    >>> tcs = TranscoderSet({layer: Transcoder(576, 2304, kind="topk", k=32) for layer in range(30)})
+    >>> tcs = mechnb.transcoders.load(directory)   # mechnb's, SAELens 6's or circuit-tracer's layout
     >>> model.graph("The Eiffel Tower is located in the city of", tcs)
+    >>> tcs.save(other_directory)
 
-The pieces: `Transcoder` and `TranscoderSet` (`model`).
+The pieces: `Transcoder` and `TranscoderSet` (`model`), `load` and `save` (`files`).
 """
 
+from .files import load
 from .model import KINDS, Transcoder, TranscoderSet
 
-__all__ = ["Transcoder", "TranscoderSet", "KINDS"]
+__all__ = ["Transcoder", "TranscoderSet", "KINDS", "load"]

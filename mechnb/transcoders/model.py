@@ -17,7 +17,7 @@ Where it reads: `mlp_in`, the MLP's own input (after the norm before it; Transfo
 stream before that norm. It writes `mlp_out`, what the MLP adds to the residual stream.
 
 A `TranscoderSet` holds one transcoder per layer (some layers may be missing), with the
-model it was made for.
+model it was made for. Files: `mechnb.transcoders.files`.
 
     >>> tc = Transcoder(576, 2304, kind="topk", k=32, layer=3)
     >>> tc(x).shape == x.shape
@@ -32,6 +32,7 @@ from ..core.errors import TranscoderError
 from ..core.hookpoints import HookPoint
 
 KINDS = ("topk", "relu", "jumprelu")
+FORMAT = "mechnb-transcoders"  # transcoders.json's "format" (mechnb.transcoders.files)
 READS = ("mlp_in", "resid_mid")
 
 
@@ -197,6 +198,32 @@ class TranscoderSet:
         if self.reads == "resid_mid" and model.parallel_attn_mlp:
             raise TranscoderError(f"these transcoders read resid_mid, which {model.name} does not have "
                                   "(attention and MLP run in parallel)")
+
+    def save(self, directory):
+        """Write the set in mechnb's layout (see `mechnb.transcoders.files`); returns the directory."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        first = next(iter(self))
+        for layer, tc in self.transcoders.items():
+            tensors = {"W_enc": tc.W_enc, "W_dec": tc.W_dec, "b_enc": tc.b_enc, "b_dec": tc.b_dec}
+            if tc.kind == "jumprelu":
+                tensors["threshold"] = tc.threshold
+            if tc.skip:
+                tensors["W_skip"] = tc.W_skip
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(path / f"layer_{layer}.safetensors"))
+        config = {"format": FORMAT, "version": 1, "name": self.name, "reads": self.reads, "writes": "mlp_out",
+                  "model": self.model, "kind": first.kind, "k": first.k, "width": self.width, "skip": first.skip,
+                  "layers": self.layers, "meta": self.meta}
+        (path / "transcoders.json").write_text(json.dumps(config, indent=1, default=str))
+        if self.history is not None:
+            self.history.to_csv(path / "history.csv", index=False)
+        return path
 
     def __repr__(self) -> str:
         tc = next(iter(self))
