@@ -404,16 +404,11 @@ class Circuit:
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         import base64
         import html
-        import io
 
-        import matplotlib.pyplot as plt
+        from ..display.viz import png
 
         text = repr(self)
-        figure = self.plot()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-        plt.close(figure)
-        image = base64.b64encode(buffer.getvalue()).decode()
+        image = base64.b64encode(png(self.plot())).decode()
         table = self.df.head(10).to_html(index=False, float_format=lambda v: f"{v:.4g}")
         return {"text/plain": text,
                 "text/html": f"<div><b>{html.escape(text)}</b><br/><img src='data:image/png;base64,{image}'/>"

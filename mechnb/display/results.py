@@ -76,15 +76,9 @@ class Result:
 
     def png(self) -> bytes:
         """The heatmap as PNG bytes."""
-        import io
+        from .viz import png
 
-        import matplotlib.pyplot as plt
-
-        figure = self.plot()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-        plt.close(figure)
-        return buffer.getvalue()
+        return png(self.plot())
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         """Notebook display: the view or heatmap; a terminal gets the text summary."""

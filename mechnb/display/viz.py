@@ -33,6 +33,18 @@ WIDTH, HEIGHT = 9.0, 8.0  # inches: a notebook column
 _HEAD = re.compile(r"^(\d+)\.(\d+)$")
 
 
+def png(figure, tight: bool = True) -> bytes:
+    """A figure as PNG bytes (80 dpi, cropped to its content unless `tight=False`); closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def heatmap(values, meta: dict, ax=None):
     """A figure of `values` labelled by `meta["axes"]`, `meta["labels"]`, `meta["title"]`."""
     import matplotlib.pyplot as plt

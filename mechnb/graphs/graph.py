@@ -52,7 +52,8 @@ class AttributionGraph:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def _kind_masks(self):
+    def kind_masks(self):
+        """`(features, errors, tokens, logits)`: `node` bools saying each node's kind."""
         n = self.n_nodes
         index = torch.arange(n)
         return (index < self.error_start, (index >= self.error_start) & (index < self.token_start),
@@ -111,7 +112,7 @@ class AttributionGraph:
 
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
         """Choose the nodes and edges shown (see `mechnb.graphs.prune`); returns the graph."""
-        features, errors, tokens, _ = self._kind_masks()
+        features, errors, tokens, _ = self.kind_masks()
         self.node_mask, self.edge_mask, self.node_influence = pruning.prune(
             self.adjacency, self.weights, features, errors, tokens, node_threshold, edge_threshold)
         self.meta.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
@@ -120,7 +121,7 @@ class AttributionGraph:
     @property
     def scores(self) -> dict:
         """`replacement` and `completeness` of the unpruned graph (1 = fully explained)."""
-        _, errors, tokens, _ = self._kind_masks()
+        _, errors, tokens, _ = self.kind_masks()
         return pruning.scores(self.adjacency, self.weights, errors, tokens)
 
     @property
@@ -273,15 +274,10 @@ class AttributionGraph:
         return figure(self, ax=ax, max_edges=max_edges)
 
     def png(self) -> bytes:
-        import io
+        """`plot()` as PNG bytes."""
+        from ..display.viz import png
 
-        import matplotlib.pyplot as plt
-
-        figure = self.plot()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-        plt.close(figure)
-        return buffer.getvalue()
+        return png(self.plot())
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         text = "\n".join([self.summary(), *(f"note: {n}" for n in self.meta["notes"])])

@@ -58,9 +58,8 @@ def figure(graph, ax=None, max_edges: int = 300):
             widths.append(0.3 + 3.0 * abs(w) / largest)
             colours.append(POSITIVE if w > 0 else NEGATIVE)
     ax.add_collection(LineCollection(segments, linewidths=widths, colors=colours, alpha=0.55, zorder=1))
-    table = graph.node_table()
-    for kind, marker in (("feature", "o"), ("error", "s"), ("embedding", "D"), ("logit", "^")):
-        chosen = [i for i in where if table.kind[i] == kind]
+    for kind, marker, mask in zip(("feature", "error", "embedding", "logit"), "osD^", graph.kind_masks()):
+        chosen = [i for i in where if mask[i]]
         if chosen:
             xs, ys = zip(*(where[i] for i in chosen))
             ax.scatter(xs, ys, s=36, marker=marker, color=COLOURS[kind], edgecolors="black", linewidths=0.4,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
 import torch
 
@@ -35,6 +34,7 @@ from ..core.checks import is_int
 from ..core.errors import SAEError
 from ..core.remote import local_only
 from ..display.results import Result
+from ..display.viz import png
 
 BEFORE, AFTER = 10, 4  # tokens shown before and after a context's peak
 
@@ -173,10 +173,7 @@ def _histogram(values: torch.Tensor, what: str) -> str:
     ax.set_ylabel("tokens")
     ax.set_title(f"{what}: {values.numel()} firing tokens", fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    plt.close(figure)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"/>'
+    return f'<img src="data:image/png;base64,{base64.b64encode(png(figure, tight=False)).decode()}"/>'
 
 
 def _visible(token: str) -> str:
