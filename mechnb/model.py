@@ -17,8 +17,9 @@ Where each method lives, by what it asks of the model:
   (`methods.weights`), `coactivation` (`methods.coactivation`);
 - changing: `steer`, `steered`, `steering_vector` (`methods.steering`), `generate`
   (`methods.generation`), `causal_trace` (`methods.causal`), `edit` (`methods.rome`);
-- sparse autoencoders: `collect` (`sae.store`), `attach`, `detach` (`sae.attach`),
-  `features` (`sae.dashboard`);
+- sparse autoencoders: `collect` (`sae.store`), `features` (`sae.dashboard`);
+- SAEs and transcoders spliced in, their features as sites: `attach`, `detach`
+  (`transcoders.splice`, which hands SAEs to `sae.attach`);
 - attribution graphs over transcoders: `graph` (`graphs.build`);
 - the explorer widget: `explore` (`display.widgets`).
 """
@@ -34,7 +35,8 @@ from .display import widgets
 from .graphs.build import graph as attribution_graph
 from .methods import (attribution, causal, coactivation, generation, gim, heads, lens, patching, rome, steering,
                       views, weights)
-from .sae import attach as splicing, dashboard, store
+from .sae import dashboard, store
+from .transcoders import splice as splicing
 
 
 class Model(ModelBase):
@@ -67,7 +69,7 @@ class Model(ModelBase):
     generate = generation.generate
     causal_trace = causal.causal_trace
     edit = rome.edit
-    # Sparse autoencoders
+    # Sparse autoencoders and transcoders
     collect = store.collect
     attach = splicing.attach
     detach = splicing.detach

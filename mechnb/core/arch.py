@@ -168,6 +168,8 @@ def locate(model, site) -> tuple[str, str, str | None]:
     layer = f"{arch.layers}.{site.layer}"
     if site.kind == "sae":
         return f"{layer}.{model.sae_at(site).module_name}.hook_features", "output", None
+    if site.kind == "tc":
+        return f"{layer}.{model.transcoders_at(site).module_name}.hook_features", "output", None
     return {
         "resid_pre": (layer, "input", None),
         "resid_post": (layer, "output", None),

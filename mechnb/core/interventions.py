@@ -28,7 +28,7 @@ after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .checks import is_int
@@ -36,7 +36,8 @@ from .errors import InterventionError, SiteError
 from .sites import Site, assign_part, parse, parse_positions, read_part
 
 MODES = ("zero", "mean", "resample")
-KINDS = ("ablate", "hook", "steer", "sae")  # `Intervention.kind` of each class (`sae`: mechnb.sae.attach)
+# `Intervention.kind` of each class (`sae`: mechnb.sae.attach; `transcoder`: mechnb.transcoders.splice)
+KINDS = ("ablate", "hook", "steer", "sae", "transcoder")
 
 
 @dataclass(eq=False)
@@ -53,6 +54,11 @@ class Intervention:
 
     def detail(self) -> str:
         return ""
+
+    def reads(self, model) -> list:
+        """Other values this intervention needs from the same forward, as `(path, io, fn)`:
+        `fn(value)` is called on each before the intervention applies (none by default)."""
+        return []
 
     def describe(self) -> dict:
         """One row of the interventions table."""
@@ -215,12 +221,26 @@ def _length(full, site: Site) -> int:
 
 
 def install(model, intervention: Intervention):
-    """Register the PyTorch hook that applies `intervention`; returns its handle."""
+    """Register the PyTorch hooks that apply `intervention` (and read what it needs); returns
+    one handle that removes them all."""
     from .arch import hook_value, locate, submodule
 
+    handles = [hook_value(submodule(model.hf, path), io, fn) for path, io, fn in intervention.reads(model)]
     path, io, attr = locate(model, intervention.site)
-    return hook_value(submodule(model.hf, path), io,
-                      lambda value: apply(intervention, value, model.context or Context()), attr)
+    handles.append(hook_value(submodule(model.hf, path), io,
+                              lambda value: apply(intervention, value, model.context or Context()), attr))
+    return Handles(handles)
+
+
+class Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def reference_pool(model, site: Site, ref) -> object:
@@ -275,7 +295,7 @@ def with_positions(site, positions) -> Site:
     if isinstance(positions, slice):
         positions = f"{'' if positions.start is None else positions.start}:" \
                     f"{'' if positions.stop is None else positions.stop}"
-    return Site(parsed.kind, parsed.layer, parsed.index, parse_positions(str(positions), str(site)))
+    return replace(parsed, positions=parse_positions(str(positions), str(site)))
 
 
 class Scoped:

@@ -373,7 +373,7 @@ class ModelBase:
 
     def clear(self, kind: str | None = None) -> None:
         """Remove every active intervention (the model is as loaded), or every one of a
-        `kind`: `"ablate"`, `"hook"`, `"steer"` or `"sae"` (`model.clear("steer")`)."""
+        `kind`: `"ablate"`, `"hook"`, `"steer"`, `"sae"` or `"transcoder"` (`model.clear("steer")`)."""
         from .interventions import KINDS
 
         if kind is not None and kind not in KINDS:
@@ -449,19 +449,49 @@ class ModelBase:
             raise SiteError(f"no SAE attached for {site}: attached are {[s.name for s in self.saes]}")
         return None
 
+    @property
+    def transcoder_sets(self) -> list:
+        """The attached transcoder sets (`mechnb.transcoders.splice`), oldest first."""
+        found = []
+        for intervention in self.interventions:
+            if intervention.kind == "transcoder" and all(t is not intervention.tcs for t in found):
+                found.append(intervention.tcs)
+        return found
+
+    def transcoders_at(self, site):
+        """The attached transcoder set a concrete feature site (`tc.14.5`, `tc.NAME.14.5`) refers to."""
+        from .sites import parse
+
+        site = parse(site)
+        for tcs in self.transcoder_sets:
+            if (site.owner is None or tcs.name == site.owner) and site.layer in tcs:
+                return tcs
+        raise SiteError(f"no attached transcoder set covers {site}: attached are "
+                        f"{[t.name for t in self.transcoder_sets]}")
+
     def attach_module(self, path: str, name: str, module) -> None:
         """Add `module` as submodule `name` of the module at `path` (an attached SAE), so
         that traces see it: the nnsight wrapper is rebuilt around the changed model."""
+        self.attach_modules([(path, name, module)])
+
+    def attach_modules(self, placements) -> None:
+        """`attach_module` for several `(path, name, module)`, the wrapper rebuilt once."""
         from .arch import submodule
 
-        submodule(self.hf, path).add_module(name, module)
+        for path, name, module in placements:
+            submodule(self.hf, path).add_module(name, module)
         self._rewrap()
 
     def detach_module(self, path: str, name: str) -> None:
         """Remove submodule `name` of the module at `path` (see `attach_module`)."""
+        self.detach_modules([(path, name)])
+
+    def detach_modules(self, placements) -> None:
+        """`detach_module` for several `(path, name)`, the wrapper rebuilt once."""
         from .arch import submodule
 
-        delattr(submodule(self.hf, path), name)
+        for path, name in placements:
+            delattr(submodule(self.hf, path), name)
         self._rewrap()
 
     def _rewrap(self) -> None:

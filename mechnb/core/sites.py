@@ -14,6 +14,9 @@ A site string names a value the model computes. The same strings work in
     neuron.5.123            one neuron                       batch pos
     sae.12.1234             feature 1234 of the SAE attached batch pos
                             at layer 12 (`sae.NAME.F` names one of several)
+    tc.14.1203              feature 1203 of the attached     batch pos
+                            transcoder of layer 14's MLP (`tc.NAME.14.1203`
+                            names one of several sets)
     pattern.3               attention probabilities          batch head pos_q pos_k
     pattern.3.1             one head's pattern               batch pos_q pos_k
     logits                  the model's output logits        batch pos vocab
@@ -59,6 +62,7 @@ KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
     "resid_post": (True, False, None, 7),
     "logits": (False, False, None, 0),
     "sae": (True, True, "feature", 8),
+    "tc": (True, True, "feature", 6.5),  # computed by a hook on the MLP's output (mechnb.transcoders.splice)
 }
 
 _SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
@@ -131,11 +135,13 @@ class Site:
     positions: Positions | None = None
     # Where an attached SAE runs relative to its host site (set by `expand`).
     stage: float | None = None
+    # The name of the transcoder set a `tc` site names (`tc.NAME.L.F`), if given.
+    owner: str | None = None
 
     @property
     def name(self) -> str:
         """The canonical string without positions, e.g. `head.9.6`."""
-        parts = [self.kind]
+        parts = [self.kind] + ([self.owner] if self.owner else [])
         for part in (self.layer, self.index):
             if part is not None:
                 parts.append(_format_part(part))
@@ -167,6 +173,8 @@ class Site:
         """The concrete sites this site names, validated against `model`'s dimensions."""
         if self.kind == "sae":
             return _expand_sae(self, model)
+        if self.kind == "tc":
+            return _expand_tc(self, model)
         layers = [self.layer]
         if KINDS[self.kind][0]:
             layers = _expand_part(self.layer, model.n_layers, "layer", self)
@@ -209,6 +217,36 @@ def _expand_sae(site: Site, model) -> list[Site]:
     return made
 
 
+def _expand_tc(site: Site, model) -> list[Site]:
+    """Feature sites of attached transcoder sets: `tc.L.F` (the set covering layer L) or `tc.NAME.L.F`."""
+    attached = model.transcoder_sets
+    if not attached:
+        raise SiteError(f"{site} names a transcoder feature, but no transcoder set is attached: "
+                        "model.attach(tcs) first")
+    chosen = [t for t in attached if site.owner is None or t.name == site.owner]
+    if not chosen:
+        raise SiteError(f"no attached transcoder set is named {site.owner!r}: attached are "
+                        f"{', '.join(t.name for t in attached)}")
+    layers = _expand_part(site.layer, model.n_layers, "layer", site)
+    made = []
+    for layer in layers:
+        covering = [t for t in chosen if layer in t]
+        if len(covering) > 1:
+            raise SiteError(f"layer {layer} has transcoders in several attached sets ({', '.join(t.name for t in covering)}): "
+                            f"name one, as tc.{covering[0].name}.{layer}.F")
+        if not covering:
+            if isinstance(site.layer, slice):
+                continue
+            raise SiteError(f"no attached transcoder covers layer {layer} ({site}): attached are "
+                            + ", ".join(f"{t.name} (layers {t.layer_text})" for t in chosen))
+        width = covering[0].width
+        indices = [site.index] if site.index is None else _expand_part(site.index, width, "feature", site)
+        made += [replace(site, layer=layer, index=i, stage=KINDS["tc"][3]) for i in indices]
+    if not made:
+        raise SiteError(f"no attached transcoder covers the layers of {site}")
+    return made
+
+
 def _host_layer(sae) -> int:
     return parse(sae.site).layer
 
@@ -228,6 +266,9 @@ def parse(text: str | Site) -> Site:
         raise SiteError(
             f"unknown site kind {kind!r} in {text!r}: valid kinds are {', '.join(KINDS)}"
         )
+    owner = None
+    if kind == "tc" and len(parts) == 4 and parts[1].isidentifier():
+        owner, parts = parts[1], [parts[0], *parts[2:]]  # tc.NAME.L.F: a transcoder set's name
     takes_layer, takes_index, index_name, _ = KINDS[kind]
     most = 1 + takes_layer + takes_index
     if len(parts) > most or (takes_layer and len(parts) < 2):
@@ -239,11 +280,12 @@ def parse(text: str | Site) -> Site:
         layer = _parse_part(parts[1], "layer", text) if takes_layer else None
     index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
     positions = parse_positions(match["pos"], text) if match["pos"] else None
-    return Site(kind, layer, index, positions)
+    return Site(kind, layer, index, positions, owner=owner)
 
 
 def _example(kind: str) -> str:
-    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3", "sae": "sae.12.1234"}.get(
+    return {"head": "head.9.6", "neuron": "neuron.5.123", "pattern": "pattern.3", "sae": "sae.12.1234",
+            "tc": "tc.14.1203"}.get(
         kind, kind + ".5" if KINDS[kind][0] else kind
     )
 
@@ -330,7 +372,7 @@ def _index_axis(site: Site) -> int | None:
     """The axis of the site's whole value that `site.index` selects along."""
     if site.index is None:
         return None
-    return {"head": 2, "pattern": 1, "neuron": 2, "sae": 2}[site.kind]
+    return {"head": 2, "pattern": 1, "neuron": 2, "sae": 2, "tc": 2}[site.kind]
 
 
 def position_axis(site: Site) -> int:

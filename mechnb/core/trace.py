@@ -228,10 +228,13 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
             raise SiteError(f"{site.name} was requested after the model had computed it: "
                             f"{ORDER_HINT}") from None
         # An active intervention on a module's output runs after nnsight hands the value
-        # over; apply it here too, so a read shows what the rest of the model sees.
+        # over; apply it here too, so a read shows what the rest of the model sees. A
+        # transcoder's splice is left out: it runs its features through a module of their
+        # own, which nnsight sees once per forward (the splice without feature edits
+        # returns the value it is given, to rounding).
         if locate(model, site)[1] == "output":
             for intervention in model.interventions:
-                if Site(intervention.site.kind, intervention.site.layer).name == key:
+                if intervention.kind != "transcoder" and Site(intervention.site.kind, intervention.site.layer).name == key:
                     value = apply(intervention, value, model.context)
         if model.remote:
             value = value.detach()  # NDIF may run with autograd on; a remote trace has no use for it

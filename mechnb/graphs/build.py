@@ -104,10 +104,13 @@ def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.9
     if not is_int(update_every) or update_every < 1:
         raise GraphError(f"update_every must be a positive int, got {update_every!r}")
     tcs.check_model(model)
-    if model.interventions:
-        raise GraphError(f"the model has {len(model.interventions)} active intervention(s) "
-                         f"({', '.join(str(i.site) for i in model.interventions[:3])}): a graph is of the "
-                         "unmodified model; model.clear() first, or attach the transcoders' edits after")
+    # Attached transcoders change nothing until their features are edited: they may stay.
+    changing = [i for i in model.interventions if i.kind != "transcoder"]
+    if changing or model.edits:
+        what = ", ".join(str(i.site) for i in changing[:3]) if changing else "a weight edit"
+        raise GraphError(f"the model has {len(changing) or len(model.edits)} active intervention(s) or edit(s) "
+                         f"({what}): a graph is of the unmodified model; remove them first (model.clear(), "
+                         "model.edits), and intervene on what the graph shows after")
     batch = Batch.of(model.tokenizer, prompt)
     n_pos = int(batch.input_ids.shape[1])
     if n_pos > max_tokens:

@@ -97,7 +97,7 @@ class Grid:
         if site.layer is not None:
             axes.append(("layer", sorted({s.layer for s in Site(site.kind, site.layer).expand(self.model)})))
         if site.index is not None:
-            name = "head" if site.kind in ("head", "pattern") else "neuron"
+            name = {"head": "head", "pattern": "head", "sae": "feature", "tc": "feature"}.get(site.kind, "neuron")
             axes.append((name, sorted({s.index for s in site.expand(self.model)})))
         return axes
 

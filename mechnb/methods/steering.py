@@ -10,6 +10,7 @@ the same way.
     >>> model.steer("resid_pre.12", v, scale=8)          # persistent, like an ablation
     >>> model.generate("I think the movie was", compare=True)
     >>> model.steer("resid_post.12", "sae.12.1234", scale=4)   # along an SAE feature
+    >>> model.steer("mlp_out.14", "tc.14.1203", scale=4)       # a transcoder feature's output direction
 
 Gotchas: the scale is in units of the vector; a difference of means is small next to
 the residual stream's norm in late layers, so useful scales are often 4-16. Steering
@@ -74,7 +75,7 @@ def steer(model, site, vector, scale: float = 1.0, positions=None) -> list:
     Args:
         site: a vector-valued site (`resid_pre.12`, `mlp_out.3`, `head.9.6`, ranges).
         vector: a tensor as wide as the site (`d_model`), or an attached SAE feature
-            (`"sae.12.1234"`: its decoder direction).
+            (`"sae.12.1234"`, `"tc.14.1203"`: its decoder direction).
         scale: the multiplier (0 leaves the model as it is).
         positions: positions (`-1`, `"3:7"`, a slice); default every position.
 
@@ -98,12 +99,18 @@ def steerings(model, site, vector, scale: float, positions) -> list[Steer]:
     source = "vector"
     if isinstance(vector, str):
         feature = parse(vector)
-        if feature.kind != "sae" or not isinstance(feature.index, int):
-            raise SteerError(f"steer takes a vector or an SAE feature such as 'sae.12.1234', got {vector!r}")
-        sae = model.sae_at(feature)
-        if not 0 <= feature.index < sae.d_sae:
-            raise SiteError(f"{vector}: {sae.name} has features 0-{sae.d_sae - 1}")
-        source, vector = vector, sae.W_dec[feature.index].detach()
+        if feature.kind not in ("sae", "tc") or not isinstance(feature.index, int) \
+                or (feature.kind == "tc" and not isinstance(feature.layer, int)):
+            raise SteerError(f"steer takes a vector, an SAE feature such as 'sae.12.1234' or a transcoder "
+                             f"feature such as 'tc.14.1203', got {vector!r}")
+        if feature.kind == "sae":
+            decoder = model.sae_at(feature).W_dec
+        else:
+            (feature,) = feature.expand(model)  # checked: an attached set covers it, in range
+            decoder = model.transcoders_at(feature)[feature.layer].W_dec
+        if not 0 <= feature.index < len(decoder):
+            raise SiteError(f"{vector}: there are features 0-{len(decoder) - 1}")
+        source, vector = vector, decoder[feature.index].detach()
     if not torch.is_tensor(vector):
         raise SteerError(f"steer takes a tensor (d_model) or an SAE feature name, got {type(vector).__name__}")
     if not torch.isfinite(vector).all():

@@ -267,6 +267,8 @@ def _width(model, site) -> int:
         return model.d_head
     if site.kind == "sae":
         return 1 if site.index is not None else model.sae_at(site).d_sae
+    if site.kind == "tc":
+        return 1 if site.index is not None else model.transcoders_at(site).width
     return model.d_model
 
 

@@ -123,7 +123,7 @@ def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = N
                 pre = sae.pre(x)
                 features = sae.activate(pre, training=True)
                 if kind == "jumprelu":
-                    features = _jump(pre, sae.threshold)
+                    features = jumprelu_ste(pre, sae.threshold)
                 x_hat = sae.decode(features)
                 mse = (x_hat - x).pow(2).sum(-1).mean()
                 loss = mse
@@ -134,14 +134,14 @@ def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = N
                 if kind == "relu":
                     loss = loss + l1 * (features * sae.W_dec.norm(dim=-1)).sum(-1).mean()
                 elif kind == "jumprelu":
-                    loss = loss + l1 * _step(pre, sae.threshold).sum(-1).mean()
+                    loss = loss + l1 * step_ste(pre, sae.threshold).sum(-1).mean()
                 elif dead.any():
-                    aux = _aux_loss(sae, pre, x - x_hat.detach(), dead, k or 32)
+                    aux = aux_loss(sae.W_dec, pre, x - x_hat.detach(), dead, k or 32)
                     loss = loss + aux / 32
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if kind != "relu":
-                    _remove_parallel_gradient(sae)
+                    remove_parallel_gradient(sae.W_dec)
                 optimizer.step()
                 with torch.no_grad():
                     if kind != "relu":
@@ -220,22 +220,24 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
     return median
 
 
-def _aux_loss(sae: SAE, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
-    """Auxiliary-k loss: dead features' top pre-activations reconstruct the residual error."""
-    k_aux = min(int(dead.sum()), max(k * 2, 1), sae.d_in // 2)
+def aux_loss(W_dec: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, dead: torch.Tensor,
+             k: int) -> torch.Tensor:
+    """Auxiliary-k loss: dead features' top pre-activations, decoded by `W_dec` (`features d`),
+    reconstruct the residual error `error` (`n d`)."""
+    k_aux = min(int(dead.sum()), max(k * 2, 1), W_dec.shape[1] // 2)
     masked = torch.where(dead, pre, torch.full_like(pre, -float("inf")))
     top = masked.topk(k_aux, dim=-1)
     values = torch.relu(top.values).nan_to_num(0.0)
-    reconstruction = torch.zeros_like(pre).scatter(-1, top.indices, values) @ sae.W_dec
+    reconstruction = torch.zeros_like(pre).scatter(-1, top.indices, values) @ W_dec
     return (reconstruction - error).pow(2).sum(-1).mean() / error.pow(2).sum(-1).mean().clamp_min(1e-8)
 
 
-def _remove_parallel_gradient(sae: SAE) -> None:
+def remove_parallel_gradient(W_dec: torch.Tensor) -> None:
     """Drop the gradient component along each unit decoder row (it would only change its norm)."""
-    if sae.W_dec.grad is not None:
+    if W_dec.grad is not None:
         with torch.no_grad():
-            rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            sae.W_dec.grad -= (sae.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+            rows = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            W_dec.grad -= (W_dec.grad * rows).sum(-1, keepdim=True) * rows
 
 
 # Width of the rectangle kernel of JumpReLU's straight-through estimator, in the
@@ -276,11 +278,11 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), (-(1.0 / width) * near * grad).sum(tuple(range(grad.dim() - 1)))
 
 
-def _jump(pre, threshold):
+def jumprelu_ste(pre, threshold):
     return _JumpReLU.apply(pre, threshold)
 
 
-def _step(pre, threshold):
+def step_ste(pre, threshold):
     return _Step.apply(pre, threshold)
 
 

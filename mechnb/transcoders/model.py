@@ -148,10 +148,16 @@ class TranscoderSet:
         self.reads, self.model, self.name = reads, dict(model or {}), name
         self.meta: dict = dict(meta or {})
         self.history = None
+        self.module_name = f"mechnb_tc_{name}"  # each transcoder's name in its layer, when attached
 
     @property
     def layers(self) -> list[int]:
         return list(self.transcoders)
+
+    @property
+    def layer_text(self) -> str:
+        """The covered layers as ranges (`0-13, 15`)."""
+        return _ranges(self.layers)
 
     @property
     def width(self) -> int:
@@ -198,6 +204,13 @@ class TranscoderSet:
         if self.reads == "resid_mid" and model.parallel_attn_mlp:
             raise TranscoderError(f"these transcoders read resid_mid, which {model.name} does not have "
                                   "(attention and MLP run in parallel)")
+
+    def evaluate(self, model, texts, n_tokens: int = 10_000, context: int = 128, batch_size: int = 8):
+        """Per-layer FVU, L0 and dead features, and the loss and top-1 agreement of the model with
+        every covered MLP replaced (`mechnb.transcoders.evaluate`). Example: `tcs.evaluate(model, texts)`."""
+        from .evaluate import evaluate
+
+        return evaluate(self, model, texts, n_tokens=n_tokens, context=context, batch_size=batch_size)
 
     def save(self, directory):
         """Write the set in mechnb's layout (see `mechnb.transcoders.files`); returns the directory."""

@@ -1,0 +1,67 @@
+"""Where a transcoder reads and writes in a model, and the values there over a batch.
+
+A transcoder of layer L reads the input of the MLP (`mlp_in`) or of the norm before it
+(`resid_mid`) and writes the MLP's output site (`mlp_out.L`); `mlp_values` runs a batch
+and keeps both for several layers at once (what training and evaluation read).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the last needed MLP has run."""
+
+
+def read_path(model, layer: int, reads: str) -> str:
+    """The path of the module whose input is what a transcoder of `layer` reads (`mlp_in`:
+    the MLP; `resid_mid`: the norm before it)."""
+    return f"{model.arch.layers}.{layer}.{model.arch.mlp if reads == 'mlp_in' else model.arch.mlp_norm}"
+
+
+def read_module(model, layer: int, reads: str):
+    """The module at `read_path`."""
+    from ..core.arch import submodule
+
+    return submodule(model.hf, read_path(model, layer, reads))
+
+
+def write_module(model, layer: int):
+    """The module whose output is `mlp_out` of `layer`."""
+    from ..core.arch import submodule
+
+    return submodule(submodule(model.hf, model.arch.layers)[layer], model.arch.mlp_out)
+
+
+def mlp_values(model, layers: list[int], reads: str, ids: torch.Tensor, mask: torch.Tensor,
+               stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the MLPs of `layers` read and write on a padded batch, at the real positions after
+    each window's first: `(inputs, outputs)`, each `layer tokens d` float32 on the model's device.
+    With `stop`, the forward ends after the last of those MLPs."""
+    from ..core.engine import run
+
+    reads_kept, writes_kept = {}, {}
+    last = max(layers)
+
+    def keep(store, layer, end=False):
+        def fn(value):
+            store[layer] = value.detach()
+            if end and stop:
+                raise _Stop
+        return fn
+
+    with run(model, [[""] * ids.shape[1]] * len(ids)) as forward:
+        for layer in layers:
+            forward.hook(read_module(model, layer, reads), "input", keep(reads_kept, layer))
+            forward.hook(write_module(model, layer), "output", keep(writes_kept, layer, layer == last))
+        try:
+            model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+        except _Stop:
+            pass
+    keep_rows = mask.bool().clone()
+    keep_rows[:, 0] = False  # the attention sink
+    keep_rows = keep_rows.to(model.device)
+    inputs = torch.stack([reads_kept[layer][keep_rows].float() for layer in layers])
+    outputs = torch.stack([writes_kept[layer][keep_rows].float() for layer in layers])
+    return inputs, outputs
