@@ -158,3 +158,49 @@ def test_bad_input_is_one_clear_line_and_leaves_the_model_clean(tiny_factory):
     graph = build(model, PARIS, tcs, target=" zebra")
     assert any("not among the top logits" in note for note in graph.meta["notes"])
     assert torch.equal(clean_logits(model), before)
+
+
+def test_live_widget_selects_groups_and_intervenes_on_the_real_model(tiny_factory, shell):
+    from mechnb.graphs.widget import GraphWidget, _view_class
+
+    model = tiny_factory("llama")
+    before = clean_logits(model)
+    tcs = random_set(model)
+    graph = build(model, PARIS, tcs)
+    texts = ["def add(a, b):\n    return a + b\n" * 4, "The Eiffel Tower is in Paris, the capital of France. " * 4]
+    widget = graph.widget(labels={"tc.1.3": "<b>made up</b>"}, contexts=texts, max_edges=50)
+    data = widget.view.data
+    kept = graph.node_table().query("kept")
+    assert [n["name"] for n in data["nodes"]] == kept.node.tolist() and len(data["edges"]) <= 50
+    assert data["tokens"] == graph.tokens and data["n_layers"] == model.n_layers
+    features = [n for n in data["nodes"] if n["kind"] == "feature"]
+    assert all(isinstance(c, str) and "«" in c for n in features for c in n["contexts"])
+    assert any(n["contexts"] for n in features)
+    assert all(n["label"] == "<b>made up</b>" for n in features if n["name"].startswith("tc.1.3@"))
+    assert "export default" in _view_class()._esm  # the view's module ships in the package
+    # The selection (as the view sets it) ablated on the real model, with the set attached for
+    # that run only: the same figures as attaching and ablating by hand.
+    chosen = [n["name"] for n in features[:2]]
+    widget.selected = chosen + ["error.1@2"]
+    figures = widget.ablate()
+    assert figures["sites"] == chosen and figures["skipped"] == ["error.1@2"]
+    model.attach(tcs)
+    with model.ablated(chosen):
+        by_hand = torch.softmax(model.cache(PARIS, "logits@-1")["logits@-1"][0], -1)
+    model.detach(tcs)
+    target = graph.logit_ids[0]
+    assert figures["p_after"] == pytest.approx(float(by_hand[target]), rel=1e-5)
+    assert figures["p_after"] != pytest.approx(figures["p_before"], rel=1e-4)
+    assert "p(" in widget.result.value and "&lt;" not in figures["target"]
+    assert widget.scale(0.0)["p_after"] == pytest.approx(figures["p_after"], rel=1e-5)  # x0 = zero ablation
+    assert model.unmodified and torch.equal(clean_logits(model), before)
+    widget.view.supernodes = {"supernode 1": chosen}
+    assert widget.supernodes == {"supernode 1": chosen}
+    with pytest.raises(GraphError, match="not a node of the drawn graph"):
+        widget.selected = ["tc.99.1@0"]
+    # %graph: the API's graph, or its live view.
+    shell.user_ns.update(tcs=tcs, m=model)
+    assert shell.run_cell("%mechnb use m", store_history=False).success
+    result = shell.run_cell(f'%graph "{PARIS}" --transcoders {{tcs}} --widget -o g', store_history=False)
+    assert result.success and isinstance(result.result, GraphWidget)
+    assert torch.equal(shell.user_ns["g"].adjacency, graph.adjacency)

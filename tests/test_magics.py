@@ -357,6 +357,7 @@ MINIMAL = [
     ("%coactivation mlp_out.1 {texts}", "coactivation", set()),
     ("%ablate head.1.0", "ablate", set()),
     ("%explore", "explore", set()),
+    ('%graph "x y" --transcoders {tcs}', "graph", set()),
     ('%%trace "x y"\nlogits = model["logits"].save()', "trace", set()),
 ]
 
@@ -376,8 +377,10 @@ def test_every_magic_leaves_the_defaults_to_its_api(shell, llama, monkeypatch, l
     pairs = []
     monkeypatch.setattr(FactoredMatrix, "top_pairs",
                         lambda self, *a, _top=FactoredMatrix.top_pairs, **kw: pairs.append((a, kw)) or _top(self, *a, **kw))
+    from test_graphs import random_set
+
     shell.user_ns.update(clean=PROMPT, corrupt=PROMPT.replace("John gave", "Mary gave"), v=torch.zeros(32),
-                         texts=[PROMPT, PARIS])
+                         texts=[PROMPT, PARIS], tcs=random_set(llama))
     try:
         result = run(shell, line)
         assert result.success, result.error_in_exec

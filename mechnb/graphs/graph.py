@@ -154,6 +154,15 @@ class AttributionGraph:
         table = self.node_table()
         return table[table.kind == "feature"].nlargest(n, "influence").drop(columns="kept").reset_index(drop=True)
 
+    def widget(self, labels: dict | None = None, contexts=None, max_edges: int = 1500, k: int = 5):
+        """The live graph in the cell (`mechnb.graphs.widget`): hover, select, group, and ablate or
+        scale the selection on the real model. `labels` maps feature sites (`tc.14.1203`) or node
+        names to text; `contexts` (texts) gives each shown feature its top contexts.
+        Example: `w = graph.widget(); w.selected; w.ablate()`."""
+        from .widget import GraphWidget
+
+        return GraphWidget(self, labels=labels, contexts=contexts, max_edges=max_edges, k=k)
+
     # -- checks -------------------------------------------------------------------------
 
     def _targets(self):

@@ -411,6 +411,30 @@ class MechnbMagics(Magics):
 
     @no_var_expand
     @line_magic
+    def graph(self, line: str):
+        """`%graph PROMPT --transcoders TCS [--target T] [--max-feature-nodes N] [--max-logits N]
+        [--batch-size N] [--widget] [-o NAME]`: the attribution graph of a prompt (`--widget`:
+        drawn live, its selection ablated or scaled on the model)."""
+        prompt, options = self._prompt(line, {"--transcoders": object, "--target": object,
+                                              "--max-feature-nodes": int, "--max-logits": int, "--batch-size": int,
+                                              "--widget": bool, "-o": str}, "%graph")
+        output = options.pop("o", None)
+        live = options.pop("widget", False)
+        tcs = options.pop("transcoders", None)
+        if isinstance(tcs, str):
+            tcs = self.shell.user_ns.get(tcs, tcs)
+        model = self.session.require()
+        if tcs is None and len(model.transcoder_sets) == 1:
+            tcs = model.transcoder_sets[0]
+        from ..transcoders import TranscoderSet
+
+        if not isinstance(tcs, TranscoderSet):
+            raise MagicError(f"%graph needs --transcoders naming a TranscoderSet (a variable or {{expr}}), got {tcs!r}")
+        graph = self._keep(model.graph(prompt, tcs, **options), output)
+        return graph.widget() if live else graph
+
+    @no_var_expand
+    @line_magic
     def explore(self, line: str):
         """`%explore [PROMPT] [--answer A] [--wrong W]`: the interactive explorer widget."""
         positional, options = self._parse(line, {"--answer": object, "--wrong": object}, "%explore")
