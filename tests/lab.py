@@ -84,6 +84,7 @@ class Run:
     outside: list = field(default_factory=list)
     page_errors: list = field(default_factory=list)
     frontend_errors: list = field(default_factory=list)
+    interaction: dict | None = None
 
 
 # Runs a JupyterLab command in the page and returns the id of what it returned (the widget
@@ -197,9 +198,11 @@ class JupyterLab:
         page.goto(url)
         return page
 
-    def run(self, name: str, timeout: float = 600, ui: str = "lab") -> Run:
+    def run(self, name: str, timeout: float = 600, ui: str = "lab", interact=None) -> Run:
         """Open `name` in JupyterLab (or `ui="notebook"`: Notebook 7), run all cells, save;
-        what ran and what the page showed.
+        what ran and what the page showed. `interact(page)`, if given, acts on the page once
+        every cell has run (clicks, as a user's), its kernel still running; what it returns
+        is the run's `interaction`.
 
         JupyterLab's page is loaded once and each notebook opened in it, then closed, as a
         user goes from one tutorial to the next (loading the front end took about as long
@@ -230,6 +233,7 @@ class JupyterLab:
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             progress = page.wait_for_function(PROGRESS, timeout=timeout * 1000, polling=500).json_value()
             seconds = time.perf_counter() - started
+            interaction = interact(page) if interact is not None and not progress["error"] else None
             kernel = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.id")
             peak = self._kernel_peak_rss(kernel)
             _command(page, "docmanager:save")
@@ -252,7 +256,7 @@ class JupyterLab:
                     self._lab_page = None
             self._shutdown_kernels()
         notebook = nbformat.read(self.root / name, as_version=4)
-        return Run(notebook, seconds, peak, rendered, outside, errors, frontend_errors)
+        return Run(notebook, seconds, peak, rendered, outside, errors, frontend_errors, interaction)
 
     def _screenshot(self, page, name: str) -> None:
         """The first rich output (a view, a widget or a plot) in view, or the top of the notebook."""

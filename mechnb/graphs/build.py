@@ -23,7 +23,7 @@ import torch
 from ..core.errors import GraphError
 from ..core.checks import is_int
 from ..core.remote import local_only
-from .prune import influence, normalised
+from .prune import influence_of_rows, normalised
 from .replacement import Replacement, record
 
 MAX_TOKENS = 64
@@ -209,10 +209,11 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
     timings["logit rows"] = time.perf_counter() - tick
     tick = time.perf_counter()
 
-    # Feature rows, all of them or in order of influence.
-    feature_rows = torch.zeros(n_active, n_nodes)
-    visited = torch.zeros(n_active, dtype=torch.bool)
+    # Feature rows, all of them or in order of influence; only computed rows are kept
+    # (`slots`: each visited feature's row in `feature_rows`).
     budget = min(max_feature_nodes, n_active)
+    feature_rows = torch.zeros(budget, n_nodes)
+    slots = torch.full((n_active,), -1, dtype=torch.long)
     weights = torch.zeros(n_nodes)
     weights[logit_start:] = logit_probs.cpu()
     encoder_columns = {layer: tcs[layer].W_enc.detach().float() for layer in tcs.layers}
@@ -224,8 +225,9 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
         for i in range(0, len(chosen), batch_size):
             part = chosen[i:i + batch_size]
             vectors = torch.stack([encoder_columns[int(f_layer[j])][:, int(f_id[j])] for j in part])
-            feature_rows[part] = run_batch(f_layer[part], f_pos[part], vectors)
-            visited[part] = True
+            first = int((slots >= 0).sum())
+            slots[part] = torch.arange(first, first + len(part))
+            feature_rows[first:first + len(part)] = run_batch(f_layer[part], f_pos[part], vectors)
 
     bar = None
     if progress:
@@ -237,17 +239,15 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
             compute(torch.arange(n_active))
             if bar is not None:
                 bar.update(budget)
-        while int(visited.sum()) < budget:
+        while int((slots >= 0).sum()) < budget:
+            visited = slots >= 0
             done = visited.nonzero().squeeze(-1)
-            rows = torch.cat([feature_rows[done], logit_rows])
+            rows = torch.cat([feature_rows[slots[done]], logit_rows])
             row_nodes = torch.cat([done, torch.arange(logit_start, n_nodes)])
-            partial = torch.zeros(n_nodes, n_nodes)
-            partial[row_nodes] = rows
-            estimate = influence(normalised(partial), weights)[:n_active]
+            estimate = influence_of_rows(normalised(rows), row_nodes, weights)[:n_active]
             estimate[visited] = -1
             take = min(update_every, budget - int(visited.sum()))
-            chosen = estimate.topk(take).indices
-            compute(chosen)
+            compute(estimate.topk(take).indices)
             if bar is not None:
                 bar.update(take)
     finally:
@@ -255,16 +255,16 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
             bar.close()
     timings["feature rows"] = time.perf_counter() - tick
 
-    # The square adjacency over the kept nodes: visited features, errors, tokens, logits.
-    kept = torch.cat([visited.nonzero().squeeze(-1), torch.arange(n_active, n_nodes)])
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    adjacency[:n_active] = feature_rows
-    adjacency[logit_start:] = logit_rows
-    adjacency = adjacency[kept][:, kept]
+    # The square adjacency over the kept nodes: visited features, errors, tokens, logits (only
+    # features and logits have inputs).
+    sel = (slots >= 0).nonzero().squeeze(-1)
+    kept = torch.cat([sel, torch.arange(n_active, n_nodes)])
+    adjacency = torch.zeros(len(kept), len(kept))
+    adjacency[:len(sel)] = feature_rows[slots[sel]][:, kept]
+    adjacency[len(kept) - n_logits:] = logit_rows[:, kept]
     if budget < n_active:
         notes.append(f"{budget} of {n_active} active features kept (max_feature_nodes), chosen by their "
                      "influence on the logits")
-    sel = visited.nonzero().squeeze(-1)
     return dict(adjacency=adjacency, feature_layer=f_layer[sel], feature_pos=f_pos[sel], feature_id=f_id[sel],
                 feature_act=f_act[sel], n_active=n_active, logit_ids=logit_ids, logit_probs=logit_probs.cpu(),
                 notes=notes)

@@ -26,12 +26,22 @@ function render({ model, el }) {
   el.appendChild(root);
 
   const nPos = data.tokens.length, nLayers = data.n_layers;
-  const left = 56, bottom = 46, top = 16, colW = Math.max(70, Math.min(120, 900 / nPos)), rowH = 20;
+  // Columns wide enough for the busiest (layer, position) cell, within reason.
+  const counts = {};
+  for (const node of data.nodes) counts[`${node.layer}:${node.pos}`] = (counts[`${node.layer}:${node.pos}`] || 0) + 1;
+  const busiest = Math.max(1, ...Object.values(counts));
+  const left = 56, bottom = 46, top = 16, colW = Math.max(70, Math.min(180, 10 + 5 * busiest)), rowH = 20;
   const width = left + nPos * colW + 20, height = top + (nLayers + 2) * rowH + bottom;
-  const svg = make("svg", { width, height, class: "mechnb-graph-svg", role: "img" }, root);
+  // Scaled to the width the cell gives it (the whole prompt in view), never below 60 %.
+  const holder = document.createElement("div");
+  holder.style.cssText = `flex:1 1 auto;min-width:0;overflow-x:auto;`;
+  root.appendChild(holder);
+  const svg = make("svg", { viewBox: `0 0 ${width} ${height}`, class: "mechnb-graph-svg", role: "img" }, holder);
+  svg.style.cssText = `width:100%;min-width:${Math.round(0.6 * width)}px;max-width:${width}px;height:auto;`;
   const panel = document.createElement("div");
   panel.className = "mechnb-graph-panel";
-  panel.style.cssText = "width:300px;min-height:120px;border:1px solid #ddd;padding:8px;white-space:pre-wrap;";
+  panel.style.cssText = "flex:0 0 260px;min-height:120px;border:1px solid #ddd;padding:8px;white-space:pre-wrap;" +
+    "overflow-wrap:anywhere;";
   panel.textContent = data.title + "\n\nHover a node for its label and contexts; click to select, " +
     "shift-click to group the selection into a supernode.";
   root.appendChild(panel);
@@ -80,13 +90,16 @@ function render({ model, el }) {
   }
 
   const circles = {};
-  for (const node of data.nodes) {
+  // The most influential nodes are drawn last, on top of the others.
+  const drawOrder = [...data.nodes].sort((a, b) => (a.influence || 0) - (b.influence || 0));
+  for (const node of drawOrder) {
     const shape = node.kind === "error"
       ? make("rect", { x: node.x - 3.5, y: node.y - 3.5, width: 7, height: 7 }, nodeLayer)
       : make("circle", { cx: node.x, cy: node.y, r: node.kind === "feature" ? 4 : 5 }, nodeLayer);
     shape.setAttribute("fill", COLOURS[node.kind]);
     shape.setAttribute("class", "mechnb-graph-node");
     shape.setAttribute("data-node", node.name);
+    shape.setAttribute("data-influence", node.influence === null ? 0 : node.influence);
     shape.style.cursor = "pointer";
     circles[node.name] = shape;
     shape.addEventListener("mouseenter", () => show(node));

@@ -47,6 +47,21 @@ def influence(a: torch.Tensor, weights: torch.Tensor, max_steps: int = 10_000) -
     raise GraphError("the graph's influence did not converge: its adjacency has a cycle")
 
 
+def influence_of_rows(rows: torch.Tensor, row_nodes: torch.Tensor, weights: torch.Tensor,
+                      max_steps: int = 10_000) -> torch.Tensor:
+    """`influence` of an adjacency given by its nonzero rows only: `rows` (normalised, `k nodes`)
+    are the rows of nodes `row_nodes`; every other row is zero (what a graph whose rows are
+    still being computed holds), so no `nodes x nodes` matrix is made."""
+    current = weights[row_nodes] @ rows
+    total = current.clone()
+    for _ in range(max_steps):
+        if not current.any():
+            return total
+        current = current[row_nodes] @ rows
+        total += current
+    raise GraphError("the graph's influence did not converge: its adjacency has a cycle")
+
+
 def edge_scores(adjacency: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each edge's share of its target's input times the target's influence plus weight."""
     a = normalised(adjacency)

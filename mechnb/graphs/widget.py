@@ -205,7 +205,7 @@ def _number(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def feature_contexts(model, tcs, features: list[tuple[int, int]], texts, windows: int = 32, context: int = 64,
+def feature_contexts(model, tcs, features: list[tuple[int, int]], texts, windows: int = 16, context: int = 64,
                      top: int = 3) -> dict:
     """`{(layer, feature): [snippet, ...]}`: each feature's `top` strongest tokens over `windows`
     windows of `texts`, shown with the tokens before them (the peak token in «»)."""
@@ -239,6 +239,11 @@ def feature_contexts(model, tcs, features: list[tuple[int, int]], texts, windows
                         break
                     window, pos = where[row].tolist()
                     before = decode(ids[window, max(1, pos - 8):pos].tolist())
-                    snippets.append(f"{before}«{decode([int(ids[window, pos])])}» ({value:.2g})")
+                    snippet = f"{before}«{decode([int(ids[window, pos])])}» ({value:.2g})"
+                    snippets.append(snippet.replace("\n", "⏎"))
                 found[(layer, feature)] = snippets
+    del inputs, acts
+    from ..core.memory import return_to_system
+
+    return_to_system()
     return found

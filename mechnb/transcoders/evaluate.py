@@ -46,7 +46,7 @@ class Evaluation:
         return f"<table>{head}</table>{self.layers.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
 
 
-def evaluate(tcs, model, texts, n_tokens: int = 10_000, context: int = 128, batch_size: int = 8) -> Evaluation:
+def evaluate(tcs, model, texts, n_tokens: int = 10_000, context: int = 128, batch_size: int = 4) -> Evaluation:
     """Metrics of `tcs` on `texts` (see the module docstring), over about `n_tokens` tokens."""
     import pandas as pd
 

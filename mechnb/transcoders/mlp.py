@@ -41,27 +41,28 @@ def mlp_values(model, layers: list[int], reads: str, ids: torch.Tensor, mask: to
     With `stop`, the forward ends after the last of those MLPs."""
     from ..core.engine import run
 
-    reads_kept, writes_kept = {}, {}
+    keep_rows = mask.bool().clone()
+    keep_rows[:, 0] = False  # the attention sink
+    keep_rows = keep_rows.to(model.device)
+    n = int(keep_rows.sum())
+    # Written layer by layer as the forward computes them: no second copy of 2 x layers values.
+    inputs = torch.empty(len(layers), n, model.d_model, device=model.device)
+    outputs = torch.empty(len(layers), n, model.d_model, device=model.device)
     last = max(layers)
 
-    def keep(store, layer, end=False):
+    def keep(store, i, end=False):
         def fn(value):
-            store[layer] = value.detach()
+            store[i] = value.detach()[keep_rows]
             if end and stop:
                 raise _Stop
         return fn
 
     with run(model, [[""] * ids.shape[1]] * len(ids)) as forward:
-        for layer in layers:
-            forward.hook(read_module(model, layer, reads), "input", keep(reads_kept, layer))
-            forward.hook(write_module(model, layer), "output", keep(writes_kept, layer, layer == last))
+        for i, layer in enumerate(layers):
+            forward.hook(read_module(model, layer, reads), "input", keep(inputs, i))
+            forward.hook(write_module(model, layer), "output", keep(outputs, i, layer == last))
         try:
             model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
         except _Stop:
             pass
-    keep_rows = mask.bool().clone()
-    keep_rows[:, 0] = False  # the attention sink
-    keep_rows = keep_rows.to(model.device)
-    inputs = torch.stack([reads_kept[layer][keep_rows].float() for layer in layers])
-    outputs = torch.stack([writes_kept[layer][keep_rows].float() for layer in layers])
     return inputs, outputs

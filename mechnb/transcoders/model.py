@@ -205,7 +205,7 @@ class TranscoderSet:
             raise TranscoderError(f"these transcoders read resid_mid, which {model.name} does not have "
                                   "(attention and MLP run in parallel)")
 
-    def evaluate(self, model, texts, n_tokens: int = 10_000, context: int = 128, batch_size: int = 8):
+    def evaluate(self, model, texts, n_tokens: int = 10_000, context: int = 128, batch_size: int = 4):
         """Per-layer FVU, L0 and dead features, and the loss and top-1 agreement of the model with
         every covered MLP replaced (`mechnb.transcoders.evaluate`). Example: `tcs.evaluate(model, texts)`."""
         from .evaluate import evaluate

@@ -190,6 +190,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     """
     import pandas as pd
 
+    from ..core.memory import return_to_system
     from ..sae.store import padded
     from ..sae.train import geometric_median, remove_parallel_gradient
 
@@ -277,6 +278,8 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
                         part.threshold.clamp_(min=1e-4)
             state["step"] += 1
             state["tokens"] += inputs.shape[1]
+            del inputs, outputs
+            return_to_system()  # this batch's values are freed: hand their pages back
             if state["step"] % log_every == 0 or state["step"] == steps:
                 fvu = logged.pop("fvu")
                 row = {"step": state["step"], "tokens": state["tokens"], **logged,
@@ -314,6 +317,8 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     tcs = TranscoderSet(transcoders, reads=reads, name=name, meta=meta,
                         model={"name": model.name, "n_layers": model.n_layers, "d_model": d})
     tcs.history = pd.DataFrame(state["history"])
+    del parts, optimizer
+    return_to_system()  # the training state (Adam's moments, gradients) is freed: hand it back
     return tcs
 
 
