@@ -71,19 +71,23 @@ def main():
 
 
 def split_of_a_step(model, tcs):
-    """Seconds of one training batch in the forward and in the updates, on one more batch."""
+    """Seconds of one training step alone, and of its model forward: a two-step run on held-out
+    text (the second step's time), and one more forward of the same size."""
     from mechnb.sae.store import padded
     from mechnb.transcoders.mlp import mlp_values
     from mechnb.transcoders.train import token_windows
 
+    first = tcs[tcs.layers[0]]
+    probe = mechnb.transcoders.train(model, python_docs("eval"), width=first.width, k=first.k, n_tokens=2 * 4064,
+                                     log_every=1, progress=False)
+    step = float(probe.history.seconds.diff().iloc[-1])
     windows = token_windows(model, python_docs("eval"), 128)
     ids, mask = padded(model, [next(windows) for _ in range(32)])
     start = time.perf_counter()
-    inputs, outputs = mlp_values(model, tcs.layers, tcs.reads, ids, mask)
+    inputs, _ = mlp_values(model, tcs.layers, tcs.reads, ids, mask)
     forward = time.perf_counter() - start
-    total = tcs.meta["seconds"] / max(tcs.meta["steps"], 1)
-    print(f"one step of {inputs.shape[1]} tokens: {total:.1f} s, of which the model's forward {forward:.1f} s "
-          f"and the 30 transcoders' updates about {total - forward:.1f} s")
+    print(f"one step of {inputs.shape[1]} tokens alone: {step:.1f} s ({inputs.shape[1] / step:.0f} tokens/s), of "
+          f"which the model's forward {forward:.1f} s and the {len(tcs)} transcoders' updates {step - forward:.1f} s")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_graph_tables_json_and_figure(tiny_factory, tmp_path):
 
     model = tiny_factory("llama")
     graph = build(model, PARIS, random_set(model, layers=[0, 1]), batch_size=32)
-    assert "layers without transcoders" in graph.summary() and "[2]" in graph.summary()
+    assert "(layers 2 without transcoders: error nodes only)" in graph.summary()
     df, edges = graph.df, graph.edges
     assert set(df.kind) >= {"feature", "embedding", "logit"}
     assert set(edges.source) <= set(df.node) and set(edges.target) <= set(df.node)

@@ -303,6 +303,10 @@ def test_transcoder_sites_and_attach_errors_are_one_line(tiny_factory):
     narrow = TranscoderSet({0: Transcoder(16, 8, kind="topk", k=2)})
     with pytest.raises(TranscoderError, match="16-wide"):
         model.attach(narrow)
+    tcs.model["name"] = "org/another-model"
+    with pytest.raises(TranscoderError, match="made for org/another-model, not tiny-llama"):
+        model.attach(tcs)
+    tcs.model["name"] = "somewhere/TINY-llama"  # the same model under another organisation
     model.attach(tcs)
     with pytest.raises(TranscoderError, match="already attached"):
         model.attach(tcs)

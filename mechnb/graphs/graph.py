@@ -260,7 +260,13 @@ class AttributionGraph:
 
     def _title(self) -> str:
         top = self.model.tokenizer.decode([self.logit_ids[0]])
-        return f"Attribution graph: {self.prompt!r} -> {top!r}"
+        title = f"Attribution graph: {self.prompt!r} -> {top!r}"
+        missing = self.meta["missing_layers"]
+        if missing:
+            from ..transcoders.model import layer_ranges
+
+            title += f" (layers {layer_ranges(missing)} without transcoders: error nodes only)"
+        return title
 
     def summary(self) -> str:
         s = self.scores
@@ -268,8 +274,6 @@ class AttributionGraph:
         text = (f"{self._title()}: {self.n_features} features ({self.n_active} active), {kept} nodes and "
                 f"{int(self.edge_mask.sum())} edges after pruning; replacement {s['replacement']:.2f}, "
                 f"completeness {s['completeness']:.2f}")
-        if self.meta["missing_layers"]:
-            text += f"; layers without transcoders (error nodes only): {self.meta['missing_layers']}"
         return text
 
     def __repr__(self) -> str:

@@ -193,7 +193,7 @@ def view_data(graph, labels: dict, contexts, max_edges: int) -> dict:
                       "contexts": shown_contexts.get((int(row.layer), int(row.feature))) if site else None})
     prompt_tokens = list(graph.tokens)
     scores = graph.scores
-    title = (f"{graph.prompt!r}: {len(nodes)} nodes, {len(edges)} edges shown; replacement "
+    title = (f"{graph._title()}: {len(nodes)} nodes, {len(edges)} edges shown; replacement "
              f"{scores['replacement']:.2f}, completeness {scores['completeness']:.2f}")
     return {"nodes": nodes, "edges": [{"s": s, "t": t, "w": float(w)} for s, t, w in edges.itertuples(index=False)],
             "tokens": prompt_tokens, "n_layers": graph.n_layers, "title": title}

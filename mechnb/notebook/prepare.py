@@ -40,9 +40,9 @@ def main(arguments: list[str]) -> int:
     for path in paths:
         for number, source in enumerate(prepare_cells(path), 1):
             if model is None:
-                import mechnb
+                from ..model import load
 
-                model = mechnb.load()
+                model = load()
             print(f"preparing {path.name}, cell {number}")
             exec(compile(source, f"{path.name}[prepare {number}]", "exec"), {"model": model})
     return 0

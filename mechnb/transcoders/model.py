@@ -157,7 +157,7 @@ class TranscoderSet:
     @property
     def layer_text(self) -> str:
         """The covered layers as ranges (`0-13, 15`)."""
-        return _ranges(self.layers)
+        return layer_ranges(self.layers)
 
     @property
     def width(self) -> int:
@@ -174,7 +174,7 @@ class TranscoderSet:
     def __getitem__(self, layer: int) -> Transcoder:
         if layer not in self.transcoders:
             raise TranscoderError(f"no transcoder for layer {layer!r}: this set covers layers "
-                                  f"{_ranges(self.layers)}")
+                                  f"{layer_ranges(self.layers)}")
         return self.transcoders[layer]
 
     def __contains__(self, layer) -> bool:
@@ -192,14 +192,20 @@ class TranscoderSet:
         return self
 
     def check_model(self, model) -> None:
-        """`TranscoderError` unless this set fits `model` (width, layers)."""
+        """`TranscoderError` unless this set fits `model` (width, layers, and the model's name
+        when the set records one: the same last path component, case aside)."""
         n_layers = self.model.get("n_layers")
+        made_for = self.model.get("name")
+        if made_for and model.name and _short(made_for) != _short(model.name):
+            raise TranscoderError(f"these transcoders were made for {made_for}, not {model.name}; if they fit "
+                                  f"it anyway (a local copy under another name), set tcs.model['name'] = "
+                                  f"{model.name!r}")
         if self.d_model != model.d_model or any(tc.d_out != model.d_model for tc in self):
             raise TranscoderError(f"these transcoders read {self.d_model}-wide activations but {model.name} "
                                   f"has d_model {model.d_model}: they were made for "
                                   f"{self.model.get('name', 'another model')}")
         if max(self.layers) >= model.n_layers or (n_layers is not None and n_layers != model.n_layers):
-            raise TranscoderError(f"these transcoders cover layers {_ranges(self.layers)} of a "
+            raise TranscoderError(f"these transcoders cover layers {layer_ranges(self.layers)} of a "
                                   f"{n_layers or '?'}-layer model, but {model.name} has {model.n_layers} layers")
         if self.reads == "resid_mid" and model.parallel_attn_mlp:
             raise TranscoderError(f"these transcoders read resid_mid, which {model.name} does not have "
@@ -241,11 +247,16 @@ class TranscoderSet:
     def __repr__(self) -> str:
         tc = next(iter(self))
         k = f", k={tc.k}" if tc.k else ""
-        return (f"<mechnb TranscoderSet {self.name}: layers {_ranges(self.layers)}, {tc.kind}{k}, width "
+        return (f"<mechnb TranscoderSet {self.name}: layers {layer_ranges(self.layers)}, {tc.kind}{k}, width "
                 f"{self.width}, reads {self.reads}{', skip' if tc.skip else ''}>")
 
 
-def _ranges(layers) -> str:
+def _short(name: str) -> str:
+    """A model's name without its organisation or directory: `google/gemma-2-2b` -> `gemma-2-2b`."""
+    return str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def layer_ranges(layers) -> str:
     """`[0, 1, 2, 5]` -> `0-2, 5`."""
     layers = sorted(layers)
     parts, start = [], None
