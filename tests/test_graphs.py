@@ -194,6 +194,11 @@ def test_live_widget_selects_groups_and_intervenes_on_the_real_model(tiny_factor
     assert "p(" in widget.result.value and "&lt;" not in figures["target"]
     assert widget.scale(0.0)["p_after"] == pytest.approx(figures["p_after"], rel=1e-5)  # x0 = zero ablation
     assert model.unmodified and torch.equal(clean_logits(model), before)
+    from mechnb import SiteError
+
+    with pytest.raises(SiteError, match="feature 999 out of range"):
+        widget.ablate(["tc.1.999@0"])
+    assert model.unmodified and not model.transcoder_sets and torch.equal(clean_logits(model), before)
     widget.view.supernodes = {"supernode 1": chosen}
     assert widget.supernodes == {"supernode 1": chosen}
     with pytest.raises(GraphError, match="not a node of the drawn graph"):
