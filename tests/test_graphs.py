@@ -199,8 +199,8 @@ def test_live_widget_selects_groups_and_intervenes_on_the_real_model(tiny_factor
     with pytest.raises(SiteError, match="feature 999 out of range"):
         widget.ablate(["tc.1.999@0"])
     assert model.unmodified and not model.transcoder_sets and torch.equal(clean_logits(model), before)
-    widget.view.supernodes = {"supernode 1": chosen}
-    assert widget.supernodes == {"supernode 1": chosen}
+    widget.selected = chosen
+    assert widget.group("Paris features") == {"Paris features": chosen} and widget.selected == []
     with pytest.raises(GraphError, match="not a node of the drawn graph"):
         widget.selected = ["tc.99.1@0"]
     # %graph: the API's graph, or its live view.

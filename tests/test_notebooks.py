@@ -138,6 +138,7 @@ def check_graphs(notebook, text, rendered):
     assert live["nodes"] > 20 and live["edges"] > 20, live  # it draws
     assert live["hovered"] in live["panel"]  # hovering shows the node
     assert live["selected_stroke"] == "#f59e0b"  # a click selects (drawn)
+    assert live["supernode"] == "top three"  # shift-click groups, under the name typed
     # The selection reached Python: the ablation ran on the clicked nodes, and moved p(' Paris')
     # (measured: 0.70 -> 0.44 for the three of most influence).
     assert f"ablate of {', '.join(live['chosen'])}:" in live["after"], live["after"]
@@ -164,6 +165,17 @@ def interact_graph(page) -> dict:
         page.wait_for_function("n => document.querySelector(`.mechnb-graph-node[data-node='${n}']`)"
                                ".getAttribute('stroke') === '#f59e0b'", arg=name, timeout=10_000)
     stroke = node.get_attribute("stroke")
+    # A named supernode of the three (a name typed in the box, then shift-click), which clears
+    # the selection; clicking its name selects its members again.
+    view.locator(".mechnb-graph-supernode-name").fill("top three")
+    node.dispatch_event("click", {"shiftKey": True})
+    page.wait_for_function("() => [...document.querySelectorAll('.mechnb-graph-supernode')]"
+                           ".some(t => t.textContent === 'top three')", timeout=10_000)
+    page.wait_for_function("n => document.querySelector(`.mechnb-graph-node[data-node='${n}']`)"
+                           ".getAttribute('stroke') === 'none'", arg=chosen[0], timeout=10_000)
+    view.locator(".mechnb-graph-supernode").first.dispatch_event("click")
+    page.wait_for_function("n => document.querySelector(`.mechnb-graph-node[data-node='${n}']`)"
+                           ".getAttribute('stroke') === '#f59e0b'", arg=chosen[2], timeout=10_000)
     page.get_by_role("button", name="ablate selection").first.click()
     result = page.locator(".mechnb-graph-result").first
     page.wait_for_function("n => document.querySelector('.mechnb-graph-result').innerText.includes(n)",
@@ -172,7 +184,8 @@ def interact_graph(page) -> dict:
     view.locator("xpath=ancestor::div[contains(@class, 'jupyter-widgets')][last()]").first.screenshot(
         path=str(ARTIFACTS / "08_live_graph.png"))
     return {"nodes": view.locator(".mechnb-graph-node").count(), "edges": view.locator("line").count(),
-            "hovered": chosen[0], "chosen": chosen, "panel": panel, "selected_stroke": stroke,
+            "hovered": chosen[0], "chosen": chosen,
+            "supernode": view.locator(".mechnb-graph-supernode").first.text_content(), "panel": panel, "selected_stroke": stroke,
             "after": result.inner_text()}
 
 

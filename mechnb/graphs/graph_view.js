@@ -3,8 +3,8 @@
 // Layers run bottom to top (token embeddings at the bottom, logits at the top), positions left
 // to right. Edge width follows |weight|, colour its sign (blue positive, red negative). Hover a
 // node for its label and top contexts; click toggles it in the selection; shift-click puts the
-// selection and the clicked node into a new supernode (a box around them; click its name to
-// select its members). The selection and the supernodes are synced to Python
+// selection and the clicked node into a new supernode, named by the box above the panel
+// (`supernode N` when empty), drawn as a box around them; click its name to select its members. The selection and the supernodes are synced to Python
 // (`GraphWidget.selected`, `.supernodes`). Every text is set with textContent: tokens and
 // labels are never parsed as HTML.
 
@@ -40,11 +40,19 @@ function render({ model, el }) {
   svg.style.cssText = `width:100%;min-width:${Math.round(0.6 * width)}px;max-width:${width}px;height:auto;`;
   const panel = document.createElement("div");
   panel.className = "mechnb-graph-panel";
-  panel.style.cssText = "flex:0 0 260px;min-height:120px;border:1px solid #ddd;padding:8px;white-space:pre-wrap;" +
+  panel.style.cssText = "min-height:120px;border:1px solid #ddd;padding:8px;white-space:pre-wrap;" +
     "overflow-wrap:anywhere;";
   panel.textContent = data.title + "\n\nHover a node for its label and contexts; click to select, " +
     "shift-click to group the selection into a supernode.";
-  root.appendChild(panel);
+  const side = document.createElement("div");
+  side.style.cssText = "flex:0 0 260px;display:flex;flex-direction:column;gap:6px;";
+  const naming = document.createElement("input");
+  naming.className = "mechnb-graph-supernode-name";
+  naming.placeholder = "name of the next supernode";
+  naming.style.cssText = "font:12px sans-serif;padding:3px;";
+  side.appendChild(naming);
+  side.appendChild(panel);
+  root.appendChild(side);
 
   // Rows: embeddings (-1) at the bottom, layers 0..L-1, logits (L) at the top.
   const rowY = row => top + (nLayers - row) * rowH + rowH / 2;
@@ -132,9 +140,14 @@ function render({ model, el }) {
   function group(name) {
     const members = [...new Set([...model.get("selected"), name])];
     const supernodes = { ...model.get("supernodes") };
-    let index = Object.keys(supernodes).length + 1;
-    while (`supernode ${index}` in supernodes) index += 1;
-    supernodes[`supernode ${index}`] = members;
+    let label = naming.value.trim();
+    if (!label || label in supernodes) {
+      let index = Object.keys(supernodes).length + 1;
+      while (`supernode ${index}` in supernodes) index += 1;
+      label = label ? `${label} ${index}` : `supernode ${index}`;
+    }
+    supernodes[label] = members;
+    naming.value = "";
     model.set("supernodes", supernodes);
     model.set("selected", []);
     model.save_changes();

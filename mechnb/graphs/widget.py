@@ -9,8 +9,8 @@ and interventions on the selection computed on the real model in the same kernel
 
 The view is an anywidget module shipped in the package (`graph_view.js`): layers bottom to
 top, positions left to right, edge width by |weight| and colour by sign. Hover a node for
-its label and top contexts; click to select; shift-click groups the selection into a named
-supernode (`w.supernodes`). The buttons ablate or scale the selection: the transcoders are
+its label and top contexts; click to select; shift-click groups the selection into a
+supernode named by the box beside the graph (`w.supernodes`; `w.group(name, nodes)` from Python). The buttons ablate or scale the selection: the transcoders are
 attached for that run (if they are not already), the selected feature sites (`tc.L.F@P`)
 and token embeddings (`embed@P`) are changed, and the panel shows the target logit's
 probability and logit before and after and the new top tokens. Error and logit nodes are
@@ -94,6 +94,16 @@ class GraphWidget:
     def supernodes(self) -> dict:
         """Named groups of nodes (shift-click in the view): name -> node names."""
         return dict(self.view.supernodes)
+
+    def group(self, name: str, nodes=None) -> dict:
+        """Make a supernode `name` of the selected (or given) nodes, as shift-click does; the supernodes."""
+        if not isinstance(name, str) or not name.strip():
+            raise GraphError(f"a supernode's name is a non-empty string, got {name!r}")
+        members = self.selected if nodes is None else list(nodes)
+        self.selected = members  # checks the names
+        self.view.supernodes = {**self.view.supernodes, name: members}
+        self.view.selected = []
+        return self.supernodes
 
     # -- interventions on the real model ------------------------------------------------------
 
