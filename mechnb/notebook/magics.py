@@ -396,17 +396,11 @@ class MechnbMagics(Magics):
     def features(self, line: str):
         """`%features PROMPT --sae SAE [-k K] [-o NAME]`: the top SAE features per token."""
         prompt, options = self._prompt(line, {"--sae": object, "-k": int, "-o": str}, "%features")
-        output = options.pop("o", None)
-        sae = options.pop("sae", None)
-        if isinstance(sae, str):
-            sae = self.shell.user_ns.get(sae, sae)
-        model = self.session.require()
-        if sae is None and len(model.saes) == 1:
-            sae = model.saes[0]
         from ..sae import SAE
 
-        if not isinstance(sae, SAE):
-            raise MagicError(f"%features needs --sae naming an SAE (a variable or {{expr}}), got {sae!r}")
+        output = options.pop("o", None)
+        model = self.session.require()
+        sae = self._named(options.pop("sae", None), model.saes, SAE, "%features needs --sae naming an SAE")
         return self._keep(model.features(prompt, sae, **options), output)
 
     @no_var_expand
@@ -418,18 +412,13 @@ class MechnbMagics(Magics):
         prompt, options = self._prompt(line, {"--transcoders": object, "--target": object,
                                               "--max-feature-nodes": int, "--max-logits": int, "--batch-size": int,
                                               "--widget": bool, "-o": str}, "%graph")
-        output = options.pop("o", None)
-        live = options.pop("widget", False)
-        tcs = options.pop("transcoders", None)
-        if isinstance(tcs, str):
-            tcs = self.shell.user_ns.get(tcs, tcs)
-        model = self.session.require()
-        if tcs is None and len(model.transcoder_sets) == 1:
-            tcs = model.transcoder_sets[0]
         from ..transcoders import TranscoderSet
 
-        if not isinstance(tcs, TranscoderSet):
-            raise MagicError(f"%graph needs --transcoders naming a TranscoderSet (a variable or {{expr}}), got {tcs!r}")
+        output = options.pop("o", None)
+        live = options.pop("widget", False)
+        model = self.session.require()
+        tcs = self._named(options.pop("transcoders", None), model.transcoder_sets, TranscoderSet,
+                          "%graph needs --transcoders naming a TranscoderSet")
         graph = self._keep(model.graph(prompt, tcs, **options), output)
         return graph.widget() if live else graph
 
@@ -460,6 +449,17 @@ class MechnbMagics(Magics):
         if positional:
             raise MagicError(f"{command} takes only options (--clean ..., --corrupt ...), got {positional}")
         return options
+
+    def _named(self, value, attached: list, cls, need: str):
+        """An object an option names: a variable's name, an `{expr}`'s value, or (when the option
+        is left out) the one of its kind attached to the model; `MagicError` (`need`) otherwise."""
+        if isinstance(value, str):
+            value = self.shell.user_ns.get(value, value)
+        if value is None and len(attached) == 1:
+            value = attached[0]
+        if not isinstance(value, cls):
+            raise MagicError(f"{need} (a variable or {{expr}}), got {value!r}")
+        return value
 
     def _keep(self, result, name: str | None):
         """Bind a result to `name` (the `-o` option) as well as returning it for `_`."""
