@@ -399,3 +399,9 @@ def test_stability_magic_leaves_the_defaults_to_quality(shell, llama, monkeypatc
     shell.user_ns["circ"] = circuit
     assert run(shell, "%stability {circ}").result == "table"
     assert calls == [((), {})]
+
+
+def test_magics_take_transformerlens_hook_names(shell, llama):
+    table = run(shell, "%ablate blocks.1.attn.hook_z").result
+    assert list(table["site"]) == ["head.1 (blocks.1.attn.hook_z)"]
+    assert run(shell, "%interventions --clear").success

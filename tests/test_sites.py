@@ -118,3 +118,46 @@ def test_select_and_assign_positions_round_trip():
 def test_site_objects_pass_through_parse():
     site = Site("resid_pre", 2)
     assert parse(site) is site
+
+
+@pytest.mark.parametrize("tl, canonical", [
+    ("hook_embed", "embed"),
+    ("blocks.5.hook_resid_pre", "resid_pre.5"),
+    ("blocks.5.hook_resid_mid", "resid_mid.5"),
+    ("blocks.*.hook_resid_post@-1", "resid_post.*@-1"),
+    ("blocks.2.hook_attn_out", "attn_out.2"),
+    ("blocks.2.hook_mlp_out@3:7", "mlp_out.2@3:7"),
+    ("blocks.3.attn.hook_pattern", "pattern.3"),
+    ("blocks.3.attn.hook_z@'John'", "head.3@'John'"),
+    ("blocks.0:2.mlp.hook_post", "neuron.0:2"),
+])
+def test_transformerlens_hook_names_are_aliases_of_sites(tl, canonical):
+    site = parse(tl)
+    assert site == parse(canonical) and str(site) == canonical
+    assert site.alias == tl.split("@")[0] and site.shown == f"{canonical} ({site.alias})"
+    assert parse(canonical).tl_name == site.alias
+
+
+@pytest.mark.parametrize("bad", ["blocks.5.hook_q", "blocks.5.attn.hook_result", "blocks.x.hook_resid_pre",
+                                 "blocks.hook_resid_pre"])
+def test_unknown_transformerlens_names_list_the_supported_ones(bad):
+    with pytest.raises(SiteError) as error:
+        parse(bad)
+    assert "blocks.L.attn.hook_z" in str(error.value) or "bad layer" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_transformerlens_names_read_write_and_show_in_results(tiny_factory):
+    model = tiny_factory("llama")
+    prompt = "When Mary and John went to the store"
+    cache = model.cache(prompt, ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z"])
+    assert torch.equal(cache["blocks.1.hook_resid_post@-1"], cache["resid_post.1@-1"])
+    assert torch.equal(cache["head.2"], model.cache(prompt, "head.2")["head.2"])
+    clean = model.top(prompt)["prob"].tolist()
+    with model.ablated("blocks.2.attn.hook_z"):
+        assert model.interventions[0].describe()["site"] == "head.2 (blocks.2.attn.hook_z)"
+        assert "head.2 (blocks.2.attn.hook_z)" in repr(model.interventions[0])
+        ablated = model.top(prompt)["prob"].tolist()
+        with model.ablated("head.2"):
+            assert model.top(prompt)["prob"].tolist() == pytest.approx(ablated)
+    assert ablated != pytest.approx(clean)

@@ -62,11 +62,11 @@ class Intervention:
 
     def describe(self) -> dict:
         """One row of the interventions table."""
-        return {"kind": self.kind, "site": str(self.site), "detail": self.detail()}
+        return {"kind": self.kind, "site": self.site.shown, "detail": self.detail()}
 
     def __repr__(self) -> str:
         detail = self.detail()
-        return f"{type(self).__name__}({str(self.site)!r}{', ' + detail if detail else ''})"
+        return f"{type(self).__name__}({self.site.shown!r}{', ' + detail if detail else ''})"
 
 
 @dataclass(eq=False, repr=False)

@@ -21,6 +21,13 @@ A site string names a value the model computes. The same strings work in
     pattern.3.1             one head's pattern               batch pos_q pos_k
     logits                  the model's output logits        batch pos vocab
 
+TransformerLens hook names are aliases (`TL_HOOKS`): `hook_embed`,
+`blocks.L.hook_resid_pre|mid|post`, `blocks.L.hook_attn_out`, `blocks.L.hook_mlp_out`,
+`blocks.L.attn.hook_pattern`, `blocks.L.attn.hook_z` (`head.L`) and
+`blocks.L.mlp.hook_post` (`neuron.L`), with the same layer ranges and positions. The
+parsed `Site` is mechnb's (`str(site)` is canonical) and keeps what was typed in
+`site.alias`; `site.shown` is both.
+
 Layers and indices take an int, a range `0:5` (end excluded) or `*`; a site with a
 range names several sites (`resid_pre.*` is one per layer) and reading it stacks
 them on a new leading axis. Positions follow `@`: `@-1` (one position; the axis is
@@ -41,7 +48,7 @@ runs a trace in execution order); `Site.order` sorts them that way.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .errors import SiteError
@@ -66,6 +73,14 @@ KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
 }
 
 _SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
+
+# TransformerLens hook names -> mechnb's sites (`blocks.L.` + the hook; `hook_embed` alone).
+TL_HOOKS: dict[str, str] = {
+    "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "attn.hook_pattern": "pattern",
+    "attn.hook_z": "head", "mlp.hook_post": "neuron",
+}
+_TL_BLOCK = re.compile(r"^blocks\.(?P<layer>[^.]+)\.(?P<hook>.+)$")
 _RANGE = re.compile(r"^(-?\d*):(-?\d*)$")
 
 
@@ -137,6 +152,8 @@ class Site:
     stage: float | None = None
     # The name of the transcoder set a `tc` site names (`tc.NAME.L.F`), if given.
     owner: str | None = None
+    # The TransformerLens hook name it was written as (`blocks.5.attn.hook_z`), if it was.
+    alias: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -149,6 +166,21 @@ class Site:
 
     def __str__(self) -> str:
         return self.name + (f"@{self.positions.text}" if self.positions else "")
+
+    @property
+    def shown(self) -> str:
+        """The canonical string, and the TransformerLens name it was written as, if any:
+        `head.5 (blocks.5.attn.hook_z)`."""
+        return str(self) + (f" ({self.alias})" if self.alias else "")
+
+    @property
+    def tl_name(self) -> str | None:
+        """The TransformerLens hook name of the whole value (`resid_post.5` ->
+        `blocks.5.hook_resid_post`), or None where TransformerLens has none."""
+        if self.kind == "embed":
+            return "hook_embed"
+        hook = {kind: hook for hook, kind in TL_HOOKS.items()}.get(self.kind)
+        return f"blocks.{_format_part(self.layer)}.{hook}" if hook and self.layer is not None else None
 
     @property
     def base(self) -> "Site":
@@ -260,6 +292,8 @@ def parse(text: str | Site) -> Site:
     match = _SITE.match(text.strip())
     if not match:
         raise SiteError(f"empty site {text!r}: write a site such as 'resid_post.5'")
+    if match["name"] == "hook_embed" or match["name"].startswith("blocks."):
+        return _parse_tl(match, text)
     parts = match["name"].split(".")
     kind = parts[0]
     if kind not in KINDS:
@@ -281,6 +315,20 @@ def parse(text: str | Site) -> Site:
     index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
     positions = parse_positions(match["pos"], text) if match["pos"] else None
     return Site(kind, layer, index, positions, owner=owner)
+
+
+def _parse_tl(match, text: str) -> Site:
+    """A site written as a TransformerLens hook name (`blocks.5.hook_resid_pre@-1`)."""
+    name = match["name"]
+    positions = parse_positions(match["pos"], text) if match["pos"] else None
+    if name == "hook_embed":
+        return Site("embed", positions=positions, alias=name)
+    block = _TL_BLOCK.match(name)
+    if not block or block["hook"] not in TL_HOOKS:
+        known = ", ".join(["hook_embed"] + [f"blocks.L.{hook}" for hook in TL_HOOKS])
+        raise SiteError(f"unknown TransformerLens hook name {name!r}: mechnb answers to {known}")
+    layer = _parse_part(block["layer"], "layer", text)
+    return Site(TL_HOOKS[block["hook"]], layer, None, positions, alias=name)
 
 
 def _example(kind: str) -> str:
