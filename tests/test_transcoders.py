@@ -87,7 +87,7 @@ def test_bad_files_are_one_clear_line(tiny_factory, tmp_path):
     path = tcs.save(tmp_path / "tcs")
     with pytest.raises(TranscoderError, match="no transcoders.json"):
         load(tmp_path)
-    with pytest.raises(TranscoderError, match="not a directory"):
+    with pytest.raises(TranscoderError, match="not a transcoder directory"):
         load(tmp_path / "nowhere")
     broken = load_file(str(path / "layer_1.safetensors"))
     broken["W_dec"][0, 0] = float("nan")

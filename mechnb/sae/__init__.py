@@ -7,11 +7,15 @@
 
 The pieces: `SAE` (the autoencoder, four activation kinds), `train` (the loop),
 `ActivationStore` and `collect` (activations in memory or memory-mapped on disk),
-`load` (a directory in the SAELens layout).
+`load` (a directory, a hub repository or a named release in SAELens', Gemma Scope's,
+Gemma Scope 2's, sparsify's or Llama Scope's format; `mechnb.sae.files`), `releases` (the
+named ones, `mechnb.sae.releases`).
 """
 
-from .model import KINDS, SAE, load
+from .files import load
+from .model import KINDS, SAE
+from .releases import releases
 from .store import ActivationStore
 from .train import train
 
-__all__ = ["SAE", "KINDS", "train", "load", "ActivationStore"]
+__all__ = ["SAE", "KINDS", "train", "load", "releases", "ActivationStore"]

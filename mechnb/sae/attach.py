@@ -22,7 +22,7 @@ from ..core.interventions import Intervention
 from ..core.remote import local_only
 from .model import SAE
 
-HOSTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "neuron")
+HOSTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "neuron", "head")
 
 
 @dataclass(eq=False, repr=False)
@@ -34,6 +34,9 @@ class Splice(Intervention):
     kind = "sae"
 
     def replacement(self, part):
+        if self.site.kind == "head":  # every head's z, flattened as TransformerLens' hook_z SAEs read it
+            flat = part.flatten(-2)
+            return self.sae.splice(flat.to(self.sae.W_enc.dtype)).to(part.dtype).view(part.shape)
         return self.sae.splice(part.to(self.sae.W_enc.dtype)).to(part.dtype)
 
     def detail(self) -> str:
@@ -66,10 +69,16 @@ def attach(model, sae: SAE, site=None, name: str | None = None) -> Splice:
     if concrete is None or concrete.index is not None or concrete.positions is not None:
         raise SAEError(f"an SAE attaches to a whole per-token site ({', '.join(HOSTS)} with a layer), "
                        f"not {site}")
-    width = model.d_mlp if concrete.kind == "neuron" else model.d_model
+    from ..core.hub import same_model
+
+    if not same_model(getattr(sae, "model", None), model.name):
+        raise SAEError(f"{sae.name} was trained on {sae.model}, not {model.name}; if it fits anyway (a copy "
+                       f"under another name), set sae.model = None and attach again")
+    width = {"neuron": model.d_mlp, "head": model.n_heads * model.d_head}.get(concrete.kind, model.d_model)
     if width != sae.d_in:
-        raise SAEError(f"{sae.name} reads {sae.d_in}-wide activations but {concrete} is {width} wide: "
-                       "attach it where it was trained")
+        made_for = f" (trained on {sae.model})" if getattr(sae, "model", None) else ""
+        raise SAEError(f"{sae.name} reads {sae.d_in}-wide activations but {concrete} of {model.name} is "
+                       f"{width} wide: attach it where it was trained{made_for}")
     sae.name = name or sae.name
     if any(other.name == sae.name for other in model.saes):
         raise SAEError(f"an SAE named {sae.name!r} is already attached: attach(sae, name='another')")

@@ -11,10 +11,12 @@ Kinds (the activation `act`):
                learned global threshold replaces the batch (BatchTopK, Bussmann 2024)
     jumprelu   pre-activation where it exceeds a learned per-feature threshold
 
-Weights load and save in the SAELens layout: `cfg.json` and
+Weights save in SAELens 6's layout: `cfg.json` (SAELens' keys, `metadata.hook_name` the
+TransformerLens name of the site, plus mechnb's `kind` and `site`) and
 `sae_weights.safetensors` with `W_enc` (d_in d_sae), `W_dec` (d_sae d_in), `b_enc`,
-`b_dec`, and `threshold` for jumprelu (and batchtopk). Loading reads safetensors
-only: nothing is unpickled.
+`b_dec`, and `threshold` for jumprelu and batchtopk. SAELens 6 loads every kind
+(`SAE.load_from_disk`): batchtopk is written as SAELens writes it, as `jumprelu` with its
+threshold. `mechnb.sae.load` (`mechnb.sae.files`) reads these and the published formats.
 
     >>> sae = SAE(576, 4608, kind="topk", k=32)
     >>> sae(x).shape == x.shape
@@ -47,12 +49,15 @@ class SAE(torch.nn.Module):
         k: active features per token for topk / batchtopk.
         site: the site it reads (`resid_post.12`), for attaching and naming.
         name: a label (default `sae`).
+        model: the model it was trained on; `Model.attach` refuses another (set
+            `sae.model = None` to attach it anyway).
 
     Attributes: `history` (training DataFrame or None), `meta` (training facts).
     """
 
     def __init__(self, d_in: int, d_sae: int, kind: str = "topk", k: int | None = None,
-                 site: str | None = None, name: str = "sae", dtype=torch.float32, device=None):
+                 site: str | None = None, name: str = "sae", model: str | None = None,
+                 dtype=torch.float32, device=None):
         super().__init__()
         if kind not in KINDS:
             raise SAEError(f"unknown SAE kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -60,6 +65,7 @@ class SAE(torch.nn.Module):
             raise SAEError(f"a {kind} SAE needs k, the number of active features per token "
                            f"(1..{d_sae}), got {k!r}")
         self.d_in, self.d_sae, self.kind, self.k, self.site, self.name = d_in, d_sae, kind, k, site, name
+        self.model = model  # the model it was trained on (a hub id or name), if known
         factory = dict(dtype=dtype, device=device)
         self.W_enc = torch.nn.Parameter(torch.zeros(d_in, d_sae, **factory))
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in, **factory))
@@ -123,14 +129,22 @@ class SAE(torch.nn.Module):
 
     @property
     def cfg(self) -> dict:
-        """The configuration, in SAELens' vocabulary (plus mechnb's `kind` and `site`)."""
-        layer = None
-        if self.site and self.site.split(".")[-1].isdigit():
-            layer = int(self.site.split(".")[-1])
-        return {"d_in": self.d_in, "d_sae": self.d_sae, "architecture": _ARCHITECTURE[self.kind],
-                "kind": self.kind, "k": self.k, "hook_name": self.site, "hook_layer": layer,
-                "site": self.site, "name": self.name, "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-                "apply_b_dec_to_input": True, "normalize_activations": "none"}
+        """The configuration in SAELens 6's layout, plus mechnb's `kind`, `site` and `name`."""
+        from ..core.sites import parse
+
+        hook = parse(self.site).tl_name if self.site else None
+        cfg = {"architecture": "jumprelu" if self.kind == "batchtopk" else _ARCHITECTURE[self.kind],
+               "d_in": self.d_in, "d_sae": self.d_sae,
+               "dtype": str(self.W_enc.dtype).removeprefix("torch."), "device": "cpu",
+               "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+               "metadata": {"sae_lens_version": "6.0.0", "model_name": self.model, "hook_name": hook or self.site,
+                            "hook_head_index": None, "prepend_bos": True},
+               "kind": self.kind, "site": self.site, "name": self.name}
+        if self.kind in ("topk", "batchtopk"):
+            cfg["k"] = self.k
+        if self.site and hook and parse(self.site).kind == "head":
+            cfg["reshape_activations"] = "hook_z"  # SAELens flattens heads as mechnb does
+        return cfg
 
     def save(self, directory) -> Path:
         """Write `cfg.json` and `sae_weights.safetensors` (SAELens layout); returns the directory."""
@@ -150,7 +164,8 @@ class SAE(torch.nn.Module):
 
     def __repr__(self) -> str:
         k = f", k={self.k}" if self.k else ""
-        return f"<mechnb SAE {self.name}: {self.kind}{k}, {self.d_in} -> {self.d_sae}, site {self.site}>"
+        model = f", trained on {self.model}" if self.model else ""
+        return f"<mechnb SAE {self.name}: {self.kind}{k}, {self.d_in} -> {self.d_sae}, site {self.site}{model}>"
 
     # -- analysis: each a function of the SAE, written once in its own module ----------
 
@@ -158,63 +173,3 @@ class SAE(torch.nn.Module):
     record_contexts = labelling.record_contexts
     label = labelling.label
     dashboard = dashboards.dashboard
-
-
-def load(source, device=None) -> SAE:
-    """An SAE from a directory in the SAELens layout (`cfg.json`, `sae_weights.safetensors`).
-
-    A hub id is not fetched: download the SAE's directory yourself (this function never
-    touches the network) and pass its path.
-    """
-    import os
-
-    from safetensors.torch import load_file
-
-    if not isinstance(source, (str, os.PathLike)):
-        raise SAEError(f"load takes the path of an SAE directory, got {type(source).__name__} {source!r:.40}")
-    path = Path(source).expanduser()
-    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-        raise SAEError(f"{str(source)!r} is not an SAE directory: it needs cfg.json and "
-                       "sae_weights.safetensors (the SAELens layout). mechnb does not download "
-                       "SAEs; fetch the directory first and pass its path")
-    try:
-        cfg = json.loads((path / "cfg.json").read_text())
-        tensors = load_file(str(path / "sae_weights.safetensors"))
-    except Exception as error:  # a truncated or hand-edited file: JSON's and safetensors' errors
-        raise SAEError(f"cannot read the SAE in {str(source)!r}: {type(error).__name__}: {error}") from None
-    if not isinstance(cfg, dict):
-        raise SAEError(f"{path / 'cfg.json'} holds {type(cfg).__name__}, not the SAE's settings "
-                       "(a JSON object)")
-    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        if key not in tensors:
-            raise SAEError(f"{path / 'sae_weights.safetensors'} has no {key}: keys are {sorted(tensors)}")
-    kind = cfg.get("kind") or {v: k for k, v in _ARCHITECTURE.items()}.get(cfg.get("architecture", "standard"))
-    if kind is None:
-        raise SAEError(f"unknown SAE architecture {cfg.get('architecture')!r}: mechnb reads "
-                       f"{', '.join(_ARCHITECTURE.values())}")
-    d_in, d_sae = tensors["W_enc"].shape
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    site = cfg.get("site") or _site_of_hook(cfg.get("hook_name"))
-    sae = SAE(d_in, d_sae, kind=kind, k=k, site=site, name=cfg.get("name", "sae"),
-              dtype=tensors["W_enc"].dtype, device=device)
-    with torch.no_grad():
-        for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
-            if key in tensors:
-                getattr(sae, key).copy_(tensors[key])
-    if (path / "history.csv").is_file():
-        import pandas as pd
-
-        sae.history = pd.read_csv(path / "history.csv")
-    return sae
-
-
-def _site_of_hook(hook_name: str | None) -> str | None:
-    """mechnb's site for a TransformerLens hook name (`blocks.12.hook_resid_post`)."""
-    if not hook_name:
-        return None
-    if not hook_name.startswith("blocks."):
-        return hook_name
-    parts = hook_name.split(".")
-    kind = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
-            "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}.get(parts[-1])
-    return f"{kind}.{parts[1]}" if kind else hook_name

@@ -15,8 +15,12 @@ Read by `load` as well:
   `layer_{L}.safetensors` with `W_enc` stored `width d_in` (transposed on reading),
   `activation_function.threshold` (jumprelu), `k` (topk) or neither (relu).
 
-Only safetensors are read (nothing is unpickled) and nothing is downloaded: fetch a hub
-directory first and pass its path.
+Published transcoders, one folder per layer, read by `load(source, tc_id)`: Gemma Scope's
+(`params.npz`, reading the MLP's input), Gemma Scope 2's (`params.safetensors` and
+`config.json`, with the `affine_skip_connection` as `W_skip`) and EleutherAI sparsify's
+(`cfg.json` with `transcode: true`, `sae.safetensors`). A release name or a hub repo id is
+downloaded through the Hugging Face cache (`mechnb.core.hub`); a directory never touches the
+network. Only safetensors and `.npz` without pickle are read (nothing is unpickled).
 
 Gotchas: circuit-tracer's topk keeps the k largest pre-activations even when negative;
 mechnb's, like SAELens', zeroes negative ones (trained transcoders rarely have negative
@@ -44,26 +48,155 @@ _READS = {"ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in", "hook_mlp_in
 _WRITES = ("hook_mlp_out", "mlp.hook_out")
 
 
-def load(source, device=None) -> TranscoderSet:
-    """A `TranscoderSet` from a directory in mechnb's, SAELens 6's or circuit-tracer's layout."""
+def load(source, tc_id=None, device=None, revision: str | None = None) -> TranscoderSet:
+    """A `TranscoderSet` from a directory, a named release or a hub repository.
+
+    Args:
+        source: a directory in mechnb's, SAELens 6's or circuit-tracer's layout (or one
+            transcoder's folder in a published format below); a release
+            (`"gemma-scope-2b-pt-transcoders"`, `mechnb.sae.releases("transcoder")`); or a
+            hub repository id.
+        tc_id: for a release or repository, which transcoders: one folder, a list of
+            folders, or `{layer: folder}`. Each folder holds one layer's transcoder in
+            Gemma Scope's (`params.npz`), Gemma Scope 2's (`params.safetensors`, with its
+            affine skip) or sparsify's (`cfg.json` with `transcode`, `sae.safetensors`)
+            format, or a whole set in one of the layouts above.
+        revision: a hub branch, tag or commit.
+
+    Example: `mechnb.transcoders.load("gemma-scope-2-1b-pt-transcoders",
+    ["transcoder/layer_5_width_16k_l0_big_affine"])`. Hub files go through the Hugging Face
+    cache (`mechnb.core.hub`) and are reused offline.
+    """
     import os
 
     if not isinstance(source, (str, os.PathLike)):
-        raise TranscoderError(f"load takes the path of a transcoder directory, got {type(source).__name__}")
+        raise TranscoderError(f"load takes a directory, a release name or a hub repo id, got {type(source).__name__}")
     path = Path(source).expanduser()
-    if not path.is_dir():
-        raise TranscoderError(f"{str(source)!r} is not a directory: transcoders load from a directory in "
-                              "mechnb's, SAELens 6's or circuit-tracer's layout (mechnb downloads nothing)")
-    if (path / "transcoders.json").is_file():
-        tcs = _load_mechnb(path)
-    elif (path / "config.yaml").is_file():
-        tcs = _load_circuit_tracer(path)
-    elif (path / "cfg.json").is_file() or any((p / "cfg.json").is_file() for p in path.iterdir() if p.is_dir()):
-        tcs = _load_saelens(path)
+    if path.is_dir() and tc_id is None:
+        tcs = _load_directory(path)
+    elif path.is_dir():
+        tcs = _one_per_layer([(folder, path / folder, {}) for folder in _ids(tc_id)], str(path))
     else:
-        raise TranscoderError(f"{str(source)!r} holds no transcoders.json (mechnb), config.yaml "
-                              "(circuit-tracer) or cfg.json (SAELens 6)")
+        tcs = _from_hub(str(source), tc_id, revision)
     return tcs.to(device=device) if device is not None else tcs
+
+
+def _ids(tc_id) -> list:
+    if isinstance(tc_id, str):
+        return [tc_id]
+    if isinstance(tc_id, dict):
+        return list(tc_id.values())
+    if isinstance(tc_id, (list, tuple)) and tc_id and all(isinstance(i, str) for i in tc_id):
+        return list(tc_id)
+    raise TranscoderError(f"tc_id is a folder, a list of folders or {{layer: folder}}, got {tc_id!r}")
+
+
+def _from_hub(source: str, tc_id, revision) -> TranscoderSet:
+    from ..sae.releases import download, locate
+
+    if tc_id is None and "/" not in source:
+        locate(source, None, TranscoderError, what="transcoder")  # names the release's ids
+    folders = _ids(tc_id) if tc_id is not None else [""]
+    made = []
+    for folder in folders:
+        repo, folder, hint = locate(source, folder, TranscoderError, what="transcoder")
+        made.append((folder, download(repo, folder, TranscoderError, revision), hint))
+    if len(made) == 1 and _is_set(made[0][1]):
+        return _load_directory(made[0][1])
+    return _one_per_layer(made, source)
+
+
+def _is_set(path: Path) -> bool:
+    return (path / "transcoders.json").is_file() or (path / "config.yaml").is_file() or (
+        (path / "cfg.json").is_file() and (path / "sae_weights.safetensors").is_file())
+
+
+def _load_directory(path: Path) -> TranscoderSet:
+    if not path.is_dir():
+        raise TranscoderError(f"{str(path)!r} is not a directory: transcoders load from a directory in "
+                              "mechnb's, SAELens 6's or circuit-tracer's layout")
+    if (path / "transcoders.json").is_file():
+        return _load_mechnb(path)
+    if (path / "config.yaml").is_file():
+        return _load_circuit_tracer(path)
+    if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file() or (path / "params.npz").is_file() \
+            or (path / "params.safetensors").is_file():
+        return _one_per_layer([(path.name, path, {})], str(path))
+    if (path / "cfg.json").is_file() or any((p / "cfg.json").is_file() for p in path.iterdir() if p.is_dir()):
+        return _load_saelens(path)
+    raise TranscoderError(f"{str(path)!r} holds no transcoders.json (mechnb), config.yaml "
+                          "(circuit-tracer), cfg.json (SAELens 6, sparsify), params.npz (Gemma Scope) or "
+                          "params.safetensors (Gemma Scope 2)")
+
+
+def _one_per_layer(folders, source: str) -> TranscoderSet:
+    """A set from folders each holding one layer's transcoder in a published format."""
+    made, reads, model, formats = {}, set(), None, set()
+    for folder, path, hint in folders:
+        if not path.is_dir():
+            raise TranscoderError(f"{path} is not a directory")
+        layer, tc, read, made_for, fmt = _published(path, folder)
+        if layer in made:
+            raise TranscoderError(f"two transcoders for layer {layer} in {source}")
+        made[layer], model = tc, model or made_for or hint.get("model")
+        reads.add(read)
+        formats.add(fmt)
+    if len(reads) > 1:
+        raise TranscoderError(f"the transcoders of {source} read different sites ({sorted(reads)}): a set reads one")
+    return TranscoderSet(made, reads=reads.pop(), model={"name": model} if model else None, name="tc",
+                         meta={"format": ", ".join(sorted(formats)), "source": source, "notes": []})
+
+
+def _published(path: Path, folder: str):
+    """`(layer, Transcoder, reads, model, format)` of one folder in Gemma Scope's, Gemma Scope 2's
+    or sparsify's format."""
+    from ..sae.files import layer_folder, read_npz
+
+    layer_in = re.search(r"layer_(\d+)", folder or path.name)
+    if (path / "params.npz").is_file():  # Gemma Scope: reads the MLP's input, JumpReLU, no b_dec on input
+        tensors = {k: v.float() for k, v in read_npz(path / "params.npz").items()}
+        _need(tensors, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path / "params.npz")
+        if layer_in is None:
+            raise TranscoderError(f"{path}: the folder does not say its layer (layer_L/...)")
+        tensors["threshold"] = tensors["threshold"].clamp(min=0)  # ReLU, then the threshold
+        return int(layer_in[1]), _made(tensors, "jumprelu", None), "mlp_in", None, "gemma-scope"
+    if (path / "params.safetensors").is_file():  # Gemma Scope 2
+        tensors = _tensors(path / "params.safetensors")
+        tensors = {({"w_enc": "W_enc", "w_dec": "W_dec"}).get(k, k): v for k, v in tensors.items()}
+        _need(tensors, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path / "params.safetensors")
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        hook_in = config.get("hf_hook_point_in", "pre_feedforward_layernorm.output")
+        hook_out = config.get("hf_hook_point_out", "post_feedforward_layernorm.output")
+        if not hook_in.endswith("pre_feedforward_layernorm.output") or not hook_out.endswith(
+                "post_feedforward_layernorm.output"):
+            raise TranscoderError(f"{path}: reads {hook_in} and writes {hook_out}; mechnb's transcoders read the "
+                                  "MLP's input and write its output (Gemma Scope 2's transcoder/ folders)")
+        if layer_in is None:
+            raise TranscoderError(f"{path}: the folder does not say its layer (layer_L_...)")
+        if "affine_skip_connection" in tensors:  # x @ affine: mechnb's W_skip is its transpose
+            tensors["W_skip"] = tensors.pop("affine_skip_connection").T
+        tensors["threshold"] = tensors["threshold"].clamp(min=0)
+        return (int(layer_in[1]), _made(tensors, "jumprelu", None), "mlp_in", config.get("model_name"),
+                "gemma-scope-2")
+    if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file():  # sparsify
+        cfg = json.loads((path / "cfg.json").read_text())
+        if not cfg.get("transcode"):
+            raise TranscoderError(f"{path} holds a sparsify SAE, not a transcoder: load it with mechnb.sae.load")
+        layer, what = layer_folder(path.name)
+        if layer is None or what != "mlp":
+            raise TranscoderError(f"{path}: a sparsify transcoder's folder names its MLP (layers.L.mlp)")
+        tensors = _tensors(path / "sae.safetensors")
+        _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path / "sae.safetensors")
+        made = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
+                "b_dec": tensors["b_dec"]}
+        if "W_skip" in tensors:
+            made["W_skip"] = tensors["W_skip"]
+        model = None
+        if (path.parent / "config.json").is_file():
+            model = json.loads((path.parent / "config.json").read_text()).get("model")
+        return layer, _made(made, "topk", int(cfg["k"])), "mlp_in", model, "sparsify"
+    raise TranscoderError(f"{path} holds no transcoder mechnb reads (params.npz, params.safetensors, or cfg.json "
+                          "with sae.safetensors)")
 
 
 def _tensors(file: Path) -> dict:
