@@ -149,9 +149,16 @@ class JupyterLab:
         cache.mkdir()
         converted = embedded.converted()
         (cache / converted.name).symlink_to(converted, target_is_directory=True)
+        # The kernels' Hugging Face cache is offline and holds one file: a stand-in in Gemma Scope's
+        # format where tutorial 04 loads a published SAE by name (`hubcache`).
+        from hubcache import gemma_scope_stand_in
+
+        hf_home = root.parent / "hf"
+        gemma_scope_stand_in(hf_home / "hub")
         self.server = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
                                        env=dict(os.environ, IPYTHONDIR=str(startup.parents[1]),
-                                                MECHNB_CACHE=str(cache)))
+                                                MECHNB_CACHE=str(cache), HF_HOME=str(hf_home),
+                                                HF_HUB_OFFLINE="1"))
         self._wait_for_server()
         from playwright.sync_api import sync_playwright
 

@@ -1,26 +1,22 @@
 """Published SAEs and transcoders by name: each format read from a laid-out Hugging Face cache,
 offline, against a hand-written reference of that format's own arithmetic."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import mechnb
 from conftest import PROMPT, clean_logits
+from hubcache import lay_out
 from mechnb import SAEError, TranscoderError
-
-SHA = "a" * 40
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A Hugging Face cache in tmp_path, offline: `hub(repo, {path: bytes or tensors})` lays out files."""
+    """A Hugging Face cache in tmp_path, offline: `hub(repo, {path: content})` lays out files."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf" / "hub"
@@ -28,25 +24,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def lay_out(repo: str, files: dict):
-        root = cache / f"models--{repo.replace('/', '--')}"
-        (root / "refs").mkdir(parents=True, exist_ok=True)
-        (root / "refs" / "main").write_text(SHA)
-        for name, content in files.items():
-            path = root / "snapshots" / SHA / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, dict) and name.endswith(".npz"):
-                np.savez(path, **{k: v.numpy() for k, v in content.items()})
-            elif isinstance(content, dict) and name.endswith(".safetensors"):
-                save_file({k: v.contiguous() for k, v in content.items()}, str(path))
-            elif isinstance(content, dict):
-                path.write_text(json.dumps(content))
-            else:
-                path.write_bytes(content)
-        return root
-
-    return lay_out
+    return lambda repo, files: lay_out(cache, repo, files)
 
 
 def weights(d_in=32, d_sae=64, seed=0, threshold=True):
@@ -306,3 +284,15 @@ def test_saes_saved_by_mechnb_load_in_saelens_6(tmp_path, kind):
     ours = mechnb.sae.load(tmp_path)
     assert (ours.kind, ours.k, ours.site, ours.model) == (kind, sae.k, "resid_post.1", "tiny-llama")
     assert torch.equal(ours.encode(X), sae.encode(X))
+
+
+def test_local_only_never_asks_the_hub(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    hub("google/gemma-scope-2b-pt-res", {"layer_1/width_16k/average_l0_71/params.npz": weights()})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, but told to stay local
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a request would fail loudly, not hang
+    assert mechnb.sae.load("gemma-scope-2b-pt-res", "layer_1/width_16k/average_l0_71", local_only=True).site == \
+        "resid_post.1"
+    with pytest.raises(SAEError, match=r"no SAE or transcoder files in .*layer_2.* \(local_only=True\)"):
+        mechnb.sae.load("gemma-scope-2b-pt-res", "layer_2/width_16k/average_l0_71", local_only=True)

@@ -88,6 +88,14 @@ def check_sae(notebook, text, rendered):
     assert metrics["fvu"] < 0.85 and metrics["cosine"] > 0.75 and metrics["loss_recovered"] > 0.6, metrics
     assert "top token with the SAE attached:  Paris" in text  # the error term keeps the model intact
     assert "the feature that fires most on ' +'" in text and "feature ablated" in text
+    # A published SAE by name: JupyterLab's kernels have Gemma Scope's file (a stand-in) in an
+    # offline Hugging Face cache; a plain kernel (no Chromium) has an empty one and skips.
+    assert "some releases: ['gemma-scope-2b-pt-res'" in text
+    if rendered is None:
+        assert "skipped, not in this machine's cache: no SAE or transcoder files in google/gemma-scope-2b-pt-res" in text
+    else:
+        assert "loaded: <mechnb SAE sae: jumprelu, 2304 -> 16, site resid_post.20, trained on google/gemma-2-2b>" in text
+        assert "refused: sae was trained on google/gemma-2-2b, not SmolLM2-135M-Instruct" in text
 
 
 def check_circuits(notebook, text, rendered):

@@ -12,24 +12,29 @@ too (`HF_HUB_OFFLINE=1`), exactly as transformers reuses models.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # TransformerLens' names for models, where they differ from the Hugging Face id's last part.
 _TL_MODEL_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "pythia-70m-deduped": "pythia-70m-deduped"}
 
 
-def fetch(repo: str, filename: str, error: type[Exception], revision: str | None = None) -> Path:
+def fetch(repo: str, filename: str, error: type[Exception], revision: str | None = None,
+          local_only: bool = False) -> Path:
     """The local path of `filename` in hub repo `repo`, downloaded into the Hugging Face cache
-    if it is not there yet; `error` (one line naming the repo and the file) if it cannot be had."""
+    if it is not there yet (never, with `local_only`); `error` (one line naming the repo and
+    the file) if it cannot be had."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hub_errors
 
     where = f"{repo}/{filename}"
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only))
     except hub_errors.LocalEntryNotFoundError:
-        raise error(f"{where} is not in the Hugging Face cache ({_cache_dir()}) and the hub cannot be "
-                    "reached (offline, or HF_HUB_OFFLINE=1): download it once with a network") from None
+        why = ("local_only=True" if local_only and not offline() else
+               "the hub cannot be reached (offline, or HF_HUB_OFFLINE=1)")
+        raise error(f"{where} is not in the Hugging Face cache ({_cache_dir()}) and {why}: download it once "
+                    "with a network") from None
     except hub_errors.GatedRepoError:
         raise error(f"{repo} is gated: accept its licence on huggingface.co and log in "
                     f"(`hf auth login`) to download {filename}") from None
@@ -43,13 +48,14 @@ def fetch(repo: str, filename: str, error: type[Exception], revision: str | None
         raise error(f"cannot download {where}: {type(failure).__name__}: {str(failure).splitlines()[0]}") from None
 
 
-def find(repo: str, filenames: list[str], error: type[Exception], revision: str | None = None) -> dict[str, Path]:
+def find(repo: str, filenames: list[str], error: type[Exception], revision: str | None = None,
+         local_only: bool = False) -> dict[str, Path]:
     """The files among `filenames` that `repo` has (local paths), trying each in turn;
     missing ones are left out. Offline, those not in the cache count as missing."""
     found = {}
     for name in filenames:
         try:
-            found[name] = fetch(repo, name, error, revision)
+            found[name] = fetch(repo, name, error, revision, local_only)
         except error as failure:
             if " has no file " not in str(failure) and "is not in the Hugging Face cache" not in str(failure):
                 raise
@@ -71,8 +77,9 @@ def _cache_dir() -> str:
 
 def short_name(name) -> str:
     """A model's name without its organisation or directory, lower case, TransformerLens'
-    names mapped to the hub's: `google/gemma-2-2b` -> `gemma-2-2b`, `gpt2-small` -> `gpt2`."""
-    short = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+    names mapped to the hub's, a note in brackets dropped: `google/gemma-2-2b` -> `gemma-2-2b`,
+    `gpt2-small` -> `gpt2`, `SmolLM2-135M-Instruct (embedded)` -> `smollm2-135m-instruct`."""
+    short = re.sub(r"\s*\(.*\)$", "", str(name).strip()).rstrip("/").rsplit("/", 1)[-1].lower()  # "(embedded)"
     return _TL_MODEL_NAMES.get(short, short)
 
 

@@ -74,7 +74,8 @@ class Raw:
     meta: dict = field(default_factory=dict)
 
 
-def load(source, sae_id: str | None = None, device=None, revision: str | None = None) -> SAE:
+def load(source, sae_id: str | None = None, device=None, revision: str | None = None,
+         local_only: bool = False) -> SAE:
     """An SAE from a directory, a named release, or a hub repository (see the module doc).
 
     Args:
@@ -84,6 +85,8 @@ def load(source, sae_id: str | None = None, device=None, revision: str | None = 
             optional subfolder.
         device: where to put it (default CPU; `attach` moves it to its layer's device).
         revision: a hub branch, tag or commit.
+        local_only: read the Hugging Face cache only, never the network (an `SAEError`
+            saying so if the files are not there).
 
     Returns:
         The `SAE`, knowing its `site` and the `model` it was trained on where the files or
@@ -104,7 +107,7 @@ def load(source, sae_id: str | None = None, device=None, revision: str | None = 
         from .releases import download, locate
 
         repo, folder, hint = locate(str(source), sae_id, SAEError)
-        raw = read_directory(download(repo, folder, SAEError, revision), hint)
+        raw = read_directory(download(repo, folder, SAEError, revision, local_only), hint)
     sae = build(raw, device)
     history = Path(raw.meta["source"]) / "history.csv"
     if raw.meta.get("format") == "mechnb" and history.is_file():  # the training curve mechnb saves beside

@@ -142,7 +142,7 @@ _WITH = {"cfg.json": ["sae_weights.safetensors", "sae.safetensors"], "params.npz
          "params.safetensors": ["config.json"], "hyperparams.json": ["checkpoints/final.safetensors"]}
 
 
-def download(repo: str, folder: str, error: type[Exception], revision: str | None = None):
+def download(repo: str, folder: str, error: type[Exception], revision: str | None = None, local_only: bool = False):
     """The local directory (in the Hugging Face cache) holding `folder` of `repo`, with the files
     of whichever format it is in; `error` naming what was looked for if there is none."""
     from ..core import hub
@@ -150,19 +150,20 @@ def download(repo: str, folder: str, error: type[Exception], revision: str | Non
     def name(file):
         return f"{folder}/{file}" if folder else file
 
-    found = hub.find(repo, [name(m) for m in _MARKERS], error, revision)
+    found = hub.find(repo, [name(m) for m in _MARKERS], error, revision, local_only)
     if not found:
         where = f"{repo}/{folder}" if folder else repo
-        cached = " in the Hugging Face cache (offline)" if hub.offline() else ""
+        cached = " in the Hugging Face cache" + (" (offline)" if hub.offline() else " (local_only=True)") \
+            if hub.offline() or local_only else ""
         raise error(f"no SAE or transcoder files in {where}{cached}: looked for {', '.join(_MARKERS)}")
     marker = next(m for m in _MARKERS if name(m) in found)
-    extra = hub.find(repo, [name(f) for f in _WITH[marker]], error, revision)
+    extra = hub.find(repo, [name(f) for f in _WITH[marker]], error, revision, local_only)
     if marker == "cfg.json" and not extra:
         raise error(f"{repo}/{name('cfg.json')} has no weights beside it (sae_weights.safetensors or sae.safetensors)")
     if marker == "cfg.json" and name("sae.safetensors") in extra and "/" in folder:
-        hub.find(repo, [folder.rsplit("/", 1)[0] + "/config.json"], error, revision)  # sparsify's run settings
+        hub.find(repo, [folder.rsplit("/", 1)[0] + "/config.json"], error, revision, local_only)  # sparsify's run settings
     elif marker == "cfg.json" and name("sae.safetensors") in extra:
-        hub.find(repo, ["config.json"], error, revision)
+        hub.find(repo, ["config.json"], error, revision, local_only)
     if marker == "hyperparams.json" and not extra:
         raise error(f"{repo}/{name('hyperparams.json')} has no checkpoints/final.safetensors beside it")
     path = found[name(marker)]

@@ -184,7 +184,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
 
         warnings.warn(f"the texts gave {written} tokens, fewer than n_tokens={n_tokens}: the store "
                       f"holds {written} (pass more text, or the same text again)")
-    meta = {"site": str(concrete), "tokens": written, "documents": seen, "context": context}
+    meta = {"site": str(concrete), "tokens": written, "documents": seen, "context": context, "model": model.name}
     if not isinstance(data, np.memmap):
         data = data[:written]
     return ActivationStore(data, written, site=str(concrete), meta=meta)

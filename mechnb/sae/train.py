@@ -96,7 +96,7 @@ def train(store, kind: str = "topk", d_sae: int | None = None, k: int | None = N
 
     sample = store.sample(min(len(store), 32_768), seed=seed).to(device)
     scale = math.sqrt(d_in) / sample.norm(dim=-1).mean().item()
-    sae = SAE(d_in, d_sae, kind=kind, k=k, site=store.site, name=name, device=device)
+    sae = SAE(d_in, d_sae, kind=kind, k=k, site=store.site, name=name, model=store.meta.get("model"), device=device)
     _initialise(sae, sample * scale, init, seed)
     optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999))
     decay_from = int(0.8 * steps)

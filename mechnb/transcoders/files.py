@@ -48,7 +48,7 @@ _READS = {"ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in", "hook_mlp_in
 _WRITES = ("hook_mlp_out", "mlp.hook_out")
 
 
-def load(source, tc_id=None, device=None, revision: str | None = None) -> TranscoderSet:
+def load(source, tc_id=None, device=None, revision: str | None = None, local_only: bool = False) -> TranscoderSet:
     """A `TranscoderSet` from a directory, a named release or a hub repository.
 
     Args:
@@ -62,6 +62,7 @@ def load(source, tc_id=None, device=None, revision: str | None = None) -> Transc
             affine skip) or sparsify's (`cfg.json` with `transcode`, `sae.safetensors`)
             format, or a whole set in one of the layouts above.
         revision: a hub branch, tag or commit.
+        local_only: read the Hugging Face cache only, never the network.
 
     Example: `mechnb.transcoders.load("gemma-scope-2-1b-pt-transcoders",
     ["transcoder/layer_5_width_16k_l0_big_affine"])`. Hub files go through the Hugging Face
@@ -77,7 +78,7 @@ def load(source, tc_id=None, device=None, revision: str | None = None) -> Transc
     elif path.is_dir():
         tcs = _one_per_layer([(folder, path / folder, {}) for folder in _ids(tc_id)], str(path))
     else:
-        tcs = _from_hub(str(source), tc_id, revision)
+        tcs = _from_hub(str(source), tc_id, revision, local_only)
     return tcs.to(device=device) if device is not None else tcs
 
 
@@ -91,7 +92,7 @@ def _ids(tc_id) -> list:
     raise TranscoderError(f"tc_id is a folder, a list of folders or {{layer: folder}}, got {tc_id!r}")
 
 
-def _from_hub(source: str, tc_id, revision) -> TranscoderSet:
+def _from_hub(source: str, tc_id, revision, local_only: bool) -> TranscoderSet:
     from ..sae.releases import download, locate
 
     if tc_id is None and "/" not in source:
@@ -100,7 +101,7 @@ def _from_hub(source: str, tc_id, revision) -> TranscoderSet:
     made = []
     for folder in folders:
         repo, folder, hint = locate(source, folder, TranscoderError, what="transcoder")
-        made.append((folder, download(repo, folder, TranscoderError, revision), hint))
+        made.append((folder, download(repo, folder, TranscoderError, revision, local_only), hint))
     if len(made) == 1 and _is_set(made[0][1]):
         return _load_directory(made[0][1])
     return _one_per_layer(made, source)

@@ -196,7 +196,9 @@ class TranscoderSet:
         when the set records one: the same last path component, case aside)."""
         n_layers = self.model.get("n_layers")
         made_for = self.model.get("name")
-        if made_for and model.name and _short(made_for) != _short(model.name):
+        from ..core.hub import same_model
+
+        if not same_model(made_for, model.name):
             raise TranscoderError(f"these transcoders were made for {made_for}, not {model.name}; if they fit "
                                   f"it anyway (a local copy under another name), set tcs.model['name'] = "
                                   f"{model.name!r}")
@@ -249,11 +251,6 @@ class TranscoderSet:
         k = f", k={tc.k}" if tc.k else ""
         return (f"<mechnb TranscoderSet {self.name}: layers {layer_ranges(self.layers)}, {tc.kind}{k}, width "
                 f"{self.width}, reads {self.reads}{', skip' if tc.skip else ''}>")
-
-
-def _short(name: str) -> str:
-    """A model's name without its organisation or directory: `google/gemma-2-2b` -> `gemma-2-2b`."""
-    return str(name).rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def layer_ranges(layers) -> str:
