@@ -1,7 +1,8 @@
 """Circuit discovery: the graph, reader gradients and patched runs against a hand-written
-Llama forward with one input per head, faithfulness end points on every family, the
-Circuit object, errors, and the greater-than behaviour of the embedded model (its IOI circuit
-against random edges is checked where tutorial 05 runs it)."""
+Llama forward with one input per head, Gemma's heads (whose sum is normalised) against a
+reference built from its own modules with the norm's scale frozen, faithfulness end points
+on every family, the Circuit object, errors, and the greater-than behaviour of the embedded
+model (its IOI circuit against random edges is checked where tutorial 05 runs it)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mechnb.circuits import engine
 CLEAN = [PROMPT, "When Alice and Bob went to the park, Bob gave a ball to"]
 CORRUPT = [PROMPT.replace("John gave", "Mary gave"), "When Alice and Bob went to the park, Alice gave a ball to"]
 ANSWERS, WRONGS = [" Mary", " Alice"], [" John", " Bob"]
-CIRCUIT_ARCHS = [a for a in ARCH_NAMES if not a.startswith("gemma")]
+GEMMAS = ["gemma2", "gemma3_text"]
 
 
 def test_graph_counts_writers_readers_and_edges_of_the_embedded_model_shape():
@@ -84,15 +85,23 @@ def hand_llama(hf, ids, change=lambda name, x: x, record=None):
     return hf.lm_head(hf.model.norm(change("logits", x)))[0, -1]
 
 
-@pytest.fixture()
-def llama(tiny_factory):
-    """A tiny Llama whose weights are large enough for one edge to move the logits."""
-    model = tiny_factory("llama")
+def strong(model):
+    """`model` with weights large enough for one edge to move the logits; Gemma's norms,
+    which scale by `1 + weight` (zero at init), get gains other than 1."""
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.hf.named_parameters():
             if parameter.dim() == 2:
                 parameter.mul_(6)
+            elif model.hf.config.model_type.startswith("gemma") and name.endswith("norm.weight"):
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+@pytest.fixture()
+def llama(tiny_factory):
+    """A tiny Llama whose weights are large enough for one edge to move the logits."""
+    return strong(tiny_factory("llama"))
 
 
 def test_hand_forward_equals_the_model(llama):
@@ -151,7 +160,7 @@ def test_patching_one_edge_equals_the_hand_written_reference(llama, edge):
     assert not torch.allclose(expected, plain, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", CIRCUIT_ARCHS)
+@pytest.mark.parametrize("name", ARCH_NAMES)
 def test_faithfulness_is_one_with_every_edge_and_the_corrupt_run_with_none(tiny_factory, name):
     from mechnb.core.batch import Batch
 
@@ -177,10 +186,190 @@ def test_faithfulness_is_one_with_every_edge_and_the_corrupt_run_with_none(tiny_
     assert not torch.isnan(circuit.scores[circuit.graph.valid]).any()
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
-def test_families_that_normalise_the_sum_of_heads_get_a_clear_error(tiny_factory, name):
-    with pytest.raises(ModelError, match="normalises the sum of its heads"):
-        tiny_factory(name).circuit(CLEAN, CORRUPT, ANSWERS, WRONGS)
+# -- Gemma: the heads' sum is normalised; each head's write is frozen at the run's scale ---------
+
+def gemma_apart(name, tokenizer):
+    """A tiny strong Gemma with one key and value head per query head, so that a reference
+    can change one head's key or value through the projection's output."""
+    import transformers
+
+    from conftest import TINY_CONFIGS
+    from mechnb.model import Model
+
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer),
+                                             **{**kwargs, "num_key_value_heads": kwargs["num_attention_heads"]})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return strong(Model(hf, tokenizer, name=f"tiny-{name}-apart"))
+
+
+def gemma_record(hf, ids, deltas=None):
+    """Last-position logits of `ids` and the run's record (embeddings, each layer's input,
+    its heads' z and sum, its MLP's normed output), with `deltas[reader]` subtracted from
+    that reader's input (readers named as in `Graph.downstream`), through plain torch hooks."""
+    import torch.nn.functional as F
+
+    deltas, record, hooks = deltas or {}, {}, []
+    d_head = hf.config.head_dim
+
+    def keep(key):
+        return lambda module, args, output: record.__setitem__(key, output)
+
+    def minus(delta):
+        return lambda module, args: (args[0] - delta, *args[1:])
+
+    def one_head(layer, l, h, delta):
+        def hook(projection, args, output):  # this head's columns read x - delta, the others x
+            moved = F.linear(layer.input_layernorm(record[("x", l)] - delta), projection.weight, projection.bias)
+            output = output.clone()
+            output[..., h * d_head:(h + 1) * d_head] = moved[..., h * d_head:(h + 1) * d_head]
+            return output
+
+        return hook
+
+    hooks.append(hf.model.embed_tokens.register_forward_hook(keep("embed")))
+    for l, layer in enumerate(hf.model.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda module, args, l=l: record.__setitem__(("x", l), args[0])))
+        hooks.append(layer.self_attn.o_proj.register_forward_hook(
+            lambda module, args, output, l=l: record.update({("z", l): args[0], ("sum", l): output})))
+        hooks.append(layer.post_feedforward_layernorm.register_forward_hook(keep(("mlp", l))))
+        if f"mlp_out.{l}" in deltas:
+            hooks.append(layer.pre_feedforward_layernorm.register_forward_pre_hook(minus(deltas[f"mlp_out.{l}"])))
+        for h in range(hf.config.num_attention_heads):
+            for kind in "qkv":
+                if f"head.{l}.{h}:{kind}" in deltas:
+                    hooks.append(getattr(layer.self_attn, f"{kind}_proj").register_forward_hook(
+                        one_head(layer, l, h, deltas[f"head.{l}.{h}:{kind}"])))
+    if "logits" in deltas:
+        hooks.append(hf.model.norm.register_forward_pre_hook(minus(deltas["logits"])))
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, record
+
+
+def gemma_writes(hf, record, scales):
+    """Each writer's write in a recorded run, heads through the post-attention norm with the
+    scale of the run `scales` (a record): share of o_proj * (1 + w) / rms(that run's heads' sum)."""
+    d_head = hf.config.head_dim
+    writes = {"embed": record["embed"]}
+    for l, layer in enumerate(hf.model.layers):
+        norm = layer.post_attention_layernorm
+        scale = torch.rsqrt(scales[("sum", l)].pow(2).mean(-1, keepdim=True) + norm.eps)
+        for h in range(hf.config.num_attention_heads):
+            share = record[("z", l)][..., h * d_head:(h + 1) * d_head] @ \
+                layer.self_attn.o_proj.weight[:, h * d_head:(h + 1) * d_head].T
+            writes[f"head.{l}.{h}"] = share * scale * (1 + norm.weight)
+        writes[f"mlp_out.{l}"] = record[("mlp", l)]
+    return writes
+
+
+def gemma_reference(hf, clean_ids, corrupt_ids, edges):
+    """Clean last-position logits with each edge `(writer, reader)` carrying corrupt's write,
+    the heads' at the patched run's own scale: the run is repeated until it agrees with the
+    writes it is patched with (each pass settles one more layer)."""
+    _, corrupt = gemma_record(hf, corrupt_ids)
+    deltas = {}
+    for _ in range(len(hf.model.layers) + 1):
+        _, patched = gemma_record(hf, clean_ids, deltas)
+        mine, theirs = gemma_writes(hf, patched, patched), gemma_writes(hf, corrupt, patched)
+        deltas = {}
+        for writer, reader in edges:
+            deltas[reader] = deltas.get(reader, 0) + mine[writer] - theirs[writer]
+    return gemma_record(hf, clean_ids, deltas)[0]
+
+
+@pytest.mark.parametrize("name", GEMMAS)
+def test_gemma_heads_writes_add_up_to_the_post_attention_norms_output(tiny_factory, name):
+    from mechnb.core.batch import Batch
+
+    model = strong(tiny_factory(name))
+    graph = Graph.of(model)
+    batch = Batch.of(model.tokenizer, CLEAN)
+    writers = engine.writer_outputs(model, graph, batch)
+    outputs = {}
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda module, args, output, l=l: outputs.__setitem__(l, output)) for l, layer in enumerate(model.hf.model.layers)]
+    try:
+        with torch.no_grad():
+            model.hf(**batch.inputs("cpu"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in range(graph.n_layers):
+        first = graph.head(layer, 0)
+        heads = writers.outputs[first:first + graph.n_heads] * writers.scales[layer][None, :, :, None]
+        assert torch.allclose(heads.sum(0), outputs[layer], atol=1e-5), layer
+    assert not torch.allclose(writers.scales, torch.ones_like(writers.scales), atol=0.1)
+
+
+@pytest.mark.parametrize("name", GEMMAS)
+@pytest.mark.parametrize("edges", [
+    [("head.0.1", "head.1.2:k")], [("embed", "head.1.3:v")], [("mlp_out.0", "head.1.0:q")],
+    [("head.1.3", "mlp_out.1")], [("head.2.0", "logits")],
+    # head.1.2's query moves layer 1's scale: head.1.0's corrupt write is seen through it
+    [("head.0.1", "head.1.2:q"), ("head.1.2", "logits"), ("head.1.0", "logits"), ("head.1.0", "mlp_out.2")],
+], ids=lambda edges: "+".join(f"{u}>{v}" for u, v in edges))
+def test_patching_gemma_edges_equals_the_reference_at_the_patched_runs_scale(tokenizer, name, edges):
+    from mechnb.core.batch import Batch
+
+    model = gemma_apart(name, tokenizer)
+    graph = Graph.of(model)
+    clean, corrupt = Batch.of(model.tokenizer, CLEAN[0]), Batch.of(model.tokenizer, CORRUPT[0])
+    removed = torch.zeros_like(graph.valid)
+    for upstream, reader in edges:
+        removed[graph.upstream.index(upstream), graph.downstream.index(reader)] = True
+    patched = engine.patched_logits(model, graph, clean, engine.writer_outputs(model, graph, corrupt), removed)[0]
+    expected = gemma_reference(model.hf, clean.input_ids, corrupt.input_ids, edges)
+    unpatched, _ = gemma_record(model.hf, clean.input_ids)
+    effect = (expected - unpatched).abs().max().item()
+    assert effect > 1e-3  # the edges matter
+    assert torch.allclose(patched - unpatched, expected - unpatched, atol=0.01 * effect)
+
+
+@pytest.mark.parametrize("name", GEMMAS)
+def test_gemma_eap_scores_are_the_gradient_times_the_difference_at_the_clean_scale(tiny_factory, name):
+    from mechnb.core.batch import Batch
+
+    model = strong(tiny_factory(name))
+    circuit = model.circuit(CLEAN[:1], CORRUPT[:1], ANSWERS[0], WRONGS[0], method="eap")
+    clean, corrupt = Batch.of(model.tokenizer, CLEAN[0]), Batch.of(model.tokenizer, CORRUPT[0])
+    hf = model.hf
+    _, clean_record = gemma_record(hf, clean.input_ids)
+    _, corrupt_record = gemma_record(hf, corrupt.input_ids)
+    mine, theirs = gemma_writes(hf, clean_record, clean_record), gemma_writes(hf, corrupt_record, clean_record)
+    mary, john = (model.tokenizer.encode(t, add_special_tokens=False)[0] for t in (ANSWERS[0], WRONGS[0]))
+    graph = circuit.graph
+    for writer, reader, norm in (("head.0.3", "mlp_out.1", hf.model.layers[1].pre_feedforward_layernorm),
+                                 ("head.1.2", "logits", hf.model.norm)):
+        offset = torch.zeros(1, clean.input_ids.shape[1], model.d_model, requires_grad=True)
+        hook = norm.register_forward_pre_hook(lambda module, args: (args[0] + offset,))
+        try:
+            logits = hf(input_ids=clean.input_ids).logits[0, -1]
+        finally:
+            hook.remove()
+        (logits[mary] - logits[john]).backward()
+        expected = ((mine[writer] - theirs[writer]) * offset.grad).sum()
+        got = circuit.scores[graph.upstream.index(writer), graph.downstream.index(reader)]
+        assert abs(expected) > 1e-4
+        assert torch.isclose(got, expected, atol=1e-5, rtol=1e-4), reader
+
+
+def test_a_norm_of_the_heads_circuits_cannot_freeze_is_a_clear_error(tiny_factory):
+    from mechnb.core.batch import Batch
+
+    model = tiny_factory("gemma2")
+    for layer in model.hf.model.layers:
+        layer.post_attention_layernorm = torch.nn.LayerNorm(model.d_model)
+    with torch.no_grad():
+        before = model.hf(**Batch.of(model.tokenizer, PROMPT).inputs("cpu")).logits
+    with pytest.raises(ModelError, match="post_attention_layernorm by freezing a Gemma RMSNorm's scale.*LayerNorm"):
+        model.circuit(CLEAN, CORRUPT, ANSWERS, WRONGS, method="eap")
+    _clean_state(model, before)
 
 
 def test_eap_scores_are_gradient_times_output_difference(llama):
@@ -214,27 +403,39 @@ def test_eap_ig_and_gim_differ_from_eap_and_node_scores_sum_edges(llama):
     assert list(nodes.df.columns) == ["node", "score"]
 
 
-def test_eap_ig_with_many_steps_adds_up_to_the_total_effect(llama):
+@pytest.mark.parametrize("name", ["llama"] + GEMMAS)
+def test_eap_ig_adds_up_to_the_total_effect_as_its_steps_grow(tiny_factory, name):
     # Integrated gradients along the input path (completeness): the embeddings' edges,
     # which carry the integration variable to every reader, add up to
-    # metric(clean) - metric(corrupt).
-    circuit = llama.circuit(CLEAN[0], CORRUPT[0], ANSWERS[0], WRONGS[0], method="eap-ig", steps=64)
-    total = circuit.scores[0].nansum().item()
-    assert abs(total - (circuit.task.clean_metric - circuit.task.corrupt_metric)) < 0.02 * abs(
-        circuit.task.clean_metric - circuit.task.corrupt_metric) + 1e-4
+    # metric(clean) - metric(corrupt) as the steps grow. The sum over the points k/steps
+    # is off by about c/steps, so twice the 32-step total minus the 16-step one removes
+    # that term (Richardson): within 2 % where 64 steps alone miss by 4 % on Gemma 3.
+    model = strong(tiny_factory(name))
+    circuits = [model.circuit(CLEAN[0], CORRUPT[0], ANSWERS[0], WRONGS[0], method="eap-ig", steps=steps)
+                for steps in (16, 32)]
+    coarse, fine = (circuit.scores[0].nansum().item() for circuit in circuits)
+    task = circuits[0].task
+    effect = task.clean_metric - task.corrupt_metric
+    assert abs(effect) > 1e-3
+    assert abs(2 * fine - coarse - effect) < 0.02 * abs(effect)
 
 
-def test_exact_node_scores_are_the_drop_when_one_node_is_corrupted(llama):
-    circuit = llama.circuit(CLEAN[0], CORRUPT[0], ANSWERS[0], WRONGS[0], method="exact", level="node")
+@pytest.mark.parametrize("name", ["llama"] + GEMMAS)
+def test_exact_node_scores_are_the_drop_when_one_node_is_corrupted(tiny_factory, name):
+    # On Gemma too: a node patch recomputes the heads' norm, nothing is frozen.
+    model = strong(tiny_factory(name))
+    circuit = model.circuit(CLEAN[0], CORRUPT[0], ANSWERS[0], WRONGS[0], method="exact", level="node")
     graph = circuit.graph
-    with llama.trace(CORRUPT[0]):
-        corrupt_z = llama["head.1.2"].save()
-    with llama.trace(CLEAN[0]):
-        llama["head.1.2"] = corrupt_z
-        logits = llama["logits@-1"].save()
-    mary, john = (llama.tokenizer.encode(t, add_special_tokens=False)[0] for t in (ANSWERS[0], WRONGS[0]))
-    expected = circuit.task.clean_metric - (logits[0, mary] - logits[0, john]).item()
-    assert abs(circuit.scores[graph.head(1, 2)].item() - expected) < 1e-4
+    mary, john = (model.tokenizer.encode(t, add_special_tokens=False)[0] for t in (ANSWERS[0], WRONGS[0]))
+    for node, site in ((graph.head(1, 2), "head.1.2"), (graph.mlp(0), "mlp_out.0")):
+        with model.trace(CORRUPT[0]):
+            corrupt_value = model[site].save()
+        with model.trace(CLEAN[0]):
+            model[site] = corrupt_value
+            logits = model["logits@-1"].save()
+        expected = circuit.task.clean_metric - (logits[0, mary] - logits[0, john]).item()
+        assert abs(expected) > 1e-4, site
+        assert abs(circuit.scores[node].item() - expected) < 1e-4, site
 
 
 def test_top_df_plot_save_and_load(llama, tmp_path):
@@ -313,12 +514,14 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_model_clean(llama, call, me
     _clean_state(llama, before)
 
 
-def test_an_exception_inside_a_patched_run_leaves_the_model_clean(llama):
+@pytest.mark.parametrize("name", ["llama"] + GEMMAS)
+def test_an_exception_inside_a_patched_run_leaves_the_model_clean(tiny_factory, name):
     from mechnb.core.batch import Batch
 
+    model = strong(tiny_factory(name))
     with torch.no_grad():
-        before = llama.hf(**Batch.of(llama.tokenizer, PROMPT).inputs("cpu")).logits
-    circuit = llama.circuit(CLEAN, CORRUPT, ANSWERS, WRONGS, method="eap")
+        before = model.hf(**Batch.of(model.tokenizer, PROMPT).inputs("cpu")).logits
+    circuit = model.circuit(CLEAN, CORRUPT, ANSWERS, WRONGS, method="eap")
     calls = []
 
     def failing(logits):
@@ -330,7 +533,7 @@ def test_an_exception_inside_a_patched_run_leaves_the_model_clean(llama):
     circuit.task.metrics[0].fn = failing
     with pytest.raises(KeyboardInterrupt):
         circuit.faithfulness(fractions=(0.1, 0.5), progress=False)
-    _clean_state(llama, before)
+    _clean_state(model, before)
 
 
 def test_greater_than_pairs_differ_only_in_the_start_year(tokenizer):

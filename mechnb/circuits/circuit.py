@@ -9,9 +9,10 @@
 
 Faithfulness (as the MIB benchmark measures it): keep the top fraction of edges, run
 the clean prompts with every other edge carrying its corrupt value (the reader's input
-is its input in that run minus `(that run's - corrupt)` output of each removed
-writer), and report `f = (m(C) - m(empty)) / (m(N) - m(empty))`, where N is the full
-model on the clean prompts and "empty" keeps no edge (it equals the corrupt run).
+is its input in that run minus `(that run's - corrupt)` output of each removed writer;
+Gemma's heads at that run's frozen norm scale, see `mechnb.circuits.engine`), and
+report `f = (m(C) - m(empty)) / (m(N) - m(empty))`, where N is the full model on the
+clean prompts and "empty" keeps no edge (it equals the corrupt run).
 CPR is the area under f over the fraction of edges kept (higher: a small circuit
 already does the task); CMD the area between f and 1 (lower: closer to the model).
 MIB ranks edges by signed scores for CPR and by absolute scores for CMD

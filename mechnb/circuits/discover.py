@@ -19,6 +19,10 @@ Node scores of the gradient methods are the sums of the node's outgoing edge
 scores (the gradient at a writer's output is the sum of the gradients at every
 input that reads it). Costs: `eap` and `gim` one forward and backward per batch of
 pairs, `eap-ig` `steps` of them, whatever the number of edges.
+
+Gemma 2 and 3 normalise the sum of their heads: a head's output difference is taken
+through that norm with its scale frozen at the clean run, an approximation described
+in `mechnb.circuits.engine`. `exact` node scores stay exact there.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from ..core.errors import CircuitError, MetricError
 from ..core.remote import local_only
-from .engine import embeddings, reader_gradients, writer_outputs
+from .engine import embeddings, reader_gradients, scale_heads, writer_outputs
 from .graph import Graph
 from .task import Task
 
@@ -56,8 +60,12 @@ def edge_scores(model, graph: Graph, task: Task, method: str, steps: int, batch_
             with model.gim() if method == "gim" else nullcontext():
                 reader_gradients(model, graph, clean, lambda l: task.metric(l, rows), inputs, readers, start)
         # After the gradients, and in place: the largest tensors are never held together.
-        differences = writer_outputs(model, graph, clean)[:, :, start:]
-        differences -= writer_outputs(model, graph, corrupt)[:, :, start:]
+        clean_writers = writer_outputs(model, graph, clean)
+        differences = clean_writers.outputs[:, :, start:]
+        differences -= writer_outputs(model, graph, corrupt).outputs[:, :, start:]
+        if clean_writers.scales is not None:  # Gemma: heads differ at the clean run's frozen scale
+            for layer in range(graph.n_layers):
+                scale_heads(graph, differences, layer, clean_writers.scales[layer, :, start:])
         return differences.flatten(1) @ readers.flatten(1).T / len(alphas)
 
     for _, part in task.chunks(chunk_scores, batch_size, f"{method} edge scores"):
@@ -104,7 +112,9 @@ def circuit(model, clean, corrupt, answer, wrong=None, method: str = "eap-ig", l
             clean), `gim` (eap under GIM's backward rules) or `exact` (node
             patching, `level="node"` only). See the module docstring.
         level: `edge` (each writer into each head's q, k, v input, MLP, logits) or
-            `node` (heads and MLPs).
+            `node` (heads and MLPs). On Gemma 2 and 3 a head's edges pass through the
+            norm of the heads' sum with its scale frozen at the run being scored (see
+            `mechnb.circuits.engine`).
         steps: integration steps of `eap-ig`.
         metric: `logit_diff`, `prob`, `logprob`, `prob_diff`, `kl` or a function of
             the last position's logits (`batch vocab -> batch`).

@@ -17,15 +17,34 @@
   (`_Split`). Layers where no attention input changes run as usual.
 
 All hooks are removed and all attributes reset when a forward ends, however it ends.
+
+Gemma 2 and 3 normalise the sum of a layer's heads before adding it to the residual
+stream (`post_attention_layernorm`: `A * s * (1 + w)`, `A` the heads' sum, `s = 1 / rms(A)`
+per position), so no term of the residual stream is one head's alone. Each head's edge is
+defined with `s` frozen at the run being scored, the linearisation attribution graphs
+make (`mechnb.graphs.replacement`): head i writes `h_i * s * (1 + w)`. A score's
+difference is `(h_i clean - h_i corrupt) * s_clean * (1 + w)`; in a patched run a removed
+edge carries `h_i corrupt * s * (1 + w)`, `s` that run's own (the scale of the heads it
+computes). The approximation: a reader sees its mix of kept heads' values and removed
+heads' corrupt values through that `s`, where the norm itself would divide the mix by
+the mix's own rms. The heads' writes add up to the norm's output in every run, so keeping
+every edge is the clean run and keeping none the corrupt run, exactly (every head then
+computes its corrupt value, and `s` is corrupt's). `Writers` keeps a run's heads before
+`s`, and `s`, apart for this. The MLP's output norm (`post_feedforward_layernorm`) needs
+no freeze (the MLP is one writer), nor do exact node scores (a node patch reruns the norm).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import einsum, rearrange
 
 from ..core.arch import output_weights, submodule
+from ..core.devices import parameter
 from ..core.engine import last_logits, run
+from ..core.errors import ModelError
 from ..core.memory import return_to_system
 from .graph import Graph
 
@@ -40,32 +59,94 @@ def _heads_out(model, layer_module, z: torch.Tensor) -> torch.Tensor:
     return einsum(z.float(), weights, "batch pos head d_head, head d_head d_model -> head batch pos d_model")
 
 
-def _record_writers(model, graph: Graph, forward, store):
-    """Hooks of the run `forward` that give each writer's output to `store(index, output)`."""
+def _heads_norm(model, layer_module):
+    """The norm of the sum of a layer's heads (Gemma's `post_attention_layernorm`), or None
+    where the heads' sum is added as it is."""
+    arch = model.arch
+    if arch.attn_out == arch.attn:
+        return None
+    norm = submodule(layer_module, arch.attn_out)
+    name = type(norm).__name__
+    # The freeze is that of Gemma's RMSNorm, x / rms(x) * (1 + w): any other norm would
+    # be linearised wrongly without a word.
+    if not (name.startswith("Gemma") and name.endswith("RMSNorm") and hasattr(norm, "eps")):
+        raise ModelError(f"circuits define each head's edge through {arch.attn_out} by freezing a Gemma "
+                         f"RMSNorm's scale, but this {arch.name} model's is a {name}: add its freeze to "
+                         "mechnb.circuits.engine")
+    return norm
+
+
+def _record_writers(model, graph: Graph, forward, store, scale):
+    """Hooks of the run `forward` that give each writer's output to `store(index, output)`.
+
+    Where a norm divides the heads' sum by its rms (Gemma), heads' outputs are stored
+    through its gain but before its scale, and `scale(layer, s)` receives this run's
+    `s` (`batch pos`) before any reader of that layer's heads runs.
+    """
     arch = model.arch
     forward.hook(arch.embed, "output", lambda value: store(0, value.float()))
     for layer, module in enumerate(_layers(model)):
         first = graph.head(layer, 0)
-        forward.hook(submodule(module, f"{arch.attn}.hook_z"), "output",
-                     lambda z, module=module, first=first: store(
-                         slice(first, first + graph.n_heads), _heads_out(model, module, z)))
+        norm = _heads_norm(model, module)
+
+        def heads(z, module=module, first=first, norm=norm):
+            outputs = _heads_out(model, module, z)
+            if norm is not None:
+                outputs = outputs * (1 + parameter(norm, "weight", outputs.device).float())
+            store(slice(first, first + graph.n_heads), outputs)
+
+        def normed(total, layer=layer, norm=norm):
+            # As Gemma's RMSNorm computes it: in float32, from the heads' sum it reads.
+            scale(layer, torch.rsqrt(total.float().pow(2).mean(-1) + norm.eps))
+
+        forward.hook(submodule(module, f"{arch.attn}.hook_z"), "output", heads)
+        if norm is not None:
+            forward.hook(norm, "input", normed)
         forward.hook(submodule(module, arch.mlp_out), "output",
                      lambda value, index=graph.mlp(layer): store(index, value.float()))
 
 
-def writer_outputs(model, graph: Graph, batch) -> torch.Tensor:
-    """Every writer's output in one run of `batch`: `upstream batch pos d_model`."""
+@dataclass
+class Writers:
+    """Every writer's output in one run of a batch (`writer_outputs`).
+
+    `outputs` is `upstream batch pos d_model`. Where the family normalises the heads'
+    sum (Gemma), a head's row is its output times the norm's gain `(1 + w)`, before the
+    norm's scale, and `scales` (`layer batch pos`) holds the run's scale `1 / rms`
+    (the module docstring); elsewhere `scales` is None and every row is what its writer
+    adds to the residual stream.
+    """
+
+    outputs: torch.Tensor
+    scales: torch.Tensor | None
+
+
+def scale_heads(graph: Graph, values: torch.Tensor, layer: int, scale: torch.Tensor) -> None:
+    """Multiply one layer's head rows of `values` (`upstream batch pos d_model`) by `scale`
+    (`batch pos`), in place."""
+    first = graph.head(layer, 0)
+    values[first:first + graph.n_heads] *= scale[None, :, :, None].to(values)
+
+
+def writer_outputs(model, graph: Graph, batch) -> Writers:
+    """Every writer's output in one run of `batch` (see `Writers`)."""
     rows, positions = batch.input_ids.shape
     outputs = torch.zeros(graph.n_upstream, rows, positions, model.d_model, device=model.device)
+    scales = None
+    if model.arch.attn_out != model.arch.attn:
+        scales = torch.ones(graph.n_layers, rows, positions, device=model.device)
 
     def store(index, value):
         outputs[index] = value.to(outputs.device)  # layers spread by a device_map
 
+    def scale(layer, value):
+        scales[layer] = value.to(scales.device)
+
     with run(model, batch.tokens) as forward:
-        _record_writers(model, graph, forward, store)
+        _record_writers(model, graph, forward, store, scale)
         base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
         base(**batch.inputs(model.device), use_cache=False)
-    return outputs
+    return Writers(outputs, scales)
 
 
 def embeddings(model, batch) -> torch.Tensor:
@@ -202,16 +283,21 @@ def _combine(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.T @ values.reshape(values.shape[0], -1)).reshape(weights.shape[1], *values.shape[1:])
 
 
-def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+def patched_logits(model, graph: Graph, batch, corrupt: Writers, removed: torch.Tensor) -> torch.Tensor:
     """Last-position logits of `batch` with the `removed` edges (`upstream downstream`
-    bool) carrying the corrupt run's outputs (`corrupt`: `upstream batch pos d_model`)."""
+    bool) carrying the corrupt run's outputs (`corrupt`, from `writer_outputs`; Gemma's
+    heads at this run's frozen scale, see the module docstring)."""
     arch = model.arch
     rows = len(batch)
-    difference = torch.zeros_like(corrupt)
-    removed = removed.to(device=corrupt.device, dtype=corrupt.dtype)
+    difference = torch.zeros_like(corrupt.outputs)
+    removed = removed.to(device=difference.device, dtype=difference.dtype)
 
     def store(index, value):
-        difference[index] = value.to(corrupt.device) - corrupt[index]
+        difference[index] = value.to(difference.device) - corrupt.outputs[index]
+
+    def scale(layer, value):
+        # This run's own scale: the heads' differences are read only after their norm.
+        scale_heads(graph, difference, layer, value)
 
     def minus(column):
         """The input of reader `column`: this run's minus the removed edges' differences."""
@@ -222,7 +308,7 @@ def patched_logits(model, graph: Graph, batch, corrupt: torch.Tensor, removed: t
         return lambda x: x - _combine(difference[:reads], weights[:, None])[0].to(x)
 
     with run(model, batch.tokens) as forward:
-        _record_writers(model, graph, forward, store)
+        _record_writers(model, graph, forward, store, scale)
         for layer, module in enumerate(_layers(model)):
             columns = graph.attention_inputs(layer)
             reads = graph.reads(columns.start)

@@ -6,7 +6,9 @@ reader's input splits into one term per earlier writer, and "the edge u -> v" is
 term `u` contributes to the input of `v`. Nodes:
 
 - upstream (writers): `embed`, `head.L.H` (the head's output through its share of the
-  output projection), `mlp_out.L`;
+  output projection; on Gemma 2 and 3, which normalise the heads' sum before adding it,
+  also through that norm with its scale frozen, see `mechnb.circuits.engine`),
+  `mlp_out.L`;
 - downstream (readers): each head's three inputs `head.L.H:q`, `head.L.H:k`,
   `head.L.H:v` (one head's query may read a different mix than its key), `mlp_out.L`
   (the MLP's input) and `logits` (the final norm's input).
@@ -26,7 +28,6 @@ from functools import cached_property
 
 import torch
 
-from ..core.errors import ModelError
 
 KINDS = ("q", "k", "v")
 
@@ -41,11 +42,6 @@ class Graph:
 
     @classmethod
     def of(cls, model) -> "Graph":
-        if model.arch.attn_out != model.arch.attn:
-            raise ModelError(
-                f"circuits need each head's output to add into the residual stream, but "
-                f"{model.arch.name} normalises the sum of its heads before adding it "
-                f"({model.arch.attn_out}): head-level edges are not defined for this family")
         return cls(model.n_layers, model.n_heads, model.parallel_attn_mlp)
 
     # Writers: embed, then per layer its heads and its MLP.
