@@ -8,7 +8,8 @@ of memory and is about to be retried):
 
 - the context of persistent interventions: the prompts' tokens, so that positions such
   as `@'John'` resolve; the first position the forward computes (`offset`, for a
-  forward that restarts at a position); which rows interventions change (`active`);
+  forward that restarts at a position, one per row for a generation step with a
+  key/value cache); which rows interventions change (`active`);
 - the temporary hooks and attributes the method registers through the yielded `Run`
   (`run.hook(path, "output", fn)`, `run.torch_hook(...)`, `run.attach(attn, name, value)`);
 - gradients: off (`grad=False`, the default), or on for activations only (`grad=True`:
@@ -51,7 +52,7 @@ class Run:
     its own) it is only the registry: `close()` removes what was registered.
     """
 
-    def __init__(self, model, tokens: list[list[str]] | None = None, offset: int = 0, active=None,
+    def __init__(self, model, tokens: list[list[str]] | None = None, offset=0, active=None,
                  grad: bool | None = False):
         self.model = model
         self._context = Context(tokens, offset, active)
@@ -134,7 +135,7 @@ class Run:
         self._handles, self._attributes = [], []
 
 
-def run(model, tokens: list[list[str]] | None = None, offset: int = 0, active=None,
+def run(model, tokens: list[list[str]] | None = None, offset=0, active=None,
         grad: bool | None = False) -> Run:
     """A block in which the model's forwards run on these prompts: `with run(...) as r:`.
 
@@ -142,7 +143,8 @@ def run(model, tokens: list[list[str]] | None = None, offset: int = 0, active=No
         model: the `Model`.
         tokens: each batch row's token strings (`batch.tokens`), for positions that
             name tokens; None when the forward runs on token windows without them.
-        offset: the first position the forward computes (a runner row restarting there).
+        offset: the position of the forward's first column (a runner row restarting
+            there), or one per batch row (a generation step with a key/value cache).
         active: one bool per batch row, whether persistent interventions change it
             (None: every row).
         grad: False (no autograd), True (autograd for activations; weights frozen for

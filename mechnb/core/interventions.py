@@ -162,17 +162,22 @@ class Steer(Intervention):
 class Context:
     """The prompts a forward runs on, for resolving positions inside hooks.
 
-    `tokens` has one list per batch row; `offset` is the first position the forward
-    computes (a patching sweep re-runs only positions from `offset` on); `active`
-    (one bool per row, or None for all) says which rows interventions change, so
-    one batch can hold runs with and without them.
+    `tokens` has one list per batch row; `offset` is the position of the forward's first
+    column, one for every row or one per row (a patching sweep re-runs only positions from
+    `offset` on; a generation step with a key/value cache computes only each row's newest
+    token, and left padding puts a row's first real token at column `-offset`); `active`
+    (one bool per row, or None for all) says which rows interventions change, so one batch
+    can hold runs with and without them. Positions resolve against the whole sequence in
+    `tokens`, then act only where this forward computes them.
     """
 
-    def __init__(self, tokens: list[list[str]] | None = None, offset: int = 0, active=None):
+    def __init__(self, tokens: list[list[str]] | None = None, offset=0, active=None):
         self.tokens, self.offset, self.active = tokens, offset, active
 
     def resolve(self, positions, rows: int, length: int):
         """Position indices `batch n` within this forward, or None if none fall in it."""
+        import torch
+
         tokens = self.tokens
         if tokens is None:
             if positions.token is not None:
@@ -181,13 +186,24 @@ class Context:
             tokens = [[""] * length] * rows
         elif len(tokens) != rows:
             tokens = [tokens[0]] * rows
-        found = positions.resolve(tokens) - self.offset
-        if self.offset:
-            keep = (found[0] >= 0) & (found[0] < length)
-            if not keep.any():
-                return None
-            found = found[:, keep]
-        return found
+        found = positions.resolve(tokens)
+        if isinstance(self.offset, int):
+            if not self.offset:
+                return found
+            found = found - self.offset
+        else:
+            found = found - torch.as_tensor(self.offset, dtype=torch.long)[:, None]
+        keep = (found >= 0) & (found < length)
+        if keep.all():
+            return found
+        counts = keep.sum(1)
+        if not counts.any():
+            return None
+        if (counts != counts[0]).any():
+            # Every row's part must have one shape: a replacement is computed for all rows at once.
+            raise SiteError(f"positions @{positions.text} fall {counts.tolist()} times in this forward's rows: "
+                            "each row must compute the same number of them; use @-1, or rows of one length")
+        return found[keep].reshape(rows, -1)
 
 
 def apply(intervention: Intervention, full, context: Context):

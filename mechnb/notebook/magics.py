@@ -286,13 +286,15 @@ class MechnbMagics(Magics):
     @line_magic
     def generate(self, line: str):
         """`%generate PROMPT [--max-new-tokens N] [--compare] [--sample] [--temperature T]
-        [--top-p P] [--seed S] [--stream] [-o NAME]`"""
+        [--top-p P] [--seed S] [--stream] [--no-cache] [-o NAME]`"""
         prompt, options = self._prompt(line, {"--max-new-tokens": int, "--compare": bool, "--sample": bool,
                                               "--temperature": float, "--top-p": float, "--seed": int,
-                                              "--stream": bool, "-o": str}, "%generate")
+                                              "--stream": bool, "--no-cache": bool, "-o": str}, "%generate")
         output = options.pop("o", None)
         if "sample" in options:
             options["do_sample"] = options.pop("sample")
+        if "no_cache" in options:
+            options["cache"] = not options.pop("no_cache")
         return self._keep(self.session.require().generate(prompt, **options), output)
 
     @no_var_expand

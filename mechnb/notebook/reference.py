@@ -100,9 +100,11 @@ ENTRIES = [
     Entry("%stability {circuit} [--resamples N] [--top 1%]", "circuit.stability(), circuit.quality(), "
           "result.stability()", "fidelity and stability of a circuit or a result, one table"),
     Entry("%generate PROMPT|{prompts} [--max-new-tokens N] [--compare] [--sample] [--temperature T] "
-          "[--top-p P] [--seed S] [--stream] [-o NAME]",
-          "model.generate(prompts, max_new_tokens, do_sample, temperature, top_p, seed, compare, stream)",
-          "continue prompts with the active interventions (--compare: also without them, one batch)"),
+          "[--top-p P] [--seed S] [--stream] [--no-cache] [-o NAME]",
+          "model.generate(prompts, max_new_tokens, do_sample, temperature, top_p, seed, compare, stream, "
+          "cache, sites) (.activations[site]: row token ...)",
+          "continue prompts with the active interventions, through the key/value cache (--compare: also "
+          "without them, one batch; --no-cache: recompute the whole sequence each step)"),
     Entry("%steer SITE {vector}|sae.L.F [--scale S] [--positions P], %steer --clear",
           "model.steering_vector(positive, negative, site), model.steer(site, vector, scale), "
           "with model.steered(...):, model.clear(\"steer\")",
