@@ -326,24 +326,18 @@ def test_positions_resolve_against_each_rows_own_offset():
         Context([list("abcd"), list("abcd")], offset=[3, 4]).resolve(parse_positions("3:4"), 2, 1)
 
 
-def test_at_minus_one_is_each_new_token_once_with_the_cache_and_the_last_of_each_forward_without(tiny_factory):
+def test_each_forward_computes_the_newest_token_with_the_cache_and_the_whole_sequence_without(tiny_factory):
     model = tiny_factory("gpt2")
-    seen = {True: [], False: []}
-    for cache in (True, False):
-        def record(value, cache=cache):
-            seen[cache].append(tuple(value.shape))
-            return value
-
-        with model.hooked("resid_post.0@-1", record):
+    n = len(model.tokens("The cat sat"))
+    for cache, widths in ((True, [n, 1, 1]), (False, [n, n + 1, n + 2])):
+        seen, last, span = [], [], []
+        with model.hooked("resid_post.0", lambda value: seen.append(value.shape[1])), \
+                model.hooked("resid_post.0@-1", lambda value: last.append(tuple(value.shape))), \
+                model.hooked("resid_post.0@1:3", lambda value: span.append(value.shape[1])):
             model.generate("The cat sat", max_new_tokens=3, cache=cache)
-    # Cached: the prompt's last token, then each fed token alone; whole: the last of 3, 4, 5 tokens.
-    assert seen[True] == [(1, 32)] * 3 and seen[False] == [(1, 32)] * 3
-    spans = {True: [], False: []}
-    for cache in (True, False):
-        with model.hooked("resid_post.0@1:3", lambda value, cache=cache: spans[cache].append(value.shape[1])):
-            model.generate("The cat sat", max_new_tokens=3, cache=cache)
-    # A prompt span: once, in the prompt's forward, with the cache; in every forward without.
-    assert spans[True] == [2] and spans[False] == [2, 2, 2]
+        assert seen == widths and last == [(1, 32)] * 3
+        # A prompt span: once, in the prompt's forward, with the cache; in every forward without.
+        assert span == ([2] if cache else [2, 2, 2])
 
 
 def test_kept_sites_hold_every_generated_token_and_equal_a_cache_of_the_final_sequences(tiny_factory):
@@ -458,16 +452,20 @@ def test_a_failure_mid_generation_leaves_the_model_clean(tiny_factory):
             raise ValueError("step three")
         return value
 
+    def stream(texts):
+        calls.append(texts)
+        if len(calls) == 3:
+            raise ValueError("step three")
+
     for cache in (True, False):
         calls.clear()
         added = model.hook("resid_post.1", breaks)
         with pytest.raises(InterventionError, match="step three"):
-            model.generate(PROMPTS, max_new_tokens=N, cache=cache, sites=["resid_post.0", "sae.1"]
-                           if model.saes else ["resid_post.0"])
+            model.generate(PROMPTS, max_new_tokens=N, cache=cache, sites=["resid_post.0", "logits"])
         model.remove(added)
-        with pytest.raises(GenerationError, match="the stream function raised"):
-            model.generate(PROMPTS, max_new_tokens=N, cache=cache, sites="resid_post.0",
-                           stream=lambda texts: 1 / (len(texts[0]) < 2))
+        calls.clear()
+        with pytest.raises(GenerationError, match="the stream function raised ValueError: step three"):
+            model.generate(PROMPTS, max_new_tokens=N, cache=cache, sites="resid_post.0", stream=stream)
         assert hook_counts(model) == hooks and model.unmodified
         torch.testing.assert_close(clean_logits(model), before, atol=0, rtol=0)
 
