@@ -87,6 +87,7 @@ bench: model
 	$(RUN) $(PY) bench/patching.py
 	$(RUN) $(PY) bench/circuits.py
 	$(RUN) $(PY) bench/graphs.py
+	$(RUN) $(PY) bench/generation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -101,6 +101,11 @@ def load(source, sae_id: str | None = None, device=None, revision: str | None = 
         raise SAEError(f"sae_id is the SAE's folder (a string such as 'layer_20/width_16k/average_l0_71'), "
                        f"got {type(sae_id).__name__}")
     path = Path(source).expanduser()
+    looks_like_a_path = isinstance(source, os.PathLike) or str(source).startswith(("/", ".", "~")) \
+        or str(source).count("/") > 1
+    if not path.is_dir() and looks_like_a_path:
+        raise SAEError(f"{str(source)!r} is not an SAE directory (no such directory): name a directory, a release "
+                       "(mechnb.sae.releases() lists them) or a hub repo id (org/name)")
     if path.is_dir():
         raw = read_directory(path / sae_id if sae_id else path)
     else:
