@@ -303,3 +303,31 @@ def test_windows_stop_at_the_token_count_inside_a_long_document(tiny_factory):
     cut = windows(tiny_factory("llama"), [long, "never reached"], 32, 100)
     kept = sum(len(w) - 1 for w in cut)
     assert 100 <= kept < 100 + 32 and all(len(w) <= 32 for w in cut)
+
+
+def test_the_host_site_and_the_features_of_an_attached_sae_read_in_one_cache(tiny_factory):
+    """A read of the host inside a trace replays the splice without calling the features' module
+    (nnsight counts its calls), applying feature edits by hand: the host shows what the model sees."""
+    import mechnb
+
+    model = tiny_factory("llama")
+    sae = mechnb.sae.SAE(32, 64, kind="relu", site="resid_post.1")
+    torch.manual_seed(0)
+    for p in (sae.W_enc, sae.W_dec):
+        torch.nn.init.normal_(p, std=0.3)
+    model.attach(sae)
+    try:
+        both = model.cache(PROMPT, ["resid_post.1", "sae.1"])
+        assert torch.equal(both["sae.1"], model.cache(PROMPT, "sae.1")["sae.1"])
+        assert torch.allclose(both["resid_post.1"], model.cache(PROMPT, "resid_post.1")["resid_post.1"])
+        feature = int(both["sae.1"][0, -1].argmax())
+        with model.ablated(f"sae.1.{feature}@-1"):
+            edited = model.cache(PROMPT, ["resid_post.1", "sae.1", "resid_post.2"])
+            downstream = model.cache(PROMPT, "resid_pre.2")["resid_pre.2"]
+        # The host read shows the edited stream, which is what layer 2 reads.
+        assert torch.allclose(edited["resid_post.1"], downstream, atol=1e-5)
+        moved = both["resid_post.1"][0, -1] - edited["resid_post.1"][0, -1]
+        expected = both["sae.1"][0, -1, feature] * sae.W_dec[feature]
+        assert torch.allclose(moved, expected, atol=1e-4)
+    finally:
+        model.detach(sae)

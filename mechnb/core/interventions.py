@@ -60,6 +60,12 @@ class Intervention:
         `fn(value)` is called on each before the intervention applies (none by default)."""
         return []
 
+    def replay(self, full, model):
+        """`full` with this intervention applied outside the forward: a read inside a trace gets
+        the module's value before the intervention's hook runs, and shows what the rest of the
+        model sees by replaying it (`mechnb.core.trace`). By default `apply`."""
+        return apply(self, full, model.context)
+
     def describe(self) -> dict:
         """One row of the interventions table."""
         return {"kind": self.kind, "site": self.site.shown, "detail": self.detail()}

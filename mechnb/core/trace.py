@@ -41,7 +41,6 @@ import torch
 from .arch import locate, submodule
 from .batch import Batch, check_ids, check_length
 from .errors import SiteError, TraceError
-from .interventions import apply
 from .remote import check_site
 from .sites import Site, assign_part, parse, read_part
 
@@ -228,14 +227,15 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
             raise SiteError(f"{site.name} was requested after the model had computed it: "
                             f"{ORDER_HINT}") from None
         # An active intervention on a module's output runs after nnsight hands the value
-        # over; apply it here too, so a read shows what the rest of the model sees. A
+        # over; replay it here too (`Intervention.replay`), so a read shows what the rest of
+        # the model sees. An SAE's splice replays without calling its features' module. A
         # transcoder's splice is left out: it runs its features through a module of their
         # own, which nnsight sees once per forward (the splice without feature edits
         # returns the value it is given, to rounding).
         if locate(model, site)[1] == "output":
             for intervention in model.interventions:
                 if intervention.kind != "transcoder" and Site(intervention.site.kind, intervention.site.layer).name == key:
-                    value = apply(intervention, value, model.context)
+                    value = intervention.replay(value, model)
         if model.remote:
             value = value.detach()  # NDIF may run with autograd on; a remote trace has no use for it
         trace.values[key] = value

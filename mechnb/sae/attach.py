@@ -34,10 +34,37 @@ class Splice(Intervention):
     kind = "sae"
 
     def replacement(self, part):
-        if self.site.kind == "head":  # every head's z, flattened as TransformerLens' hook_z SAEs read it
-            flat = part.flatten(-2)
-            return self.sae.splice(flat.to(self.sae.W_enc.dtype)).to(part.dtype).view(part.shape)
-        return self.sae.splice(part.to(self.sae.W_enc.dtype)).to(part.dtype)
+        return self._splice(part, self.sae.hook_features)
+
+    def replay(self, full, model):
+        """The splice outside the forward (a read of the host site inside a trace): the features
+        do not pass through `sae.hook_features`, whose every call nnsight counts (the forward's
+        own call is the one `sae.L` reads); their edits (ablations, hooks at `sae.L.F`) are
+        applied here by hand instead."""
+        import torch
+
+        from ..core.interventions import Context, apply
+
+        context = model.context or Context()
+        edits = [i for i in model.interventions
+                 if i.site.kind == "sae" and model.sae_at(i.site, required=False) is self.sae]
+
+        def edit(features):
+            for intervention in edits:
+                features = apply(intervention, features, context)
+            return features
+
+        updated = self._splice(full, edit)
+        if context.active is not None:
+            rows = torch.tensor(context.active, device=full.device).reshape(-1, *[1] * (full.dim() - 1))
+            updated = torch.where(rows, updated, full)
+        return updated
+
+    def _splice(self, part, edit):
+        """`decode(edit(features)) + error` of a value; heads' z flattened as TransformerLens'
+        hook_z SAEs read it."""
+        x = (part.flatten(-2) if self.site.kind == "head" else part).to(self.sae.W_enc.dtype)
+        return self.sae.splice(x, edit).to(part.dtype).view(part.shape)
 
     def detail(self) -> str:
         return f"{self.sae.name}: {self.sae.kind}, {self.sae.d_sae} features (sae.{self.site.layer}.F)"

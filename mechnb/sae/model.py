@@ -110,15 +110,16 @@ class SAE(torch.nn.Module):
         """The reconstruction of `x`; features pass through `hook_features` on the way."""
         return self.decode(self.hook_features(self.encode(x)))
 
-    def splice(self, x: torch.Tensor) -> torch.Tensor:
+    def splice(self, x: torch.Tensor, edit=None) -> torch.Tensor:
         """`x` rebuilt from (possibly edited) features plus the SAE's error on `x`.
 
-        With no edit this returns `x` itself (up to rounding), so an attached SAE changes
-        nothing until its features are read or written.
+        The features pass through `edit` (default `hook_features`, where an attached SAE's
+        feature sites are read and written). With no edit this returns `x` itself (up to
+        rounding), so an attached SAE changes nothing until its features are read or written.
         """
         features = self.encode(x)
         error = x - self.decode(features)
-        return self.decode(self.hook_features(features)) + error
+        return self.decode((edit or self.hook_features)(features)) + error
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
