@@ -139,6 +139,10 @@ class GraphError(MechnbError, ValueError):
     """A prompt, transcoder set or option that an attribution graph cannot use."""
 
 
+class BottleneckError(MechnbError, ValueError):
+    """Concepts, labels or settings a concept bottleneck (`mechnb.vision`) cannot use."""
+
+
 class MagicError(MechnbError, ValueError):
     """Arguments to a magic that do not parse."""
 
