@@ -14,7 +14,10 @@ score is the correlation between its judgements and the true activations.
 Labellers: `"local"` (SmolLM2-135M-Instruct, offline; it judges by the probability
 it gives "Yes"), a URL speaking the OpenAI chat completions API (judgements are
 numbers 0-10 parsed from its replies), or a function from prompt text to reply
-text. Labels and scores are cached on disk per SAE, feature and labeller, and saved
+text. Image concepts (`mechnb.vision.concepts`: `concepts.record(sae)` sets the contexts)
+go to a URL or a function as chat content parts with the images as PNG data URLs (for a
+multimodal model), and to the local model as a summary in words (class distribution,
+where in the image the feature fires), judged from each held-out image's class. Labels and scores are cached on disk per SAE, feature and labeller, and saved
 after every feature, so an interrupted or failed run keeps what it had.
 """
 
@@ -142,7 +145,7 @@ def label(sae, features, labeler="local", n_examples: int = 20, cache_dir=None):
 
         warnings.warn(f"{message}: they are left out", stacklevel=3)
         features = [f for f in features if f in contexts]
-    ask, judge, name = _labeller(labeler)
+    ask, judge, name, multimodal = _labeller(labeler)
     path = _cache_path(sae, name, cache_dir)
     cached = json.loads(path.read_text()) if path.exists() else {}
     rows = []
@@ -151,7 +154,11 @@ def label(sae, features, labeler="local", n_examples: int = 20, cache_dir=None):
         if key not in cached:
             found = contexts[feature]
             shown, held = found["positive"][: n_examples // 2], found["positive"][n_examples // 2: n_examples]
-            text = ask(_explain_prompt(shown)).strip().split("\n")[0].strip()
+            if "image" in shown[0]:  # image concepts (mechnb.vision.concepts)
+                prompt = _explain_images(shown, found.get("summary", ""), multimodal)
+            else:
+                prompt = _explain_prompt(shown)
+            text = ask(prompt).strip().split("\n")[0].strip()
             if not text:
                 raise LabelError(f"the labeller returned an empty label for feature {feature}")
             trials = held + found["negative"][: len(held)]
@@ -181,30 +188,66 @@ def _explain_prompt(contexts) -> str:
     return "\n".join(lines)
 
 
-def _judge_prompt(label_text: str, context) -> str:
+def _judge_prompt(label_text: str, context, multimodal: bool = False):
+    if "image" in context:  # the image itself to a multimodal labeller; its class in words to a text one
+        question = f"A feature of an image model detects: {label_text}.\n"
+        if not multimodal:
+            return (question + f"The image shows a handwritten {context['class']}.\n"
+                    "Is this feature active on the image? Answer Yes or No.")
+        from ..vision.concepts import png_data_url
+
+        return [{"type": "text", "text": question + "Is this feature active on this image?"},
+                {"type": "image_url", "image_url": {"url": png_data_url(context["image"])}}]
     return (f"A feature of a language model detects: {label_text}.\n"
             f"Text: {''.join(context['tokens']).strip()}\n"
             "Is this feature active in the text? Answer Yes or No.")
 
 
+def _explain_images(contexts, summary: str, multimodal: bool):
+    """The labelling prompt for image concepts: the images (multimodal) or the summary in words."""
+    ask = "In a few words, what does this feature detect? Answer with a short label only."
+    if not multimodal:
+        return (f"A feature of an image model of handwritten digits is active on some images. Its top images: "
+                f"{summary}.\n{ask}")
+    from ..vision.concepts import png_data_url
+
+    parts = [{"type": "text", "text": "Here are the images where a feature of an image model is most active, "
+                                      f"strongest first ({summary})."}]
+    for context in contexts:
+        parts.append({"type": "image_url", "image_url": {"url": png_data_url(context["image"])}})
+    return parts + [{"type": "text", "text": ask}]
+
+
+def _asking(prompt, suffix: str):
+    """`prompt` (text, or chat content parts) with `suffix` added to its last text."""
+    if isinstance(prompt, str):
+        return prompt + suffix
+    return prompt + [{"type": "text", "text": suffix.strip()}]
+
+
 def _labeller(labeler):
-    """`(ask(prompt) -> text, judge(label, contexts) -> numbers, name)` for a labeller."""
+    """`(ask(prompt) -> text, judge(label, contexts) -> numbers, name, multimodal)` for a labeller.
+
+    A function or a URL is multimodal: for image concepts its prompts are chat content parts
+    (`[{"type": "text", ...}, {"type": "image_url", ...}]`); the local model reads words only."""
     if labeler == "local":
-        return _local_ask, _local_judge, "local"
+        return _local_ask, _local_judge, "local", False
     if callable(labeler):
         def judge(label_text, contexts):
-            return [_number(labeler(_judge_prompt(label_text, c) + " Then rate 0-10.")) for c in contexts]
+            return [_number(labeler(_asking(_judge_prompt(label_text, c, True), " Then rate 0-10.")))
+                    for c in contexts]
 
-        return labeler, judge, getattr(labeler, "__qualname__", "callable")
+        return labeler, judge, getattr(labeler, "__qualname__", "callable"), True
     if isinstance(labeler, str) and re.match(r"https?://", labeler):
         def ask(prompt):
             return _chat(labeler, prompt)
 
         def judge(label_text, contexts):
-            return [_number(_chat(labeler, _judge_prompt(label_text, c) +
-                                  " Reply with one number from 0 (no) to 10 (strongly).")) for c in contexts]
+            return [_number(_chat(labeler, _asking(_judge_prompt(label_text, c, True),
+                                                   " Reply with one number from 0 (no) to 10 (strongly).")))
+                    for c in contexts]
 
-        return ask, judge, labeler
+        return ask, judge, labeler, True
     raise LabelError(f"labeler must be 'local', a function of the prompt text, or an http(s) URL of an "
                      f"OpenAI-compatible server, got {labeler!r}")
 
