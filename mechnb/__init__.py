@@ -44,6 +44,9 @@ def __getattr__(name):
         module = importlib.import_module(_LAZY[name])
         return getattr(module, "parse" if name == "parse_site" else name)
     if name in _SUBPACKAGES:
+        if name == "vision":
+            # Its models are `mechnb.Model`s: the API registers its class when imported.
+            importlib.import_module(f"{__name__}.model")
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mechnb' has no attribute {name!r}")
 

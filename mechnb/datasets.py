@@ -1,4 +1,13 @@
-"""Text that ships with Python itself: a corpus for collecting activations offline.
+"""Data that ships with Python and its packages: text corpora, prompt tasks and digit images.
+
+The 8x8 handwritten digits of scikit-learn (1,797 images inside the package, no download)
+are the vision data: `digits(split)` gives a fixed, seeded, stratified 80/20 split as
+`batch 1 8 8` float images already normalised for the embedded ViT
+(`mechnb.vision.tiny_vit`), by `digit_pixels`, the one place that scaling lives.
+
+    >>> train = digits("train")
+    >>> train.images.shape, train.labels[:3]
+    (torch.Size([1437, 1, 8, 8]), tensor([...]))
 
 Two sources, both real English prose present on every machine with Python:
 
@@ -22,7 +31,11 @@ import functools
 import os
 import sysconfig
 import threading
-from typing import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # torch and scikit-learn load on first use: `import mechnb.datasets` stays light
+    import torch
 
 SOURCES = ("topics", "docstrings")
 _HELD_OUT_EVERY = 20
@@ -203,3 +216,67 @@ def greater_than(n: int, tokenizer, seed: int = 0) -> list[dict]:
             wrong = {f"{y:02d}" for y in range(0, year + 1)}
         pairs.append({"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong, "year": year})
     return pairs
+
+
+DIGIT_SPLITS = ("train", "test", "all")
+DIGIT_MAX = 16.0  # scikit-learn's digits count ink in 4x4 blocks: values 0..16
+_TEST_FRACTION = 0.2
+
+
+@dataclass
+class Images:
+    """Labelled images: `images` `batch channel height width` (float32), `labels` `batch`
+    (long), `classes` the name of each label."""
+
+    images: "torch.Tensor"
+    labels: "torch.Tensor"
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def digit_pixels(values) -> "torch.Tensor":
+    """Digit intensities (0..16, any shape ending `8 8`) as the embedded ViT reads them:
+    float32 in -1..1 (`(v / 16 - 0.5) / 0.5`). Used for training and for every input."""
+    import torch
+
+    values = torch.as_tensor(values, dtype=torch.float32)
+    return (values / DIGIT_MAX - 0.5) / 0.5
+
+
+def digits(split: str = "train", seed: int = 0) -> Images:
+    """scikit-learn's 8x8 handwritten digits, split 80/20 (stratified by class, seeded).
+
+    Args:
+        split: "train" (1,437 images), "test" (360) or "all" (1,797, in the data's order).
+        seed: the seed of the split; the same seed gives the same split on every machine.
+
+    Returns:
+        `Images`: `images` `batch 1 8 8` float32 normalised by `digit_pixels`, `labels`
+        `batch` long (0-9), `classes` `["0", ..., "9"]`.
+        Example: `test = mechnb.datasets.digits("test"); test.images.shape` is `(360, 1, 8, 8)`.
+    """
+    import torch
+
+    if split not in DIGIT_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(DIGIT_SPLITS)}, got {split!r}")
+    pixels, labels = _digit_arrays()
+    if split != "all":
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(range(len(labels)), test_size=_TEST_FRACTION, random_state=seed,
+                                       stratify=labels)
+        rows = sorted(train if split == "train" else test)
+        pixels, labels = pixels[rows], labels[rows]
+    return Images(digit_pixels(pixels.reshape(-1, 1, 8, 8)), torch.as_tensor(labels, dtype=torch.long),
+                  [str(digit) for digit in range(10)])
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_arrays():
+    """The digits' pixels (`1797 64`, 0..16) and labels, read once from scikit-learn's package."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.data, data.target

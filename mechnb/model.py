@@ -80,4 +80,5 @@ class Model(ModelBase):
     explore = widgets.explore
 
 
+loading.register_api_class(Model)
 load = functools.update_wrapper(functools.partial(loading.load, model_class=Model), loading.load)

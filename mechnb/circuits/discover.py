@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from ..core.errors import CircuitError, MetricError
+from ..core.model import language_only
 from ..core.remote import local_only
 from .engine import embeddings, reader_gradients, scale_heads, writer_outputs
 from .graph import Graph
@@ -98,6 +99,7 @@ def exact_node_scores(model, graph: Graph, task: Task, batch_size: int | None) -
 
 
 @local_only
+@language_only
 def circuit(model, clean, corrupt, answer, wrong=None, method: str = "eap-ig", level: str = "edge",
             steps: int = 5, metric="logit_diff", batch_size: int | None = None):
     """Score every edge (or node) of the model's graph for a clean/corrupt task.

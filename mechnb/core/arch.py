@@ -18,6 +18,11 @@ fields, to one decoder layer (`self_attn.o_proj`). Conventions:
 - `attn_norm` / `mlp_norm` are the norms whose outputs attention and the MLP read
   (their inputs are the residual stream each reads, also where they run in parallel).
 - `o_proj_conv1d` marks GPT-2's `Conv1D`, whose weight is stored `(in, out)`.
+- Vision transformers (ViT, DeiT: `vision=True`) read images: `embed` is the patch and
+  position embeddings' output, `prefix_tokens` the learned tokens before the patches
+  (`[CLS]`, DeiT's `[DIST]`), `unembed` the classifier reading the final norm at
+  `[CLS]`. Paths start at the classification model (`vit.layers`); a bare `ViTModel`
+  is the same table without the prefix (`Arch.rooted`), and has no `logits`.
 
 Example:
     >>> arch_for(hf_model.config).layers
@@ -60,12 +65,27 @@ class Arch:
     mlp_up: str | None = None
     # Separate query, key and value projections, where the family has them (not fused).
     qkv: tuple[str, str, str] | None = None
+    # An image model: positions are its prefix tokens, then the patches in row-major order.
+    vision: bool = False
+    prefix_tokens: tuple[str, ...] = ()
 
     def resid_mid_for(self, config) -> str | None:
         """The resid_mid module of this config (None when attention and MLP are parallel)."""
         if self.name == "gpt_neox" and getattr(config, "use_parallel_residual", True):
             return None
         return self.resid_mid
+
+    def rooted(self, hf_model) -> "Arch":
+        """This table for `hf_model`: a vision family's paths without the classification
+        model's prefix when `hf_model` is the bare backbone (`ViTModel`), else unchanged."""
+        prefix = self.layers.split(".", 1)[0] + "."
+        if not self.vision or hasattr(hf_model, prefix[:-1]):
+            return self
+        from dataclasses import fields, replace
+
+        paths = {f.name: getattr(self, f.name).removeprefix(prefix) for f in fields(self)
+                 if isinstance(getattr(self, f.name), str) and getattr(self, f.name).startswith(prefix)}
+        return replace(self, **paths, unembed="")
 
 
 _LLAMA_LIKE = dict(
@@ -86,6 +106,28 @@ _LLAMA_LIKE = dict(
     mlp_up="mlp.up_proj",
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
+
+
+def _vision(prefix: str) -> dict:
+    """The layout ViT and DeiT share (pre-norm layers, separate q/k/v, a CLS classifier)."""
+    return dict(
+        layers=f"{prefix}.layers",
+        embed=f"{prefix}.embeddings",
+        final_norm=f"{prefix}.layernorm",
+        unembed="classifier",
+        attn="attention",
+        o_proj="attention.o_proj",
+        mlp="mlp",
+        mlp_down="mlp.fc2",
+        attn_out="attention",
+        mlp_out="mlp",
+        resid_mid="layernorm_after",
+        attn_norm="layernorm_before",
+        mlp_norm="layernorm_after",
+        qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        vision=True,
+    )
+
 
 ARCHS: tuple[Arch, ...] = (
     Arch(
@@ -135,6 +177,9 @@ ARCHS: tuple[Arch, ...] = (
            "mlp_out": "post_feedforward_layernorm", "resid_mid": "pre_feedforward_layernorm",
            "mlp_norm": "pre_feedforward_layernorm"},
     ),
+    Arch(name="vit", model_types=("vit",), prefix_tokens=("[CLS]",), **_vision("vit")),
+    # DeiT's second learned token, distillation, sits between [CLS] and the patches.
+    Arch(name="deit", model_types=("deit",), prefix_tokens=("[CLS]", "[DIST]"), **_vision("deit")),
 )
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHS for t in a.model_types)

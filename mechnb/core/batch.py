@@ -36,10 +36,13 @@ class Batch:
     def of(cls, tokenizer, prompts) -> "Batch":
         """Tokenize a prompt or a list of prompts (strings), padding on the right.
 
-        A `batch pos` tensor of token ids is taken as it is (no padding).
+        A `batch pos` tensor of token ids is taken as it is (no padding). A vision model's
+        reader (`mechnb.core.images.ImageReader`) makes an `ImageBatch` of images instead.
         """
         if isinstance(prompts, Batch):
             return prompts
+        if getattr(tokenizer, "reads_images", False):
+            return tokenizer.batch(prompts)
         if torch.is_tensor(prompts):
             return cls._of_ids(tokenizer, prompts)
         listed = as_list(prompts)
@@ -123,6 +126,8 @@ def _given(prompts) -> str:
 
 def check_ids(model, batch: "Batch") -> None:
     """A `TraceError` for token ids past the model's vocabulary (its embedding has no row)."""
+    if getattr(batch, "pixel_values", None) is not None:
+        return  # images: checked by their reader
     largest = int(batch.input_ids.max())
     if largest >= model.vocab_size:
         raise PromptError(f"token id {largest} out of range: {model.name} has ids 0-{model.vocab_size - 1}")

@@ -28,6 +28,22 @@ from .errors import ModelError
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 _DTYPES = ("float32", "float16", "bfloat16")
+_API_CLASS: list = []  # the API's `Model`, registered by `mechnb.model` when it is imported
+
+
+def register_api_class(cls) -> None:
+    """Make `cls` (the API's `mechnb.Model`) the class `api_class` gives."""
+    _API_CLASS[:] = [cls]
+
+
+def api_class():
+    """The class models are wrapped in for the user: `mechnb.Model` once `mechnb.model` is
+    imported (`mechnb.vision` imports it first), else the core `ModelBase`."""
+    if _API_CLASS:
+        return _API_CLASS[0]
+    from .model import ModelBase
+
+    return ModelBase
 
 
 def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_map=None,
@@ -89,16 +105,18 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not read a model config from {label!r}: {_first_line(error)}") from None
-    arch_for(config)  # an unsupported architecture fails here, before any weights load
+    arch = arch_for(config)  # an unsupported architecture fails here, before any weights load
     from transformers.utils import logging as hf_logging
 
     # A progress bar for a one-second load is noise in a notebook cell.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                        **kwargs, **hf_kwargs)
+        if arch.vision:
+            tokenizer, auto = _image_processor(source, kwargs), _vision_class(config)
+        else:
+            tokenizer, auto = AutoTokenizer.from_pretrained(source, **kwargs), AutoModelForCausalLM
+        hf_model = auto.from_pretrained(source, config=config, dtype=dtype, **kwargs, **hf_kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not load {label!r}: {_first_line(error)}") from None
     except TypeError as error:  # an option from_pretrained does not know
@@ -110,6 +128,25 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
     if hf_kwargs.get("device_map") is None:
         hf_model.to(device)
     return model_class(hf_model, tokenizer, name=label)
+
+
+def _vision_class(config):
+    """The Auto class of a vision config: the bare backbone when the config names one
+    (`ViTModel`), else the image classifier."""
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    names = getattr(config, "architectures", None) or []
+    return AutoModel if names and all(name.endswith("Model") for name in names) else AutoModelForImageClassification
+
+
+def _image_processor(source: str, kwargs: dict):
+    """The model's own image processor, or None when it has none (tensors only, then)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return None
 
 
 def _load_remote(name, device, dtype, hf_kwargs: dict, model_class):

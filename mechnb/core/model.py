@@ -51,6 +51,19 @@ def live_models() -> list:
     return list(_LIVE)
 
 
+def language_only(method):
+    """Mark a method (a function of the model) that works on tokens only: on a vision model
+    it raises one `ModelError` line (`ModelBase.require_language`) before anything runs."""
+    import functools
+
+    @functools.wraps(method)
+    def checked(model, *args, **kwargs):
+        model.require_language(method.__name__)
+        return method(model, *args, **kwargs)
+
+    return checked
+
+
 class ModelBase:
     """A causal LM ready for interpretability: sites, traces, caches, interventions.
 
@@ -68,12 +81,10 @@ class ModelBase:
     """
 
     def __init__(self, hf_model, tokenizer, name: str | None = None, remote: bool = False):
-        import nnsight
-
         from .arch import arch_for
         from .hookpoints import install
 
-        self.arch = arch_for(hf_model.config)
+        self.arch = arch_for(hf_model.config).rooted(hf_model)
         hf_model.eval()
         self.remote = bool(remote)
         self.hf = hf_model
@@ -84,8 +95,14 @@ class ModelBase:
             self.nn = wrap(hf_model, tokenizer)
         else:
             install(hf_model, self.arch)
-            self.nn = nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
+        if self.arch.vision:
+            from .images import ImageReader
+
+            # The image reader plays the tokenizer's part: `Batch.of` hands it the images.
+            tokenizer = ImageReader(self.arch, hf_model.config, tokenizer)
         self.tokenizer = tokenizer
+        if not self.remote:
+            self._rewrap()
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
         from .edits import WeightEdits
 
@@ -132,7 +149,34 @@ class ModelBase:
 
     @property
     def vocab_size(self) -> int:
+        """Tokens a language model predicts over; an image classifier's number of classes."""
+        if self.arch.vision:
+            return self.n_classes or 0
         return self.config.vocab_size
+
+    @property
+    def reads_images(self) -> bool:
+        """True for a vision model (inputs are images; positions `[CLS]` and patches)."""
+        return self.arch.vision
+
+    @property
+    def n_classes(self) -> int | None:
+        """An image classifier's number of classes (None for a language model or a backbone)."""
+        return self.config.num_labels if self.arch.vision and self.arch.unembed else None
+
+    @property
+    def classes(self) -> list[str]:
+        """An image classifier's class names, by index (`config.id2label`)."""
+        labels = getattr(self.config, "id2label", None) or {}
+        return [str(labels.get(i, labels.get(str(i), i))) for i in range(self.n_classes or 0)]
+
+    def require_language(self, method: str) -> None:
+        """`ModelError` when this is a vision model: `method` works on tokens only."""
+        if self.arch.vision:
+            from .errors import ModelError
+
+            raise ModelError(f"{method} needs a language model; {self.name} is a {self.arch.name} image "
+                             f"{'classifier' if self.n_classes else 'model'}, which reads images, not tokens")
 
     @property
     def device(self):
@@ -215,8 +259,8 @@ class ModelBase:
 
     # -- tokens -------------------------------------------------------------
 
-    def tokens(self, prompt: str) -> list[str]:
-        """The prompt's token strings, as positions count them."""
+    def tokens(self, prompt) -> list[str]:
+        """The prompt's token strings, as positions count them (an image's position labels)."""
         from .batch import Batch
 
         return Batch.of(self.tokenizer, prompt).tokens[0]
@@ -291,11 +335,13 @@ class ModelBase:
         return cache(self, prompts, sites, batch_size=batch_size)
 
     def top(self, prompt: str, k: int = 10):
-        """The k most likely next tokens after `prompt`.
+        """The k most likely next tokens after `prompt` (for an image classifier: the k most
+        likely classes of one image, `prompt` an image).
 
         Returns:
             A DataFrame with columns `rank` (1 = most likely), `token`, `token_id`,
-            `prob`, `logit`, sorted by probability. Example: `model.top("The sky is", 5)`.
+            `prob`, `logit`, sorted by probability (a classifier's: `rank`, `class`,
+            `class_id`, `prob`, `logit`). Example: `model.top("The sky is", 5)`.
         """
         import nnsight
         import pandas as pd
@@ -303,6 +349,10 @@ class ModelBase:
 
         from .checks import is_int
 
+        if self.reads_images:
+            from .images import top_classes
+
+            return top_classes(self, prompt, k)
         if not isinstance(prompt, str):
             raise PromptError(f"top takes one prompt string, got {type(prompt).__name__}")
         if not is_int(k) or k < 1:
@@ -497,4 +547,9 @@ class ModelBase:
     def _rewrap(self) -> None:
         import nnsight
 
-        self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)
+        if self.arch.vision:
+            # nnsight's TransformersModel builds a pipeline, which wants an image processor:
+            # the plain wrapper runs any module on its keyword inputs.
+            self.nn = nnsight.NNsight(self.hf)
+        else:
+            self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)

@@ -20,6 +20,7 @@ A site string names a value the model computes. The same strings work in
     pattern.3               attention probabilities          batch head pos_q pos_k
     pattern.3.1             one head's pattern               batch pos_q pos_k
     logits                  the model's output logits        batch pos vocab
+                            (an image classifier's: batch class, no positions)
 
 TransformerLens hook names are aliases (`TL_HOOKS`): `hook_embed`,
 `blocks.L.hook_resid_pre|mid|post`, `blocks.L.hook_attn_out`, `blocks.L.hook_mlp_out`,
@@ -32,7 +33,9 @@ Layers and indices take an int, a range `0:5` (end excluded) or `*`; a site with
 range names several sites (`resid_pre.*` is one per layer) and reading it stacks
 them on a new leading axis. Positions follow `@`: `@-1` (one position; the axis is
 dropped), `@3:7` (a range), `@'John'` (every position whose token, stripped of
-surrounding spaces, is `John`). Positions count real tokens of each prompt, so
+surrounding spaces, is `John`). On a vision transformer positions are `[CLS]` (`@0`),
+then the patches row by row; `@'patch 3,4'` names the patch in row 3, column 4 of the
+grid. Positions count real tokens of each prompt, so
 `@-1` is each prompt's own last token whatever the padding; on a pattern they
 select query positions.
 
@@ -82,6 +85,7 @@ TL_HOOKS: dict[str, str] = {
 }
 _TL_BLOCK = re.compile(r"^blocks\.(?P<layer>[^.]+)\.(?P<hook>.+)$")
 _RANGE = re.compile(r"^(-?\d*):(-?\d*)$")
+_PATCH = re.compile(r"^patch\s*(\d+)\s*,\s*(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,15 @@ class Positions:
                 rows.append([p])
             elif self.token is not None:
                 want = self.token.strip()
+                patch = _PATCH.match(want)
+                if patch:
+                    want = f"patch {int(patch[1])},{int(patch[2])}"
                 found = [i for i, t in enumerate(toks) if t.strip() == want]
+                if not found and patch:
+                    last = toks[-1].removeprefix("patch ") if toks[-1].startswith("patch ") else None
+                    grid = "this input has no patches" if last is None else \
+                        f"its patch grid has rows 0-{last.split(',')[0]} and columns 0-{last.split(',')[1]}"
+                    raise SiteError(f"{want} is outside the image in prompt {row}: {grid}")
                 if not found:
                     raise SiteError(
                         f"token {self.token!r} is not in prompt {row}: its tokens are "
@@ -214,6 +226,13 @@ class Site:
         if self.index is not None:
             size = model.n_heads if KINDS[self.kind][2] == "head" else model.d_mlp
             indices = _expand_part(self.index, size, KINDS[self.kind][2], self)
+        if self.kind == "logits" and model.arch.vision:
+            if not model.arch.unembed:
+                raise SiteError(f"{self}: this {model.arch.name} backbone has no classifier, so no logits; "
+                                "read resid_post of the last layer, or load the ...ForImageClassification model")
+            if self.positions is not None:
+                raise SiteError(f"{self}: an image classifier's logits are batch x class, with no position "
+                                "axis; write 'logits', or read a position of resid_post")
         if self.kind == "resid_mid" and model.parallel_attn_mlp:
             raise SiteError(
                 f"{self}: this {model.arch.name} model runs attention and MLP in parallel, "

@@ -92,7 +92,10 @@ class Trace:
 
                 check_reachable()
                 options["remote"] = True
-            self._tracer = self.model.nn.trace(self.batch.inputs(self.model.device), **options)
+            inputs = self.batch.inputs(self.model.device)
+            # A vision model is wrapped by nnsight's plain `NNsight`, which passes keywords on.
+            self._tracer = (self.model.nn.trace(**inputs, **options) if self.model.arch.vision
+                            else self.model.nn.trace(inputs, **options))
             # Both calls look two frames up for the user's `with` statement, so they
             # must be made from here, directly, and nowhere deeper.
             self._tracer.capture()

@@ -27,6 +27,7 @@ import torch
 
 from ..core.checks import is_int
 from ..core.errors import CausalTraceError
+from ..core.model import language_only
 from ..core.remote import local_only
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -59,6 +60,7 @@ def _indices(chosen, size: int, what: str) -> list[int]:
 
 
 @local_only
+@language_only
 def causal_trace(model, prompt: str, subject: str, answer=None, noise: float = 3.0, samples: int = 10,
                  kind: str = "hidden", window: int = 10, seed: int = 0, layers=None,
                  positions=None, batch_size: int | None = None):

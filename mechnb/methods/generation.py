@@ -67,11 +67,13 @@ from ..core.batch import Batch, check_length
 from ..core.checks import as_list, is_int
 from ..core.engine import run, unembed_normed
 from ..core.errors import GenerationError
+from ..core.model import language_only
 from ..core.remote import local_only
 from ..display.results import Result
 
 
 @local_only
+@language_only
 def generate(model, prompts, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int | None = None, compare: bool = False, stream=None,
              cache: bool = True, sites=None, batch_size=None) -> Result:

@@ -27,11 +27,13 @@ from ..core.arch import output_weights, submodule
 from ..core.checks import is_int
 from ..core.devices import parameter
 from ..core.errors import LensError
+from ..core.model import language_only
 from ..core.remote import local_only
 from ..display.results import Result
 
 
 @local_only
+@language_only
 def logit_lens(model, prompt: str, k: int = 1) -> Result:
     """Every layer's residual decoded through the final norm and unembedding.
 
@@ -92,6 +94,7 @@ def _decode(model, residual: torch.Tensor) -> torch.Tensor:
 
 
 @local_only
+@language_only
 def dla(model, prompt: str, answer, wrong=None) -> Result:
     """Direct logit attribution of `answer` (minus `wrong`) to every head and MLP.
 

@@ -38,6 +38,7 @@ from ..core.engine import run
 from ..core.errors import PatchError
 from ..core.memory import Chunks
 from ..core.progress import progress as progress_bar
+from ..core.model import language_only
 from ..core.remote import local_only
 from ..core.runner import Edit, Row, TargetRun, run_rows
 from ..core.sites import Site, parse
@@ -50,6 +51,7 @@ FREEZE = ("heads", "all", "none")
 
 
 @local_only
+@language_only
 def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_diff",
           per_position: bool | None = None, method: str = "exact", normalize: bool = False,
           batch_size: int | None = None, direction: str = "denoising", progress: bool = True) -> Result:
@@ -162,6 +164,7 @@ def _attribution(model, grid: Grid, source_cache, target: str):
 
 
 @local_only
+@language_only
 def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=None,
                metric="logit_diff", normalize: bool = False, freeze: str = "heads",
                batch_size: int | None = None, direction: str = "denoising",

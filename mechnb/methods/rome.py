@@ -37,6 +37,7 @@ from ..core.checks import is_int
 from ..core.devices import is_offloaded
 from ..core.engine import last_logits, run
 from ..core.errors import EditError
+from ..core.model import language_only
 from ..core.remote import local_only
 from .causal import subject_positions
 
@@ -87,6 +88,7 @@ DEFAULTS = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0,
 
 
 @local_only
+@language_only
 def edit(model, prompt: str, subject: str, target: str, layer: int | None = None, method: str = "rome",
          paraphrases=None, neighbours=None, **settings) -> WeightEdit:
     """Rewrite a fact with ROME: a rank-one update of one MLP's output projection.
