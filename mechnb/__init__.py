@@ -23,6 +23,9 @@ of the names above is first touched.
 
 from .core.errors import *  # noqa: F401,F403 - every error class, light to import
 from .core.errors import __all__ as _errors
+from .core.loading import API_MODULE as _API_MODULE
+
+_API_MODULE[:] = ["mechnb.model"]  # models built by methods (mechnb.vision.tiny_vit) are mechnb.Models
 
 __version__ = "0.1.0"
 
@@ -44,9 +47,6 @@ def __getattr__(name):
         module = importlib.import_module(_LAZY[name])
         return getattr(module, "parse" if name == "parse_site" else name)
     if name in _SUBPACKAGES:
-        if name == "vision":
-            # Its models are `mechnb.Model`s: the API registers its class when imported.
-            importlib.import_module(f"{__name__}.model")
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mechnb' has no attribute {name!r}")
 

@@ -142,6 +142,33 @@ def shell():
     shell.run_cell("%unload_ext mechnb", store_history=False)
 
 
+@pytest.fixture(scope="session")
+def vit_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vision-cache")
+
+
+def with_cache(directory, fn):
+    """`fn()` with MECHNB_CACHE set to `directory`."""
+    before = os.environ.get("MECHNB_CACHE")
+    os.environ["MECHNB_CACHE"] = str(directory)
+    try:
+        return fn()
+    finally:
+        if before is None:
+            os.environ.pop("MECHNB_CACHE")
+        else:
+            os.environ["MECHNB_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def vit(vit_cache):
+    """The embedded tiny digits ViT, trained once per test process into a session cache (tests
+    using it share the xdist group "vision", so one worker trains it)."""
+    import mechnb
+
+    return with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
+
+
 @contextlib.contextmanager
 def json_server(reply):
     """A local HTTP server on 127.0.0.1 answering every request with `reply(body) -> (status, dict)`

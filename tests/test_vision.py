@@ -2,41 +2,19 @@
 [CLS] and patches, image inputs to the core verbs, loading ViT and DeiT directories, and
 the one-line errors of bad images and token-only methods.
 
-The tiny ViT trains once per test process into a session cache directory; every test of
-this file runs in one xdist group, so one worker trains it.
+The tiny ViT trains once per test process into a session cache directory (the `vit`
+fixture in conftest); every test of this file and of test_vision_concepts.py runs in one
+xdist group, so one worker trains it.
 """
-
-import os
 
 import pytest
 import torch
 
 import mechnb
+from conftest import with_cache
 from mechnb import ModelError, PromptError, SiteError
 
 pytestmark = pytest.mark.xdist_group("vision")
-
-
-@pytest.fixture(scope="session")
-def vit_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("vision-cache")
-
-
-def _with_cache(directory, fn):
-    before = os.environ.get("MECHNB_CACHE")
-    os.environ["MECHNB_CACHE"] = str(directory)
-    try:
-        return fn()
-    finally:
-        if before is None:
-            os.environ.pop("MECHNB_CACHE")
-        else:
-            os.environ["MECHNB_CACHE"] = before
-
-
-@pytest.fixture(scope="session")
-def vit(vit_cache):
-    return _with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +43,7 @@ def test_tiny_vit_reaches_95_percent_and_reloads_identically_from_the_cache(vit,
     assert isinstance(vit, mechnb.Model) and vit.n_layers == 4 and vit.n_classes == 10
     assert accuracy(vit, test_data) >= 0.95
     assert (vit_cache / "tiny-vit-digits-v1-seed0" / "model.safetensors").is_file()
-    again = _with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
+    again = with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
     for (name, a), (_, b) in zip(vit.hf.state_dict().items(), again.hf.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(_predictions(vit, test_data.images), _predictions(again, test_data.images))

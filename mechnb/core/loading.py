@@ -29,6 +29,10 @@ from .errors import ModelError
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 _DTYPES = ("float32", "float16", "bfloat16")
 _API_CLASS: list = []  # the API's `Model`, registered by `mechnb.model` when it is imported
+# Where the API's `Model` lives, set by the package (`mechnb/__init__`), which may import
+# every layer: a model a method builds (`mechnb.vision.tiny_vit`) is wrapped in it, without
+# the core or the methods importing the layer above them.
+API_MODULE: list = []
 
 
 def register_api_class(cls) -> None:
@@ -37,8 +41,12 @@ def register_api_class(cls) -> None:
 
 
 def api_class():
-    """The class models are wrapped in for the user: `mechnb.Model` once `mechnb.model` is
-    imported (`mechnb.vision` imports it first), else the core `ModelBase`."""
+    """The class models are wrapped in for the user: `mechnb.Model` (its module, named by the
+    package in `API_MODULE`, is imported on first use), else the core `ModelBase`."""
+    if not _API_CLASS and API_MODULE:
+        import importlib
+
+        importlib.import_module(API_MODULE[0])  # registers its class
     if _API_CLASS:
         return _API_CLASS[0]
     from .model import ModelBase
