@@ -23,6 +23,8 @@ fields, to one decoder layer (`self_attn.o_proj`). Conventions:
   (`[CLS]`, DeiT's `[DIST]`), `unembed` the classifier reading the final norm at
   `[CLS]`. Paths start at the classification model (`vit.layers`); a bare `ViTModel`
   is the same table without the prefix (`Arch.rooted`), and has no `logits`.
+- Any other `torch.nn.Module` (`plain_arch`) has no entry: its sites are its module
+  paths with `.input` / `.output` (`mechnb.core.modules`), located here as they are named.
 
 Example:
     >>> arch_for(hf_model.config).layers
@@ -68,6 +70,8 @@ class Arch:
     # An image model: positions are its prefix tokens, then the patches in row-major order.
     vision: bool = False
     prefix_tokens: tuple[str, ...] = ()
+    # Any other torch module (`plain_arch`): no table, its sites are its module paths.
+    plain: bool = False
 
     def resid_mid_for(self, config) -> str | None:
         """The resid_mid module of this config (None when attention and MLP are parallel)."""
@@ -198,13 +202,22 @@ def arch_for(config) -> Arch:
     )
 
 
+def plain_arch(module) -> Arch:
+    """The `Arch` of a torch module outside the table: named after its class, no paths."""
+    paths = dict.fromkeys(("layers", "embed", "final_norm", "unembed", "attn", "o_proj", "mlp", "mlp_down",
+                           "attn_out", "mlp_out", "attn_norm", "mlp_norm"), "")
+    return Arch(name=type(module).__name__, model_types=(), resid_mid=None, plain=True, **paths)
+
+
 def locate(model, site) -> tuple[str, str, str | None]:
     """Where a concrete site's whole value lives: `(module path, "input"|"output", attr)`.
 
     The path is relative to the model root and works on the HF model and on its nnsight
     envoy alike; `attr` names a field of the output (`logits`). A module returning a
-    tuple holds the value in element 0.
+    tuple holds the value in element 0. A module site (`fc1.output`) names its own.
     """
+    if site.path is not None:
+        return site.path, site.kind, None
     arch = model.arch
     if site.kind == "embed":
         return arch.embed, "output", None

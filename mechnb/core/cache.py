@@ -24,7 +24,7 @@ import torch
 from .batch import Batch
 from .errors import SiteError
 from .sites import Site, parse
-from .trace import read_value
+from .trace import batch_of, read_value
 
 
 def cache(model, prompts, sites, batch_size=None) -> "Cache":
@@ -48,7 +48,7 @@ def cache(model, prompts, sites, batch_size=None) -> "Cache":
 
         for site in order:
             check_site(site)  # before anything is sent
-    batch = Batch.of(model.tokenizer, prompts)
+    batch = batch_of(model, prompts)
     chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(
         batch_size, "model.cache", "prompts", advice="cache fewer sites (each `resid_pre.*` is every layer)")
 
@@ -74,7 +74,7 @@ def _run(model, batch: Batch, order: list[Site]) -> dict[str, torch.Tensor]:
             store[site.name] = model[site].save()
         # Saved as a whole so that a remote run (mechnb.core.remote) sends the dict back.
         nnsight.save(store)
-        if order[-1].kind != "logits" and not model.remote:
+        if order[-1].kind != "logits" and order[-1].name != "output" and not model.remote:
             # Nothing later is kept: the rest of the layers and the unembedding (for
             # SmolLM2, 49,152 logits a token, the largest tensor of a run) never run.
             trace.stop()

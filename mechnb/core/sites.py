@@ -22,6 +22,14 @@ A site string names a value the model computes. The same strings work in
     logits                  the model's output logits        batch pos vocab
                             (an image classifier's: batch class, no positions)
 
+Any other torch module (`mechnb.load(module)`) has no such table: its sites are its module
+paths with `.input` (the first argument its forward receives) or `.output` (what it returns;
+element 0 of a tuple), as `named_modules` spells them: `fc1.output`, `net.0.input`,
+`encoder.layer.3.output`. The whole model's output is `output` (its input `input`).
+Positions `@-1`, `@3:7` index axis 1 of such a value, read as positions when it has at
+least three axes (`batch pos ...`); a plain module's inputs have no tokens, so `@'John'`
+does not apply, and module paths take no ranges.
+
 TransformerLens hook names are aliases (`TL_HOOKS`): `hook_embed`,
 `blocks.L.hook_resid_pre|mid|post`, `blocks.L.hook_attn_out`, `blocks.L.hook_mlp_out`,
 `blocks.L.attn.hook_pattern`, `blocks.L.attn.hook_z` (`head.L`) and
@@ -74,6 +82,9 @@ KINDS: dict[str, tuple[bool, bool, str | None, int]] = {
     "sae": (True, True, "feature", 8),
     "tc": (True, True, "feature", 6.5),  # computed by a hook on the MLP's output (mechnb.transcoders.splice)
 }
+
+# What a module site names of its module: the first input of its forward, or its output.
+MODULE_IO = ("input", "output")
 
 _SITE = re.compile(r"^(?P<name>[^@]+?)(?:@(?P<pos>.+))?$")
 
@@ -164,12 +175,16 @@ class Site:
     stage: float | None = None
     # The name of the transcoder set a `tc` site names (`tc.NAME.L.F`), if given.
     owner: str | None = None
+    # A plain module's site (`kind` is "input" or "output"): the module's dotted path, "" for the root.
+    path: str | None = None
     # The TransformerLens hook name it was written as (`blocks.5.attn.hook_z`), if it was.
     alias: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
         """The canonical string without positions, e.g. `head.9.6`."""
+        if self.path is not None:
+            return f"{self.path}.{self.kind}" if self.path else self.kind
         parts = [self.kind] + ([self.owner] if self.owner else [])
         for part in (self.layer, self.index):
             if part is not None:
@@ -206,7 +221,10 @@ class Site:
 
     @property
     def order(self) -> tuple[float, int]:
-        """Sort key in execution order: embed, layers in order (stage by kind), logits."""
+        """Sort key in execution order: embed, layers in order (stage by kind), logits; a
+        module site by the rank `expand` gives it (`mechnb.core.modules.rank`)."""
+        if self.path is not None:
+            return (0, self.stage or 0)
         if self.kind == "embed":
             return (-1, 0)
         if self.kind == "logits":
@@ -215,6 +233,10 @@ class Site:
 
     def expand(self, model) -> list["Site"]:
         """The concrete sites this site names, validated against `model`'s dimensions."""
+        if self.path is not None or model.arch.plain:
+            from .modules import expand_module_site
+
+            return expand_module_site(self, model)
         if self.kind == "sae":
             return _expand_sae(self, model)
         if self.kind == "tc":
@@ -311,13 +333,16 @@ def parse(text: str | Site) -> Site:
     match = _SITE.match(text.strip())
     if not match:
         raise SiteError(f"empty site {text!r}: write a site such as 'resid_post.5'")
+    parts = match["name"].split(".")
+    if parts[-1] in MODULE_IO:
+        return _parse_module(parts, match, text)
     if match["name"] == "hook_embed" or match["name"].startswith("blocks."):
         return _parse_tl(match, text)
-    parts = match["name"].split(".")
     kind = parts[0]
     if kind not in KINDS:
         raise SiteError(
-            f"unknown site kind {kind!r} in {text!r}: valid kinds are {', '.join(KINDS)}"
+            f"unknown site kind {kind!r} in {text!r}: valid kinds are {', '.join(KINDS)}; a plain "
+            "module's sites are its module paths with .input or .output (fc1.output)"
         )
     owner = None
     if kind == "tc" and len(parts) == 4 and parts[1].isidentifier():
@@ -334,6 +359,16 @@ def parse(text: str | Site) -> Site:
     index = _parse_part(parts[2], index_name, text) if len(parts) > 2 else None
     positions = parse_positions(match["pos"], text) if match["pos"] else None
     return Site(kind, layer, index, positions, owner=owner)
+
+
+def _parse_module(parts: list[str], match, text: str) -> Site:
+    """A plain module's site: a dotted module path, then `input` or `output` (`net.0.output`)."""
+    path = parts[:-1]
+    if not all(re.fullmatch(r"[\w-]+", part) for part in path):
+        raise SiteError(f"bad module path {'.'.join(path)!r} in {text!r}: write a module's dotted path as "
+                        "named_modules spells it, then .input or .output, e.g. 'net.0.output' (no ranges)")
+    positions = parse_positions(match["pos"], text) if match["pos"] else None
+    return Site(parts[-1], positions=positions, path=".".join(path))
 
 
 def _parse_tl(match, text: str) -> Site:

@@ -65,9 +65,10 @@ class Trace:
 
     def __init__(self, model, prompts, grad: bool = False):
         self.model = model
-        self.batch = Batch.of(model.tokenizer, prompts)
-        check_ids(model, self.batch)
-        check_length(model, self.batch.input_ids.shape[1], "the longest prompt")
+        self.batch = batch_of(model, prompts)
+        if not model.is_plain:
+            check_ids(model, self.batch)
+            check_length(model, self.batch.input_ids.shape[1], "the longest prompt")
         self.grad = grad
         self._tracer = None
         # Whole values already met in this run, by site name: a module's value can be
@@ -83,7 +84,7 @@ class Trace:
         self.model._enter_trace(self)
         # Interventions resolve positions against this batch while nnsight runs the model
         # (in `__exit__`); nnsight decides autograd itself, so grad is left alone here.
-        self._run = run(self.model, self.batch.tokens, grad=None)
+        self._run = run(self.model, self.batch.tokens, grad=None)  # a plain module's: None
         self._run.__enter__()
         try:
             options = {}
@@ -93,9 +94,14 @@ class Trace:
                 check_reachable()
                 options["remote"] = True
             inputs = self.batch.inputs(self.model.device)
-            # A vision model is wrapped by nnsight's plain `NNsight`, which passes keywords on.
-            self._tracer = (self.model.nn.trace(**inputs, **options) if self.model.arch.vision
-                            else self.model.nn.trace(inputs, **options))
+            # A vision model is wrapped by nnsight's plain `NNsight`, which passes keywords on;
+            # a plain module also takes its positional inputs.
+            if self.model.is_plain:
+                self._tracer = self.model.nn.trace(*self.batch.arguments(self.model.device), **inputs)
+            elif self.model.arch.vision:
+                self._tracer = self.model.nn.trace(**inputs, **options)
+            else:
+                self._tracer = self.model.nn.trace(inputs, **options)
             # Both calls look two frames up for the user's `with` statement, so they
             # must be made from here, directly, and nowhere deeper.
             self._tracer.capture()
@@ -200,10 +206,28 @@ def _slot(model, site: Site) -> _Slot:
     return _Slot(submodule(model.nn, path), io, attr)
 
 
+def batch_of(model, prompts) -> Batch:
+    """The `Batch` a trace of `model` runs on: prompts or images (`Batch.of`), or a plain
+    module's tensors (`mechnb.core.modules.ModuleReader`)."""
+    if model.is_plain:
+        return model.tokenizer.batch(prompts)
+    return Batch.of(model.tokenizer, prompts)
+
+
+def _positions(full: torch.Tensor, site: Site, batch: Batch):
+    """The site's positions resolved in `batch` (a plain module's along axis 1 of `full`), or None."""
+    if site.positions is None:
+        return None
+    if site.path is not None:
+        from .modules import read_positions
+
+        return read_positions(site, full)
+    return site.positions.resolve(batch.tokens)
+
+
 def read_value(full: torch.Tensor, site: Site, batch: Batch) -> torch.Tensor:
     """The part of a concrete site's whole value that the site names, in `batch`'s prompts."""
-    positions = site.positions.resolve(batch.tokens) if site.positions is not None else None
-    return read_part(full, site, positions)
+    return read_part(full, site, _positions(full, site, batch))
 
 
 def read(model, site: str | Site, trace: Trace) -> torch.Tensor:
@@ -237,7 +261,8 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
         # returns the value it is given, to rounding).
         if locate(model, site)[1] == "output":
             for intervention in model.interventions:
-                if intervention.kind != "transcoder" and Site(intervention.site.kind, intervention.site.layer).name == key:
+                if intervention.kind != "transcoder" and Site(intervention.site.kind, intervention.site.layer,
+                                                              path=intervention.site.path).name == key:
                     value = intervention.replay(value, model)
         if model.remote:
             value = value.detach()  # NDIF may run with autograd on; a remote trace has no use for it
@@ -265,7 +290,7 @@ def write(model, site: str | Site, value, trace: Trace) -> None:
 
 def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:
     """Write `new` into the part of `full` that `site` names, in place, or a `SiteError`."""
-    positions = site.positions.resolve(batch.tokens) if site.positions is not None else None
+    positions = _positions(full, site, batch)
     try:
         assign_part(full, site, new, positions)
     except (RuntimeError, TypeError, ValueError):
