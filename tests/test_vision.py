@@ -42,7 +42,7 @@ def test_tiny_vit_reaches_95_percent_and_reloads_identically_from_the_cache(vit,
 
     assert isinstance(vit, mechnb.Model) and vit.n_layers == 4 and vit.n_classes == 10
     assert accuracy(vit, test_data) >= 0.95
-    assert (vit_cache / "tiny-vit-digits-v1-seed0" / "model.safetensors").is_file()
+    assert (vit_cache / "tiny-vit-digits-v2-seed0" / "model.safetensors").is_file()
     again = with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
     for (name, a), (_, b) in zip(vit.hf.state_dict().items(), again.hf.state_dict().items()):
         assert torch.equal(a, b), name
