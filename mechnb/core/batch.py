@@ -144,7 +144,8 @@ def check_length(model, n: int, what: str = "the prompt") -> None:
 
 @dataclass
 class Pair:
-    """A clean and a corrupt prompt of one length, with their token strings."""
+    """A clean and a corrupt prompt of one length, with their token strings; or two images
+    (`1 channel height width` each), whose tokens are the same position labels."""
 
     clean: str
     corrupt: str
@@ -154,18 +155,31 @@ class Pair:
     @property
     def first_difference(self) -> int:
         """The first position whose tokens differ (the length if none does): before it,
-        the two runs compute the same values, as attention is causal."""
+        the two runs compute the same values, as attention is causal. 0 for images: their
+        attention is bidirectional, and equal labels say nothing of the pixels."""
+        if torch.is_tensor(self.clean):
+            return 0
         return first_difference(self.clean_tokens, self.corrupt_tokens)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The clean and corrupt prompts, or `image` for images: what a result's meta records."""
+        if torch.is_tensor(self.clean):
+            return "image", "image"
+        return self.clean, self.corrupt
 
 
 def prompt_pairs(model, clean, corrupt, one_length: bool = False, error: type = PromptError) -> list[Pair]:
-    """Clean and corrupt prompts (a string each, or two lists) as checked `Pair`s.
+    """Clean and corrupt prompts (a string each, or two lists) as checked `Pair`s; for a
+    vision model, images (`image_pairs`).
 
     A pair must tokenize to one length, so positions line up; `one_length` asks every
     pair for the same length (a sweep over positions). Problems raise `error`, the
     calling method's own class (`PatchError`, `CircuitError`). Example:
     `prompt_pairs(model, clean, corrupt)[0].first_difference`.
     """
+    if getattr(model.tokenizer, "reads_images", False):
+        return image_pairs(model, clean, corrupt, error)
     cleans, corrupts = _prompt_list(clean, "clean", error), _prompt_list(corrupt, "corrupt", error)
     if not cleans or not corrupts:
         raise error("patching and circuits need a clean and a corrupt prompt (or two lists of them)")
@@ -189,6 +203,29 @@ def prompt_pairs(model, clean, corrupt, one_length: bool = False, error: type = 
         raise error(f"per-position patching over several pairs needs one length, got lengths "
                     f"{[len(p.clean_tokens) for p in pairs]}: use per_position=False or pairs of one length")
     return pairs
+
+
+def image_pairs(model, clean, corrupt, error: type = PromptError) -> list[Pair]:
+    """Clean and corrupt images (a tensor `batch channel height width`, or PIL images, as
+    the model's reader takes them) as `Pair`s of one image each: the i-th clean image with
+    the i-th corrupt one. Both must have one shape, the model's."""
+    if clean is None or corrupt is None:
+        raise error("patching an image model needs clean and corrupt images (tensors batch x channel x "
+                    "height x width, or PIL images)")
+    pixels = []
+    for role, images in (("clean", clean), ("corrupt", corrupt)):
+        try:
+            pixels.append(model.tokenizer.pixels(images))
+        except PromptError as problem:
+            raise error(f"the {role} images: {problem}") from None
+    cleans, corrupts = pixels
+    if cleans.shape[1:] != corrupts.shape[1:]:
+        raise error(f"the clean images are {'x'.join(map(str, cleans.shape[1:]))} but the corrupt ones "
+                    f"{'x'.join(map(str, corrupts.shape[1:]))}: positions line up only between images of one shape")
+    if len(cleans) != len(corrupts):
+        raise error(f"{len(cleans)} clean images but {len(corrupts)} corrupt ones: give pairs")
+    labels = model.tokenizer.labels
+    return [Pair(a[None], b[None], list(labels), list(labels)) for a, b in zip(cleans, corrupts)]
 
 
 def per_pair(value, n: int, what: str, error: type = PromptError) -> list:

@@ -8,7 +8,8 @@
     a callable   f(logits) -> one number per row, for logits `batch vocab`
 
 An answer is a string (its first token is used, and `Metric.notes` says so when it
-has several), a token id, or a set of them: a set counts as one answer whose logit is
+has several), a token id, or a set of them; for an image classifier, whose logits are
+`batch class`, a class name (`"7"`, from `model.classes`) or a class index: a set counts as one answer whose logit is
 the mean of its tokens' logits and whose probability is the sum of theirs (the
 greater-than task's "any later year").
 
@@ -29,7 +30,10 @@ METRICS = ("logit_diff", "prob", "logprob", "prob_diff", "kl")
 
 
 def token_id(model, answer, role: str = "answer") -> tuple[int, str | None]:
-    """The token id of an answer, and a note if only its first token is used."""
+    """The token id of an answer (a classifier's class index), and a note if only its first
+    token is used."""
+    if getattr(model, "n_classes", None):
+        return _class_id(model, answer, role), None
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < model.vocab_size:
             raise MetricError(f"{role} token id {answer} out of range: the vocabulary has "
@@ -45,6 +49,21 @@ def token_id(model, answer, role: str = "answer") -> tuple[int, str | None]:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         note = f"{role} {answer!r} is {len(ids)} tokens {pieces}: only the first, {pieces[0]!r}, is used"
     return ids[0], note
+
+
+def _class_id(model, answer, role: str) -> int:
+    """The index of a classifier's class, given by name or by index."""
+    classes = model.classes
+    shown = ", ".join(map(repr, classes[:12])) + (" ..." if len(classes) > 12 else "")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(classes):
+            raise MetricError(f"{role} class {answer} out of range: {model.name} has classes 0-{len(classes) - 1} "
+                              f"({shown})")
+        return answer
+    if isinstance(answer, str) and answer in classes:
+        return classes.index(answer)
+    raise MetricError(f"{role} {answer!r} is not a class of {model.name}: give a class name ({shown}) or an "
+                      f"index 0-{len(classes) - 1}")
 
 
 def token_ids(model, answer, role: str = "answer") -> tuple[list[int], list[str]]:

@@ -27,6 +27,12 @@ Example:
     >>> run_rows(model, target, rows).shape        # rows vocab: logits at the last position
     torch.Size([1, 49152])
 
+Images: a vision transformer's attention is bidirectional (every position sees every
+other, so a patch changes what comes before it too) and a classifier's logits are
+`batch class`, without positions. A `TargetRun` of an image therefore records only its
+logits, and its rows run as whole images, batched, every edit applied by a hook to its
+own row; the values are the classifier's logits (`rows class`).
+
 Gotchas: the record is of one unpadded prompt; layers are called with the keyword
 arguments the model itself passed them (sliced to the computed positions), so any
 family of the architecture map works without its own code.
@@ -95,15 +101,22 @@ class Row:
 
 
 class TargetRun:
-    """One recorded forward of an unpadded prompt (see the module docstring)."""
+    """One recorded forward of an unpadded prompt, or of one image (`whole`: rows then run
+    whole; see the module docstring)."""
 
-    def __init__(self, model, prompt: str):
+    def __init__(self, model, prompt):
         from .batch import Batch, check_length
 
         self.model = model
         batch = Batch.of(model.tokenizer, prompt)
         self.tokens = batch.tokens[0]
         self.n = len(self.tokens)
+        self.whole = bool(model.reads_images)
+        if self.whole:
+            self.batch = batch
+            with run(model, [self.tokens]):
+                self.logits = model.hf(**batch.inputs(model.device)).logits.float()
+            return
         check_length(model, self.n)
         layers = submodule(model.hf, model.arch.layers)
         self.resid: list[torch.Tensor] = [None] * (model.n_layers + 1)
@@ -215,7 +228,8 @@ def _slice_positions(key: str, value, offset: int):
 
 def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
              progress=None, record: list[Site] = (), metric=None) -> torch.Tensor:
-    """Logits at the last position, `rows vocab`, of each edited run (see module doc).
+    """Logits at the last position, `rows vocab`, of each edited run (see module doc); for
+    an image, the classifier's logits, `rows class`.
 
     `batch_size` is the rows per forward (default from a 256 MiB budget), or a
     `mechnb.core.memory.Chunks` shared by the calls of one sweep; a chunk that runs out
@@ -239,7 +253,8 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
         members.sort(key=lambda i: rows[i].start)
 
         def values_of(chunk, offset=offset):
-            logits = _run_chunk(model, target, [rows[i] for i in chunk], offset, record)
+            run_chunk = _run_whole if target.whole else _run_chunk
+            logits = run_chunk(model, target, [rows[i] for i in chunk], offset, record)
             return metric(logits).cpu() if metric is not None else logits.cpu()
 
         for chunk, values in chunks.run(values_of, members, default=default):
@@ -283,6 +298,23 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
             if intervention.site.kind == "logits":
                 logits = apply(intervention, logits, Context([target.tokens], target.n - 1))
     return logits[:, -1].float()
+
+
+def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=()) -> torch.Tensor:
+    """Rows as whole forwards of the target image, batched; each edit by a hook on its own row."""
+    inner: dict[tuple[str, str], list] = {}
+    for index, row in enumerate(rows):
+        for edit in row.edits:
+            inner.setdefault(locate(model, edit.site)[:2], []).append((index, edit))
+    inputs = {key: value.expand(len(rows), *value.shape[1:]) for key, value in
+              target.batch.inputs(model.device).items()}
+    with run(model, [target.tokens] * len(rows)) as forward:
+        for (path, io), entries in inner.items():
+            forward.hook(path, io, _edit(entries, 0))
+        for site in record:
+            path, io, _ = locate(model, site)
+            forward.hook(path, io, _record(site, rows))
+        return model.hf(**inputs).logits.float()
 
 
 def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor:

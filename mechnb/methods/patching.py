@@ -20,6 +20,14 @@ with `direction="noising"`), and see how much of the clean metric returns.
   al. 2022): the sender is patched with every other head frozen to the target run,
   the receivers' values are recorded, and a second run patches just those in.
 
+On an image classifier (`mechnb.vision.tiny_vit`), clean and corrupt are images (a
+tensor `batch channel height width`, or PIL images) of one shape, the answers class
+names or indices, and the metric reads the classifier's logits; every patched run is a
+whole image (attention is bidirectional, so nothing before a patch stays as it was),
+and the positions are `[CLS]` and the patches:
+
+    >>> model.patch(sevens, ones, "resid_post.*", answer="7", wrong="1", normalize=True)
+
 Pairs of prompts must tokenize to the same length (positions are compared one to
 one); several pairs average the metric. Values are the metric of each patched run,
 or with `normalize=True`, `(patched - corrupt) / (clean - corrupt)`: 1 means the
@@ -51,7 +59,6 @@ FREEZE = ("heads", "all", "none")
 
 
 @local_only
-@language_only
 def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_diff",
           per_position: bool | None = None, method: str = "exact", normalize: bool = False,
           batch_size: int | None = None, direction: str = "denoising", progress: bool = True) -> Result:
@@ -59,11 +66,13 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
 
     Args:
         clean, corrupt: a prompt each, or equal-length lists of prompt pairs (the
-            metric averages over pairs). A pair must tokenize to one length.
+            metric averages over pairs). A pair must tokenize to one length. On an
+            image model: images (`batch channel height width`, or PIL), paired in order.
         sites: a site pattern or a list of patterns of one grid shape
             (`resid_pre.*`, `head.*.*`, `attn_out.*`, `mlp_out.10:20`, ...). A
             pattern with positions (`head.*.*@-1`) patches just those.
-        answer, wrong: answer tokens (strings; the first token is used) or ids.
+        answer, wrong: answer tokens (strings; the first token is used) or ids; an image
+            classifier's class names (`"7"`) or indices.
         metric: `logit_diff`, `prob`, `logprob`, `kl`, or f(logits batch vocab) -> batch.
         per_position: True sweeps every position separately (adds a `pos` axis), False
             patches all positions at once; None (the default) sweeps positions for the
@@ -96,7 +105,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
     try:
         for pair, source, target, ans, wro in _runs(pairs, answer, wrong, direction):
             source_cache = model.cache(source, grid.base_names + ["logits"])
-            source_logits = source_cache["logits@-1"].float()
+            source_logits = final_logits(model, source_cache)
             if method == "exact":
                 target_run = TargetRun(model, target)
                 target_logits = target_run.logits
@@ -110,7 +119,7 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
                 values = torch.full((grid.size,), target_metric)
                 # Before the first token where the two prompts differ, both runs computed the
                 # same values (attention is causal): a patch there changes nothing, and a patch
-                # of every position needs to write only from there on.
+                # of every position needs to write only from there on. Images start at 0.
                 start = pair.first_difference
                 edits = [grid.edit(cell, source_cache, start) for cell in grid.cells]
                 needed = [i for i, edit in enumerate(edits) if edit is not None]
@@ -135,6 +144,11 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
     return grid.result(values.reshape(grid.shape), meta)
 
 
+def final_logits(model, cache) -> torch.Tensor:
+    """A cached run's logits at the last position, `batch vocab` (a classifier's `batch class`)."""
+    return (cache["logits"] if model.reads_images else cache["logits@-1"]).float()
+
+
 def _attribution(model, grid: Grid, source_cache, target: str):
     """Run the target once with gradients kept; returns its last logits and `effects(metric)`.
 
@@ -145,7 +159,10 @@ def _attribution(model, grid: Grid, source_cache, target: str):
     batch = Batch.of(model.tokenizer, target)
     with run(model, batch.tokens, grad=True) as forward:
         captured = forward.capture(grid.base_names)
-        logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]
+        if model.reads_images:
+            logits = model.hf(**batch.inputs(model.device)).logits  # batch class: no positions
+        else:
+            logits = model.hf(**batch.inputs(model.device), use_cache=False).logits[:, -1]
 
     def effects(metric_fn):
         names = list(grid.base_names)
@@ -201,7 +218,7 @@ def path_patch(model, clean, corrupt, senders, receivers, answer=None, wrong=Non
             source_cache = model.cache(source, needed + ["logits"])
             target_cache = model.cache(target, needed) if frozen_names else None
             target_run = TargetRun(model, target)
-            source_logits = source_cache["logits@-1"].float()
+            source_logits = final_logits(model, source_cache)
             metric_fn = tally.metric(model, metric, ans, wro, source_logits, target_run.logits)
             # Step 1: each sender patched, everything else that could carry it frozen.
             rows = []
@@ -277,7 +294,7 @@ class _Tally:
             "direction": self.direction,
             "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
             "answer": answer, "wrong": wrong, "normalize": normalize,
-            "clean": [p.clean for p in pairs], "corrupt": [p.corrupt for p in pairs],
+            "clean": [p.names[0] for p in pairs], "corrupt": [p.names[1] for p in pairs],
             "clean_metric": clean, "corrupt_metric": corrupt, "n_pairs": self.count,
             "model": model.name, "seconds": round(time.perf_counter() - start_time, 3),
             "notes": self.notes,
