@@ -114,3 +114,77 @@ def test_bad_image_patching_fails_in_one_line_and_leaves_the_model_clean(vit, se
         message = str(raised.value)
         assert words in message and "\n" not in message, message
         assert vit.unmodified
+
+
+def test_collect_keeps_every_position_of_many_images_and_its_sae_attaches_and_ablates(vit, digits, tmp_path):
+    train = mechnb.datasets.digits("train")
+    store = vit.collect("resid_post.2", train.images, n_tokens=17 * 300 + 5, batch_size=64, progress=False)
+    assert len(store) == 17 * 300 + 5 and store.d == vit.d_model
+    whole = vit.cache(train.images[:301], "resid_post.2")["resid_post.2"].reshape(-1, vit.d_model)
+    assert torch.allclose(store.rows(0, len(store)), whole[:len(store)], atol=1e-5)
+    on_disk = vit.collect("resid_post.2", train.images[:10], n_tokens=170, batch_size=4, store=tmp_path,
+                          progress=False)
+    assert torch.allclose(on_disk.rows(0, 170), whole[:170], atol=1e-5)
+
+    sae = mechnb.sae.train(store, kind="topk", d_sae=64, k=4, batch_size=512, epochs=2, progress=False)
+    images = digits.images[:16]
+    before = vit.cache(images, "logits")["logits"]
+    vit.attach(sae)
+    try:
+        cache = vit.cache(images, ["sae.2", "resid_post.2", "logits"])
+        features = cache["sae.2"]
+        assert features.shape == (16, 17, 64)
+        assert torch.allclose(features, sae.encode(cache["resid_post.2"]), atol=1e-5)
+        assert torch.equal(vit.cache(images, "sae.2.3@0")["sae.2.3@0"], features[:, 0, 3])
+        busiest = int((features[:, 0] > 0).sum(0).argmax())
+        with vit.ablated(f"sae.2.{busiest}@0"):
+            ablated = vit.cache(images, ["sae.2", "logits"])
+        assert torch.all(ablated["sae.2"][:, 0, busiest] == 0)
+        assert not torch.allclose(ablated["logits"], cache["logits"])
+    finally:
+        vit.detach(sae)
+    assert vit.unmodified
+    assert torch.equal(vit.cache(images, "logits")["logits"], before)
+
+
+def test_bad_collection_input_is_one_line(vit):
+    from mechnb import StoreError
+
+    for words, call in [
+        ("reads images: the model reads 1x8x8 images, got 3x8x8",
+         lambda: vit.collect("resid_post.2", torch.zeros(4, 3, 8, 8), n_tokens=10, progress=False)),
+        ("reads images", lambda: vit.collect("resid_post.2", ["some text"], n_tokens=10, progress=False)),
+    ]:
+        with pytest.raises(StoreError) as raised:
+            call()
+        assert words in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
+        assert vit.unmodified
+
+
+def test_a_steering_vector_from_sevens_minus_ones_turns_ones_towards_seven(vit, digits):
+    train = mechnb.datasets.digits("train")
+    sevens, ones = train.images[train.labels == 7], train.images[train.labels == 1]
+    site = "resid_post.1"
+    vector = vit.steering_vector(sevens, ones, site)
+    whole = vit.cache(sevens, site)[site]
+    assert torch.allclose(vit.steering_vector(sevens, ones, site, positions=0),
+                          whole[:, 0].mean(0) - vit.cache(ones, site)[site][:, 0].mean(0), atol=1e-5)
+    assert torch.allclose(vector + vit.cache(ones, site)[site].mean((0, 1)), whole.mean((0, 1)), atol=1e-5)
+    test_ones = digits.images[digits.labels == 1]
+
+    def sevens_and_difference(scale):
+        with vit.steered(site, vector, scale):
+            logits = vit.cache(test_ones, "logits")["logits"]
+        return (logits.argmax(-1) == 7).float().mean().item(), (logits[:, 7] - logits[:, 1]).mean().item()
+
+    base_share, base_difference = sevens_and_difference(0)
+    share, difference = sevens_and_difference(2)
+    assert base_share < 0.1 and share > 0.3 and difference > base_difference + 5
+    assert sevens_and_difference(-2)[1] < base_difference
+    assert vit.unmodified
+    from mechnb import SteerError
+
+    with pytest.raises(SteerError, match="the negative images: the model reads 1x8x8 images, got 1x4x4"):
+        vit.steering_vector(sevens, torch.zeros(2, 1, 4, 4), site)
+    with pytest.raises(SteerError, match="or a position -17..16"):
+        vit.steering_vector(sevens, ones, site, positions=17)

@@ -12,6 +12,13 @@ the same way.
     >>> model.steer("resid_post.12", "sae.12.1234", scale=4)   # along an SAE feature
     >>> model.steer("mlp_out.14", "tc.14.1203", scale=4)       # a transcoder feature's output direction
 
+On a vision model the two sides are images (a tensor `batch channel height width`, or
+PIL images), and the vector is their mean over every position (`[CLS]` and the
+patches), or at one position (`positions=0`, `[CLS]`):
+
+    >>> v = vit.steering_vector(sevens, ones, "resid_post.1")
+    >>> with vit.steered("resid_post.1", v, scale=1): vit.top(a_one)
+
 Gotchas: the scale is in units of the vector; a difference of means is small next to
 the residual stream's norm in late layers, so useful scales are often 4-16. Steering
 acts on every position unless `positions` says otherwise, prompt and generated
@@ -22,19 +29,22 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import is_int
 from ..core.errors import SiteError, SteerError
 from ..core.interventions import Scoped, Steer, with_positions
 from ..core.remote import local_only
 
 
-def steering_vector(model, positive, negative, site, positions=-1) -> torch.Tensor:
+def steering_vector(model, positive, negative, site, positions=None) -> torch.Tensor:
     """Mean activation of the `positive` prompts minus that of the `negative` ones at `site`.
 
     Args:
-        positive, negative: prompts that show the property, and prompts that do not.
+        positive, negative: prompts that show the property, and prompts that do not; on a
+            vision model, images (`batch channel height width`, or PIL images).
         site: one residual-stream site (`resid_pre.12`, `resid_post.12`, `mlp_out.3`, ...).
         positions: -1 takes each prompt's last token, `"mean"` the mean over all its
-            tokens (each prompt weighs the same).
+            tokens (each prompt weighs the same). None: -1 for prompts, `"mean"` (over
+            `[CLS]` and every patch) for images, where an int names one position (0: `[CLS]`).
 
     Returns:
         A `d_model` vector. Example: `v = model.steering_vector(["I love it"], ["I hate it"], "resid_pre.12")`.
@@ -47,13 +57,23 @@ def steering_vector(model, positive, negative, site, positions=-1) -> torch.Tens
                                                  "mlp_out", "embed") or parsed.positions is not None:
         raise SiteError(f"a steering vector lives at one residual-stream site (resid_pre.L, "
                         f"resid_post.L, attn_out.L, mlp_out.L, ...), not {site!r}")
-    if positions not in (-1, "mean"):
-        raise SteerError(f"positions must be -1 (each prompt's last token) or 'mean', got {positions!r}")
+    if model.reads_images:
+        positions = "mean" if positions is None else positions
+        n = len(model.tokenizer.labels)
+        if positions != "mean" and not (is_int(positions) and -n <= positions < n):
+            raise SteerError(f"positions must be 'mean' (every position of each image) or a position "
+                             f"{-n}..{n - 1} (0 is [CLS]), got {positions!r}")
+    else:
+        positions = -1 if positions is None else positions
+        if positions not in (-1, "mean"):
+            raise SteerError(f"positions must be -1 (each prompt's last token) or 'mean', got {positions!r}")
     return _mean(model, positive, concrete[0], positions, "positive") - \
         _mean(model, negative, concrete[0], positions, "negative")
 
 
 def _mean(model, prompts, site, positions, role: str) -> torch.Tensor:
+    if model.reads_images:
+        return _image_mean(model, prompts, site, positions, role)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise SteerError(f"the {role} prompts must be a non-empty list of non-empty strings")
@@ -66,6 +86,18 @@ def _mean(model, prompts, site, positions, role: str) -> torch.Tensor:
     else:
         per_prompt = (values * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return per_prompt.mean(0)
+
+
+def _image_mean(model, images, site, positions, role: str) -> torch.Tensor:
+    """The images' mean value at `site`, over every position or at one."""
+    from ..core.errors import PromptError
+
+    try:
+        pixels = model.tokenizer.pixels(images)
+    except PromptError as problem:
+        raise SteerError(f"the {role} images: {problem}") from None
+    values = model.cache(pixels, site.name)[site.name].float()  # batch pos d
+    return (values.mean(1) if positions == "mean" else values[:, positions]).mean(0)
 
 
 @local_only

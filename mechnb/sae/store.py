@@ -14,6 +14,13 @@ same path with the same texts resumes exactly there. Windows run `batch_size` at
 time and each batch's values go to CPU (or the file) as it finishes; a batch that
 runs out of memory is halved and run again (`mechnb.core.memory`).
 
+On a vision model, `collect(site, images, n_tokens)` runs the images (a tensor `batch
+channel height width`, or PIL images) `batch_size` at a time and keeps the site's value at
+every position of each, `[CLS]` and the patches alike (no position of an image is a sink
+of the kind a text window's first is), image after image, until `n_tokens` rows:
+
+    >>> store = vit.collect("resid_post.2", mechnb.datasets.digits("train").images, n_tokens=20_000)
+
 `ActivationStore.batches(batch_size, seed)` yields shuffled batches: blocks of
 `buffer` rows are read in a random order and shuffled within, so a memory-mapped
 store is read in large sequential pieces.
@@ -104,7 +111,9 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
 
     Args:
         site: one per-token site (`resid_post.12`, `mlp_out.3`, `neuron.5`, `head.9.6`).
-        texts: strings, lists of token ids (one window each), or a Dataset with `text`.
+        texts: strings, lists of token ids (one window each), or a Dataset with `text`;
+            for a vision model, images (`batch channel height width`, or PIL images),
+            every position of each kept, `batch_size` images per forward.
         n_tokens: rows to keep.
         batch_size: windows per forward (default 16); each batch's values move to
             CPU (or to the file) as it finishes, and a batch that runs out of
@@ -128,6 +137,8 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         raise StoreError(f"context, the tokens per window, must be an integer >= 2, got {context!r}")
     width = _width(model, concrete)
     batch_size = batch_size or 16
+    if model.reads_images:
+        return _collect_images(model, concrete, texts, n_tokens, batch_size, store, progress, width)
     chunks = Chunks(batch_size, f"collecting {concrete}", "windows",
                     advice="use a smaller context (tokens per window)")
     data, written, documents_done, stream, progress_file = _open(store, n_tokens, width, str(concrete))
@@ -188,6 +199,74 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
     if not isinstance(data, np.memmap):
         data = data[:written]
     return ActivationStore(data, written, site=str(concrete), meta=meta)
+
+
+def _collect_images(model, site, images, n_tokens: int, batch_size: int, store, progress: bool,
+                    width: int) -> ActivationStore:
+    """`collect` on a vision model: every position of each image, image after image."""
+    from ..core.errors import PromptError
+    from ..core.memory import Chunks
+
+    if not is_int(batch_size) or batch_size < 1:
+        raise StoreError(f"batch_size, the images per forward, must be a positive integer, got {batch_size!r}")
+    try:
+        pixels = model.tokenizer.pixels(images)
+    except PromptError as problem:
+        raise StoreError(f"collect on {model.name} reads images: {problem}") from None
+    positions = len(model.tokenizer.labels)
+    chunks = Chunks(batch_size, f"collecting {site}", "images", advice="pass a smaller batch_size")
+    data, written, done, _, progress_file = _open(store, n_tokens, width, str(site))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, initial=written, desc=f"collecting {site}", unit="tok", delay=2)
+    needed = min(len(pixels), done + -(-(n_tokens - written) // positions))
+    try:
+        for start in range(done, needed, batch_size):
+            stop = min(start + batch_size, needed)
+            run_images = lambda chunk: _forward_images(model, pixels[chunk], site)  # noqa: E731
+            for chunk, values in chunks.run(run_images, list(range(start, stop))):
+                take = min(len(values), n_tokens - written)
+                data[written:written + take] = values[:take].numpy() if isinstance(data, np.memmap) \
+                    else values[:take]
+                written += take
+            _save_progress(progress_file, written, stop, [], str(site), width, n_tokens)
+            if bar is not None:
+                bar.n = written
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+        if isinstance(data, np.memmap):
+            data.flush()
+    if written < n_tokens:
+        import warnings
+
+        warnings.warn(f"the {len(pixels)} images gave {written} positions, fewer than n_tokens={n_tokens}: the "
+                      f"store holds {written} (pass more images)")
+    meta = {"site": str(site), "tokens": written, "images": needed, "positions": positions, "model": model.name}
+    if not isinstance(data, np.memmap):
+        data = data[:written]
+    return ActivationStore(data, written, site=str(site), meta=meta)
+
+
+def _forward_images(model, pixels: torch.Tensor, site) -> torch.Tensor:
+    """Images up to the site: every position's value, `images*positions width` on CPU."""
+    captured = {}
+
+    def grab(value):
+        captured["value"] = value
+        raise _Stop
+
+    with run(model, [list(model.tokenizer.labels)] * len(pixels)) as forward:
+        forward.hook_site(site.base, grab)
+        try:
+            model.hf(pixel_values=pixels.to(model.device))
+        except _Stop:
+            pass
+    value = read_part(captured.pop("value"), site, None).float()
+    return value.reshape(-1, value.shape[-1] if value.dim() == 3 else 1).cpu()
 
 
 def _run(model, rows, site, data, written, n_tokens, chunks) -> int:
