@@ -188,3 +188,19 @@ def test_a_steering_vector_from_sevens_minus_ones_turns_ones_towards_seven(vit, 
         vit.steering_vector(sevens, torch.zeros(2, 1, 4, 4), site)
     with pytest.raises(SteerError, match="or a position -17..16"):
         vit.steering_vector(sevens, ones, site, positions=17)
+
+
+def test_attention_on_a_vision_model_draws_each_layer_over_the_image(vit, digits):
+    from mechnb import ViewError
+
+    image = digits.images[0]
+    result = vit.attention(digits.images[:2], layers="1:3", heads=[0, 2])
+    patterns = vit.cache(image, ["pattern.1", "pattern.2"])
+    assert result.values.shape == (2, 2, 17, 17) and result.meta["labels"]["pos_k"][:2] == ["[CLS]", "patch 0,0"]
+    assert torch.allclose(result.values[1, 1], patterns["pattern.2"][0, 2])
+    assert len(result.df) == 2 * 2 * 17 * 17
+    page = result._repr_mimebundle_()["text/html"]
+    assert page.count("<img src=\"data:image/png;base64,") == 2 and "Layer 2" in page
+    with pytest.raises(ViewError, match="layer 7 out of range: this model has layers 0-3"):
+        vit.attention(image, layers=7)
+    assert vit.unmodified

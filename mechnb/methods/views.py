@@ -8,6 +8,10 @@ norm of its output, `head.9.6`), any scalar site, or a direction (a `d_model`
 vector) projected on a residual site; one prompt shows as `ColoredTokens`, several
 as `TextNeuronActivations` (a selector over prompts).
 
+On a vision model `attention(image, layers)` has the same values over `[CLS]` and the
+patches, and shows each layer as `mechnb.vision.attention_over_image` draws it: a panel
+per head, the attention of `[CLS]` laid over the image on the patch grid.
+
     >>> model.attention("When Mary and John went to the store", layers="20:26")
     >>> model.activations("neuron.12.301", ["The cat sat", "A dog ran"])
 """
@@ -31,12 +35,17 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
 
     `layers` / `heads`: None (all), an int, a list, or a range string `"20:26"`.
     Shown per layer as circuitsvis `AttentionHeads` with the real tokens; with several
-    prompts, the first is shown. Example: `model.attention(prompt, layers="20:26")`.
+    prompts, the first is shown. On a vision model `prompts` are images (the first is
+    shown), positions are `[CLS]` and the patches, and each layer shows as the figure of
+    `mechnb.vision.attention_over_image` ([CLS]'s attention over the image, per head).
+    Example: `model.attention(prompt, layers="20:26")`; `vit.attention(image, layers=2)`.
     """
     import pandas as pd
 
     layer_list = _choose(model, layers, model.n_layers, "layer")
     head_list = _choose(model, heads, model.n_heads, "head")
+    if model.reads_images:
+        return _attention_over_image(model, prompts, layer_list, head_list)
     prompt = Batch.of(model.tokenizer, prompts).prompts[0]
     cache = model.cache(prompt, [f"pattern.{l}" for l in layer_list])
     tokens = cache.tokens[0]
@@ -57,6 +66,36 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
                                     "attentionHeadNames": [f"L{l}H{h}" for h in head_list],
                                     "maskUpperTri": True}, title=f"Layer {l}")
             for i, l in enumerate(layer_list))
+
+    return Result(values, pd.DataFrame(rows), meta, html=html)
+
+
+def _attention_over_image(model, images, layer_list: list[int], head_list: list[int]) -> Result:
+    """`attention` on a vision model: the patterns of the first image, each layer drawn over it."""
+    import pandas as pd
+
+    from ..display.viz import png
+    from ..vision.views import attention_over_image
+
+    image = Batch.of(model.tokenizer, images).pixel_values[:1]
+    cache = model.cache(image, [f"pattern.{l}" for l in layer_list])
+    tokens = cache.tokens[0]
+    values = torch.stack([cache[f"pattern.{l}"][0, head_list] for l in layer_list]).float().cpu()
+    rows = [{"layer": l, "head": h, "pos_q": q, "pos_k": k, "token_q": tokens[q], "token_k": tokens[k],
+             "value": values[i, j, q, k].item()}
+            for i, l in enumerate(layer_list) for j, h in enumerate(head_list)
+            for q in range(len(tokens)) for k in range(len(tokens))]
+    meta = {"title": f"attention of layers {_span(layer_list)} over the image", "tokens": tokens,
+            "scale": "probability", "layers": layer_list, "heads": head_list, "model": model.name,
+            "axes": ["layer", "head", "pos_q", "pos_k"],
+            "labels": {"layer": layer_list, "head": head_list, "pos_q": tokens, "pos_k": tokens}}
+
+    def html(result):
+        import base64
+
+        pictures = (png(attention_over_image(model, image, l, heads=head_list)) for l in layer_list)
+        return "\n".join(f'<div>Layer {l}</div><img src="data:image/png;base64,{base64.b64encode(p).decode()}"/>'
+                         for l, p in zip(layer_list, pictures))
 
     return Result(values, pd.DataFrame(rows), meta, html=html)
 
