@@ -181,6 +181,21 @@ def test_a_steer_intervention_adds_its_vector():
     torch.testing.assert_close(steered, plain_output(module, x, "fc1", lambda v: v + 0.5 * vector))
 
 
+def test_model_steer_on_a_plain_module_checks_the_width_it_knows():
+    module = built("mlp")
+    x, vector = torch.randn(3, 4), torch.arange(16.0)
+    free = mechnb.load(module)  # no example: any one vector is taken
+    with free.steered("fc1.output", vector, scale=0.5):
+        steered = free.cache(x, "output")["output"]
+    torch.testing.assert_close(steered, plain_output(module, x, "fc1", lambda v: v + 0.5 * vector))
+    known = mechnb.load(module, example=torch.zeros(1, 4))
+    with pytest.raises(mechnb.SteerError, match="16-wide values but the vector has shape \\(3,\\)"):
+        known.steer("fc1.output", torch.ones(3))
+    with pytest.raises(mechnb.SteerError, match="one vector"):
+        free.steer("fc1.output", torch.ones(2, 16))
+    assert known.interventions == [] and free.interventions == []
+
+
 def test_positions_index_axis_one_of_a_sequence_value():
     module = Mixer()
     model = mechnb.load(module, example=torch.zeros(1, 5, 6))

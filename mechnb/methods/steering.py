@@ -152,14 +152,21 @@ def steerings(model, site, vector, scale: float, positions) -> list[Steer]:
     made = []
     for concrete in with_positions(site, positions).expand(model):
         width = _width(model, concrete)
-        if vector.shape != (width,):
+        if width is None and vector.dim() != 1:
+            raise SteerError(f"steering adds one vector to {concrete}, got a tensor of shape {tuple(vector.shape)}")
+        if width is not None and vector.shape != (width,):
             raise SteerError(f"{concrete} holds {width}-wide values but the vector has shape "
                             f"{tuple(vector.shape)}: steer with a ({width},) vector")
         made.append(Steer(concrete, vector=vector.detach().clone(), scale=float(scale), source=source))
     return made
 
 
-def _width(model, site) -> int:
+def _width(model, site) -> int | None:
+    """The width of the vectors `site` holds (a plain module's: its recorded shape's last
+    axis, None where `load(module, example=...)` recorded none)."""
+    if model.arch.plain:
+        shape = model.shapes.get(site.name)
+        return shape[-1] if shape else None
     if site.kind == "head" and site.index is not None:
         return model.d_head
     if site.kind == "neuron" and site.index is None:

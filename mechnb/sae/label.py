@@ -206,9 +206,9 @@ def _judge_prompt(label_text: str, context, multimodal: bool = False):
 def _explain_images(contexts, summary: str, multimodal: bool):
     """The labelling prompt for image concepts: the images (multimodal) or the summary in words."""
     ask = "In a few words, what does this feature detect? Answer with a short label only."
-    if not multimodal:
-        return (f"A feature of an image model of handwritten digits is active on some images. Its top images: "
-                f"{summary}.\n{ask}")
+    if not multimodal:  # the shortest question the 135M local model answers on topic
+        return (f"A feature of an image model fires on handwritten digits ({summary}). In at most six words, "
+                "what does it detect?")
     from ..vision.concepts import png_data_url
 
     parts = [{"type": "text", "text": "Here are the images where a feature of an image model is most active, "
