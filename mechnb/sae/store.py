@@ -186,19 +186,29 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
             written = _run(model, pending, concrete, data, written, n_tokens, chunks)
             _save_progress(progress_file, written, seen, stream, str(concrete), width, n_tokens)
     finally:
-        if bar is not None:
-            bar.close()
-        if isinstance(data, np.memmap):
-            data.flush()
+        _close(bar, data)
+    meta = {"site": str(concrete), "tokens": written, "documents": seen, "context": context, "model": model.name}
+    return _finished(data, written, n_tokens, meta, f"the texts gave {written} tokens, fewer than n_tokens="
+                     f"{n_tokens}: the store holds {written} (pass more text, or the same text again)")
+
+
+def _close(bar, data) -> None:
+    """End a collection's progress bar and write a memory-mapped store's pages."""
+    if bar is not None:
+        bar.close()
+    if isinstance(data, np.memmap):
+        data.flush()
+
+
+def _finished(data, written: int, n_tokens: int, meta: dict, shortfall: str) -> ActivationStore:
+    """The store of a collection (`shortfall` warned when it holds fewer rows than asked)."""
     if written < n_tokens:
         import warnings
 
-        warnings.warn(f"the texts gave {written} tokens, fewer than n_tokens={n_tokens}: the store "
-                      f"holds {written} (pass more text, or the same text again)")
-    meta = {"site": str(concrete), "tokens": written, "documents": seen, "context": context, "model": model.name}
+        warnings.warn(shortfall, stacklevel=3)
     if not isinstance(data, np.memmap):
         data = data[:written]
-    return ActivationStore(data, written, site=str(concrete), meta=meta)
+    return ActivationStore(data, written, site=meta["site"], meta=meta)
 
 
 def _collect_images(model, site, images, n_tokens: int, batch_size: int, store, progress: bool,
@@ -236,19 +246,10 @@ def _collect_images(model, site, images, n_tokens: int, batch_size: int, store, 
                 bar.n = written
                 bar.refresh()
     finally:
-        if bar is not None:
-            bar.close()
-        if isinstance(data, np.memmap):
-            data.flush()
-    if written < n_tokens:
-        import warnings
-
-        warnings.warn(f"the {len(pixels)} images gave {written} positions, fewer than n_tokens={n_tokens}: the "
-                      f"store holds {written} (pass more images)")
+        _close(bar, data)
     meta = {"site": str(site), "tokens": written, "images": needed, "positions": positions, "model": model.name}
-    if not isinstance(data, np.memmap):
-        data = data[:written]
-    return ActivationStore(data, written, site=str(site), meta=meta)
+    return _finished(data, written, n_tokens, meta, f"the {len(pixels)} images gave {written} positions, fewer than "
+                     f"n_tokens={n_tokens}: the store holds {written} (pass more images)")
 
 
 def _forward_images(model, pixels: torch.Tensor, site) -> torch.Tensor:
