@@ -144,3 +144,22 @@ def test_bad_images_and_token_only_methods_fail_in_one_line_and_leave_the_model_
         assert words in message and "\n" not in message, message
         assert vit.unmodified
     assert vit.top(test_data.images[0], 1)["class_id"][0] == int(test_data.labels[0])
+
+
+def test_a_vision_backbone_without_a_classifier_has_no_logits_to_patch(tmp_path):
+    import transformers
+
+    from mechnb import PatchError
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    backbone = mechnb.load(tmp_path, device="cpu")
+    images = torch.randn(2, 1, 8, 8)
+    assert backbone.cache(images, "resid_post.1@0")["resid_post.1@0"].shape == (2, 16)
+    with pytest.raises(PatchError, match="vision backbone with none") as error:
+        backbone.patch(images[:1], images[1:], "resid_post.*", answer=0, wrong=1)
+    assert "\n" not in str(error.value) and backbone.interventions == []
+    with pytest.raises(SiteError, match="no classifier, so no logits"):
+        backbone.cache(images, "logits")

@@ -93,6 +93,9 @@ def patch(model, clean, corrupt, sites, answer=None, wrong=None, metric="logit_d
         metrics. Example: `model.patch(clean, corrupt, "resid_pre.*", answer=" Mary", wrong=" John")`.
     """
     start_time = time.perf_counter()
+    if model.reads_images and model.n_classes is None:
+        raise PatchError(f"patching measures a classifier's logits, and {model.name} is a vision backbone with "
+                         "none: load its ...ForImageClassification model, or cache and compare a site yourself")
     if method not in METHODS:
         raise PatchError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if direction not in DIRECTIONS:
