@@ -43,14 +43,16 @@ RUN := env -u PYTHONDONTWRITEBYTECODE
 # before any of them starts. Without it the test workers and their first servers and
 # kernels each compiled the same 4,400 modules at the same moment, 20 s a process for what
 # mechnb.load imports and 13 s for JupyterLab's and a kernel's (pip runs with --no-compile).
-# mechnb.load() also converts the embedded model if it is not cached yet.
+# mechnb.load() also converts the embedded model if it is not cached yet, and tiny_vit()
+# trains the embedded vision model (30 s on one thread, beside the compiling) if it is not.
 BYTECODE := $(VENV)/.mechnb-bytecode
 LAB_IMPORTS := import ipykernel.kernelapp, debugpy, matplotlib_inline.backend_inline, pandas, \
 	ipywidgets, nbconvert, nbclient, playwright.sync_api, pytest, xdist
 $(BYTECODE): $(STAMP)
 	($(RUN) $(VENV)/bin/jupyter server extension list && $(RUN) $(PY) -c "$(LAB_IMPORTS)") \
 		>/dev/null 2>$(VENV)/bytecode.log & lab=$$!; \
-	$(RUN) $(PY) -c "import mechnb; mechnb.load()" && wait $$lab || { cat $(VENV)/bytecode.log; exit 1; }
+	$(RUN) $(PY) -c "import mechnb; mechnb.load(); mechnb.vision.tiny_vit()" && wait $$lab || \
+		{ cat $(VENV)/bytecode.log; exit 1; }
 	touch $@
 
 # The embedded GGUF converted once and cached as safetensors (about 30 s the first time, in

@@ -143,8 +143,12 @@ def shell():
 
 
 @pytest.fixture(scope="session")
-def vit_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("vision-cache")
+def vit_cache():
+    """The mechnb cache, where `make test`'s set-up trained the tiny ViT (as it converted the
+    embedded model): tests load it rather than train it again while other tests run."""
+    from mechnb.core.embedded import cache_root
+
+    return cache_root()
 
 
 def with_cache(directory, fn):
@@ -162,8 +166,8 @@ def with_cache(directory, fn):
 
 @pytest.fixture(scope="session")
 def vit(vit_cache):
-    """The embedded tiny digits ViT, trained once per test process into a session cache (tests
-    using it share the xdist group "vision", so one worker trains it)."""
+    """The embedded tiny digits ViT from the mechnb cache (trained there first if absent; tests
+    using it share the xdist group "vision", so one worker would train it)."""
     import mechnb
 
     return with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())

@@ -140,7 +140,7 @@ class JupyterLab:
         startup.mkdir(parents=True)
         (startup / "00-quick-exit.py").write_text("__import__('atexit').register(__import__('gc').freeze)\n")
         self.log = open(root.parent / "lab.log", "w")
-        # The kernels' mechnb cache holds the converted model and nothing else: what the
+        # The kernels' mechnb cache holds the converted models and nothing else: what the
         # tutorials cache (ROME's key statistics, feature labels) is computed in every run, as
         # on a new machine, and no run reads what an earlier one left.
         from mechnb.core import embedded
@@ -149,6 +149,11 @@ class JupyterLab:
         cache.mkdir()
         converted = embedded.converted()
         (cache / converted.name).symlink_to(converted, target_is_directory=True)
+        # The embedded vision model too (trained once by `make test`'s set-up, like the conversion).
+        from mechnb.vision.model import trained
+
+        vit = trained()
+        (cache / vit.name).symlink_to(vit, target_is_directory=True)
         # The kernels' Hugging Face cache is offline and holds one file: a stand-in in Gemma Scope's
         # format where tutorial 04 loads a published SAE by name (`hubcache`).
         from hubcache import gemma_scope_stand_in

@@ -2,9 +2,9 @@
 [CLS] and patches, image inputs to the core verbs, loading ViT and DeiT directories, and
 the one-line errors of bad images and token-only methods.
 
-The tiny ViT trains once per test process into a session cache directory (the `vit`
-fixture in conftest); every test of this file and of test_vision_concepts.py runs in one
-xdist group, so one worker trains it.
+The tiny ViT is the one `make test`'s set-up trained into the mechnb cache (the `vit`
+fixture in conftest trains it there first if it is absent); every test of this file and of
+test_vision_concepts.py and test_vision_methods.py runs in one xdist group.
 """
 
 import pytest
@@ -42,7 +42,7 @@ def test_tiny_vit_reaches_95_percent_and_reloads_identically_from_the_cache(vit,
 
     assert isinstance(vit, mechnb.Model) and vit.n_layers == 4 and vit.n_classes == 10
     assert accuracy(vit, test_data) >= 0.95
-    assert (vit_cache / "tiny-vit-digits-v2-seed0" / "model.safetensors").is_file()
+    assert (vit_cache / "tiny-vit-digits-v3-seed0" / "model.safetensors").is_file()
     again = with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
     for (name, a), (_, b) in zip(vit.hf.state_dict().items(), again.hf.state_dict().items()):
         assert torch.equal(a, b), name

@@ -36,7 +36,7 @@ def head(vit, sae, digits):
 def test_the_bottleneck_costs_a_few_points_and_each_class_uses_a_few_concepts(head):
     row = head.report().iloc[0]
     assert row.model_accuracy >= 0.95
-    assert 0.9 <= row.bottleneck_accuracy and row.cost_points < 6  # measured 0.931 against 0.958: 2.8 points
+    assert 0.9 <= row.bottleneck_accuracy and row.cost_points < 6  # measured 0.942 against 0.958: 1.7 points
     assert 1 <= row.concepts_per_class <= 6 and row.concepts_used < 64
     assert len(head.concepts_of("7")) >= 1
 
