@@ -173,6 +173,17 @@ def vit(vit_cache):
     return with_cache(vit_cache, lambda: mechnb.vision.tiny_vit())
 
 
+def assert_one_line_errors(model, cases) -> None:
+    """Each `(error class, words, call)` raises that error in one line holding the words, and
+    leaves `model` unmodified."""
+    for error, words, call in cases:
+        with pytest.raises(error) as raised:
+            call()
+        message = str(raised.value)
+        assert words in message and "\n" not in message, message
+        assert model.unmodified
+
+
 @contextlib.contextmanager
 def json_server(reply):
     """A local HTTP server on 127.0.0.1 answering every request with `reply(body) -> (status, dict)`

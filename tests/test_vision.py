@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mechnb
-from conftest import with_cache
+from conftest import assert_one_line_errors, with_cache
 from mechnb import ModelError, PromptError, SiteError
 
 pytestmark = pytest.mark.xdist_group("vision")
@@ -137,12 +137,7 @@ def test_bad_images_and_token_only_methods_fail_in_one_line_and_leave_the_model_
         (ModelError, "edit needs a language model", lambda: vit.edit("a", "b", "c")),
         (ModelError, "circuit needs a language model", lambda: vit.circuit("a", "b", "c")),
     ]
-    for error, words, call in cases:
-        with pytest.raises(error) as raised:
-            call()
-        message = str(raised.value)
-        assert words in message and "\n" not in message, message
-        assert vit.unmodified
+    assert_one_line_errors(vit, cases)
     assert vit.top(test_data.images[0], 1)["class_id"][0] == int(test_data.labels[0])
 
 

@@ -40,25 +40,14 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
     `mechnb.vision.attention_over_image` ([CLS]'s attention over the image, per head).
     Example: `model.attention(prompt, layers="20:26")`; `vit.attention(image, layers=2)`.
     """
-    import pandas as pd
-
     layer_list = _choose(model, layers, model.n_layers, "layer")
     head_list = _choose(model, heads, model.n_heads, "head")
     if model.reads_images:
         return _attention_over_image(model, prompts, layer_list, head_list)
     prompt = Batch.of(model.tokenizer, prompts).prompts[0]
-    cache = model.cache(prompt, [f"pattern.{l}" for l in layer_list])
-    tokens = cache.tokens[0]
-    values = torch.stack([cache[f"pattern.{l}"][0, head_list] for l in layer_list]).float().cpu()
-    rows = [{"layer": l, "head": h, "pos_q": q, "pos_k": k, "token_q": tokens[q], "token_k": tokens[k],
-             "value": values[i, j, q, k].item()}
-            for i, l in enumerate(layer_list) for j, h in enumerate(head_list)
-            for q in range(len(tokens)) for k in range(q + 1)]
-    meta = {"title": f"attention of layers {_span(layer_list)}", "prompt": prompt, "tokens": tokens,
-            "scale": "probability",
-            "layers": layer_list, "heads": head_list, "model": model.name,
-            "axes": ["layer", "head", "pos_q", "pos_k"],
-            "labels": {"layer": layer_list, "head": head_list, "pos_q": tokens, "pos_k": tokens}}
+    values, rows, meta = _patterns(model, prompt, layer_list, head_list, causal=True)
+    tokens = meta["tokens"]
+    meta.update(title=f"attention of layers {_span(layer_list)}", prompt=prompt)
 
     def html(result):
         return "\n".join(
@@ -67,37 +56,46 @@ def attention(model, prompts, layers=None, heads=None) -> Result:
                                     "maskUpperTri": True}, title=f"Layer {l}")
             for i, l in enumerate(layer_list))
 
-    return Result(values, pd.DataFrame(rows), meta, html=html)
+    return Result(values, rows, meta, html=html)
 
 
 def _attention_over_image(model, images, layer_list: list[int], head_list: list[int]) -> Result:
     """`attention` on a vision model: the patterns of the first image, each layer drawn over it."""
-    import pandas as pd
+    import base64
 
     from ..display.viz import png
-    from ..vision.views import attention_over_image
+    from ..vision.views import draw
 
     image = Batch.of(model.tokenizer, images).pixel_values[:1]
-    cache = model.cache(image, [f"pattern.{l}" for l in layer_list])
+    values, rows, meta = _patterns(model, image, layer_list, head_list, causal=False)
+    meta["title"] = f"attention of layers {_span(layer_list)} over the image"
+
+    def html(result):
+        # Drawn from the result's own values, whatever the model has become since.
+        pictures = (png(draw(result.values[i], image[0], model.tokenizer.grid, l, head_list))
+                    for i, l in enumerate(layer_list))
+        return "\n".join(f'<div>Layer {l}</div><img src="data:image/png;base64,{base64.b64encode(p).decode()}"/>'
+                         for l, p in zip(layer_list, pictures))
+
+    return Result(values, rows, meta, html=html)
+
+
+def _patterns(model, inputs, layer_list: list[int], head_list: list[int], causal: bool):
+    """`(values layer head pos_q pos_k, DataFrame, meta)` of the patterns of one input: rows
+    over the key positions a query sees (`causal`: those up to it)."""
+    import pandas as pd
+
+    cache = model.cache(inputs, [f"pattern.{l}" for l in layer_list])
     tokens = cache.tokens[0]
     values = torch.stack([cache[f"pattern.{l}"][0, head_list] for l in layer_list]).float().cpu()
     rows = [{"layer": l, "head": h, "pos_q": q, "pos_k": k, "token_q": tokens[q], "token_k": tokens[k],
              "value": values[i, j, q, k].item()}
             for i, l in enumerate(layer_list) for j, h in enumerate(head_list)
-            for q in range(len(tokens)) for k in range(len(tokens))]
-    meta = {"title": f"attention of layers {_span(layer_list)} over the image", "tokens": tokens,
-            "scale": "probability", "layers": layer_list, "heads": head_list, "model": model.name,
-            "axes": ["layer", "head", "pos_q", "pos_k"],
+            for q in range(len(tokens)) for k in range(q + 1 if causal else len(tokens))]
+    meta = {"tokens": tokens, "scale": "probability", "layers": layer_list, "heads": head_list,
+            "model": model.name, "axes": ["layer", "head", "pos_q", "pos_k"],
             "labels": {"layer": layer_list, "head": head_list, "pos_q": tokens, "pos_k": tokens}}
-
-    def html(result):
-        import base64
-
-        pictures = (png(attention_over_image(model, image, l, heads=head_list)) for l in layer_list)
-        return "\n".join(f'<div>Layer {l}</div><img src="data:image/png;base64,{base64.b64encode(p).decode()}"/>'
-                         for l, p in zip(layer_list, pictures))
-
-    return Result(values, pd.DataFrame(rows), meta, html=html)
+    return values, pd.DataFrame(rows), meta
 
 
 def activations(model, site_or_direction, prompts, site: str | None = None) -> Result:

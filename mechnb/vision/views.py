@@ -18,10 +18,6 @@ from ..core.errors import SiteError
 def attention_over_image(model, image, layer: int, query: int = 0, heads=None):
     """A matplotlib figure: for each head (or those in `heads`), the attention of position
     `query` over the patches of `image`, on the patch grid, laid over the image."""
-    import matplotlib.pyplot as plt
-
-    from .concepts import _as_tensor
-
     if not getattr(model.tokenizer, "reads_images", False):
         raise SiteError(f"attention_over_image needs a vision model; {model.name} reads text "
                         "(model.attention(prompt) draws its patterns)")
@@ -29,30 +25,42 @@ def attention_over_image(model, image, layer: int, query: int = 0, heads=None):
     pattern = model.cache(image, site)[site]
     if pattern.shape[0] != 1:
         raise SiteError(f"attention_over_image draws one image, got {pattern.shape[0]}")
-    pattern = pattern[0].float().cpu()  # head q k
+    n_heads = pattern.shape[1]
+    heads = list(range(n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+    for head in heads:
+        if not isinstance(head, int) or not 0 <= head < n_heads:
+            raise SiteError(f"head {head!r} out of range: layer {layer} has heads 0..{n_heads - 1}")
+    return draw(pattern[0, heads], image if torch.is_tensor(image) else None, model.tokenizer.grid, layer,
+                heads, query)
+
+
+def draw(pattern: torch.Tensor, image, grid: tuple[int, int], layer: int, heads: list[int], query: int = 0):
+    """The figure of `attention_over_image` from patterns already computed: `pattern` is
+    `head q k` for the heads `heads` of `layer`, `image` a tensor (`C H W`, or None to draw
+    the patch grid alone) and `grid` the model's patch grid `(rows, cols)`."""
+    import matplotlib.pyplot as plt
+
+    from .concepts import _as_tensor
+
+    pattern = pattern.float().cpu()
     n_positions = pattern.shape[-1]
     if not -n_positions <= query < n_positions:
         raise SiteError(f"query {query} out of range: the image has positions 0..{n_positions - 1}")
-    rows, cols = model.tokenizer.grid
+    rows, cols = grid
     prefix = n_positions - rows * cols
-    heads = list(range(pattern.shape[0])) if heads is None else [heads] if isinstance(heads, int) else list(heads)
-    for head in heads:
-        if not isinstance(head, int) or not 0 <= head < pattern.shape[0]:
-            raise SiteError(f"head {head!r} out of range: layer {layer} has heads 0..{pattern.shape[0] - 1}")
-    shown = _as_tensor(image)[0] if torch.is_tensor(image) else None
+    shown = _as_tensor(image)[0] if image is not None else None
     figure, axes = plt.subplots(1, len(heads), figsize=(1.9 * len(heads), 2.2), squeeze=False)
-    for axis, head in zip(axes[0], heads):
-        weights = pattern[head, query]
-        grid = weights[prefix:].reshape(rows, cols)
+    for axis, head, weights in zip(axes[0], heads, pattern[:, query]):
+        patches = weights[prefix:].reshape(rows, cols)
         if shown is not None:
             picture = (shown - shown.min()) / (shown.max() - shown.min()).clamp(min=1e-6)
             height, width = picture.shape[1:]
             axis.imshow(picture.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray_r" if picture.shape[0] == 1
                         else None)
-            axis.imshow(grid.numpy(), cmap="Reds", alpha=0.55, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-                        vmin=0, vmax=float(grid.max().clamp(min=1e-6)))
+            axis.imshow(patches.numpy(), cmap="Reds", alpha=0.55, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                        vmin=0, vmax=float(patches.max().clamp(min=1e-6)))
         else:
-            axis.imshow(grid.numpy(), cmap="Reds", vmin=0)
+            axis.imshow(patches.numpy(), cmap="Reds", vmin=0)
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_title(f"L{layer}H{head} · prefix {float(weights[:prefix].sum()):.0%}", fontsize=8)
