@@ -16,7 +16,7 @@ Where each method lives, by what it asks of the model:
   (`methods.lens`), `detect_heads` (`methods.heads`), `ov`, `qk`, `composition`
   (`methods.weights`), `coactivation` (`methods.coactivation`);
 - changing: `steer`, `steered`, `steering_vector` (`methods.steering`), `generate`
-  (`methods.generation`), `causal_trace` (`methods.causal`), `edit` (`methods.rome`);
+  (`methods.generation`), `causal_trace` (`methods.causal_tracing`), `edit` (`methods.rome`);
 - sparse autoencoders: `collect` (`sae.store`), `features` (`sae.dashboard`);
 - SAEs and transcoders spliced in, their features as sites: `attach`, `detach`
   (`transcoders.splice`, which hands SAEs to `sae.attach`);
@@ -33,7 +33,7 @@ from .core import loading
 from .core.model import ModelBase
 from .display import widgets
 from .graphs.build import graph as attribution_graph
-from .methods import (attribution, causal, coactivation, generation, gim, heads, lens, patching, rome, steering,
+from .methods import (attribution, causal_tracing, coactivation, generation, gim, heads, lens, patching, rome, steering,
                       views, weights)
 from .sae import dashboard, store
 from .transcoders import splice as splicing
@@ -67,7 +67,7 @@ class Model(ModelBase):
     steered = steering.steered
     steering_vector = steering.steering_vector
     generate = generation.generate
-    causal_trace = causal.causal_trace
+    causal_trace = causal_tracing.causal_trace
     edit = rome.edit
     # Sparse autoencoders and transcoders
     collect = store.collect

@@ -173,9 +173,14 @@ def test_a_steering_vector_from_sevens_minus_ones_turns_ones_towards_seven(vit, 
             logits = vit.cache(test_ones, "logits")["logits"]
         return (logits.argmax(-1) == 7).float().mean().item(), (logits[:, 7] - logits[:, 1]).mean().item()
 
+    # The tiny ViT's weights follow the machine's float sums (its accuracy is 0.958 on one CPU,
+    # 0.964 on another), and so does the scale where ones turn: seen 0.28-0.3 at scale 2 and
+    # 1.0 at 4. Asserted: the turn grows with the scale, and is most of the ones at 4.
     base_share, base_difference = sevens_and_difference(0)
-    share, difference = sevens_and_difference(2)
-    assert base_share < 0.1 and share > 0.3 and difference > base_difference + 5
+    halfway, _ = sevens_and_difference(2)
+    share, difference = sevens_and_difference(4)
+    assert base_share < 0.1 and base_share < halfway < share and share > 0.6
+    assert difference > base_difference + 8
     assert sevens_and_difference(-2)[1] < base_difference
     assert vit.unmodified
     from mechnb import SteerError

@@ -191,7 +191,9 @@ class Context:
                                 "through mechnb (model.trace, model.top, ...) to use it")
             tokens = [[""] * length] * rows
         elif len(tokens) != rows:
-            tokens = [tokens[0]] * rows
+            # One prompt for every row; or a batch that grows row by row as rows join it at
+            # their first layer (`mechnb.core.runner`), which holds its first rows.
+            tokens = tokens[:rows] if len(tokens) > rows else [tokens[0]] * rows
         found = positions.resolve(tokens)
         if isinstance(self.offset, int):
             if not self.offset:

@@ -87,9 +87,11 @@ class Edit:
 
 @dataclass
 class Row:
-    """One edited run: its edits, and optionally sites whose values to record."""
+    """One edited run: its edits, and the prompt of the record it edits (`base`, an index
+    into a `TargetRun` of several prompts; 0 for one)."""
 
     edits: list[Edit]
+    base: int = 0
 
     @property
     def start(self) -> int:
@@ -101,21 +103,36 @@ class Row:
 
 
 class TargetRun:
-    """One recorded forward of an unpadded prompt, or of one image (`whole`: rows then run
-    whole; see the module docstring)."""
+    """One recorded forward of unpadded prompts (one, or a batch whose rows' edits each name
+    their prompt: `Row.base`), or of images (`whole`: rows then run whole; see the module
+    docstring).
 
-    def __init__(self, model, prompt):
+    Args:
+        model: the `Model`.
+        prompts: a prompt, a list of them (right-padded: a real token never sees a pad,
+            so each prompt computes what it computes alone), or a `Batch`.
+        start: record the layers from this one on (rows that start below it cannot run).
+
+    Attributes: `batch`; `tokens` (the first prompt's token strings) and `token_rows` (each
+    prompt's); `lengths`; `n` (the padded width: one prompt's length); `logits` (each
+    prompt's at its last real position, `prompts vocab`).
+    """
+
+    def __init__(self, model, prompts, start: int = 0):
         from .batch import Batch, check_length
 
         self.model = model
-        batch = Batch.of(model.tokenizer, prompt)
-        self.tokens = batch.tokens[0]
-        self.n = len(self.tokens)
-        self.whole = bool(model.reads_images)
+        batch = Batch.of(model.tokenizer, prompts)
+        self.batch = batch
+        self.token_rows = batch.tokens  # None for a plain module's tensors
+        self.tokens = batch.tokens[0] if batch.tokens else None
+        self.lengths = batch.lengths
+        self.n = max(self.lengths)
+        self.start = start
+        self.whole = bool(model.reads_images or model.is_plain)
         if self.whole:
-            self.batch = batch
-            with run(model, [self.tokens]):
-                self.logits = model.hf(**batch.inputs(model.device)).logits.float()
+            with run(model, self.token_rows):
+                self.logits = _whole_logits(model, batch, range(len(batch)))
             return
         check_length(model, self.n)
         layers = submodule(model.hf, model.arch.layers)
@@ -131,22 +148,73 @@ class TargetRun:
         def record_embed(module, args, output):
             self.embed = output
 
-        records = []
-        with run(model, [self.tokens]) as forward:
+        records = [None] * model.n_layers
+        with run(model, self.token_rows) as forward:
             for index, layer in enumerate(layers):
+                if index < start:
+                    continue
                 # First in line, so the record is the input before any active intervention,
                 # which the engine's own call of the layer then applies once.
                 forward.torch_hook(layer, record_layer(index), pre=True, with_kwargs=True, prepend=True)
-                records.append(forward.attach(submodule(layer, model.arch.attn), "mechnb_record", []))
+                records[index] = forward.attach(submodule(layer, model.arch.attn), "mechnb_record", [])
             forward.torch_hook(submodule(model.hf, model.arch.final_norm), record_final, pre=True)
-            forward.torch_hook(submodule(model.hf, model.arch.embed), record_embed)
-            out = model.hf(**batch.inputs(model.device), use_cache=False)
-        self.logits = out.logits[:, -1].float()
+            if start == 0:
+                forward.torch_hook(submodule(model.hf, model.arch.embed), record_embed)
+            base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
+            out = base(**batch.inputs(model.device), use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            last = batch.last.to(hidden.device)
+            normed = hidden[torch.arange(len(batch), device=hidden.device), last][:, None]
+            self.logits = _logits(model, normed, self.token_rows, batch.last, normed=True)
         self.kv = [record[0] if record else None for record in records]
 
-    def call(self, layer: int, offset: int) -> tuple[str, dict]:
-        """The name of the residual argument and the other arguments, for positions >= offset."""
-        return _arguments(self.calls[layer], offset)
+    @property
+    def several(self) -> bool:
+        """True when the record holds several prompts (rows then pick theirs: `Row.base`)."""
+        return len(self.batch) > 1
+
+    def call(self, layer: int, offset: int, bases=None) -> tuple[str, dict]:
+        """The name of the residual argument and the other arguments, for positions >= offset
+        (and, for several prompts, the rows of `bases`)."""
+        name, arguments = _arguments(self.calls[layer], offset)
+        if bases is not None and self.several:
+            arguments = {key: _rows(value, bases, len(self.batch)) for key, value in arguments.items()}
+        return name, arguments
+
+
+def _rows(value, bases: torch.Tensor, size: int):
+    """A recorded argument's rows `bases` where its first axis is the record's batch."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, bases, size) for v in value)
+    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == size:
+        return value[bases.to(value.device)]
+    return value
+
+
+def _logits(model, hidden, token_rows, last, normed: bool = False) -> torch.Tensor:
+    """Logits `rows vocab` of the residual `hidden` (`rows 1 d_model`) at each row's position
+    `last`, through the final norm (unless `normed`) and unembedding, with the active
+    interventions on the logits."""
+    from .engine import unembed_normed
+
+    logits = unembed_normed(model, hidden) if normed else unembed(model, hidden)
+    for intervention in model.interventions:
+        if intervention.site.kind == "logits":
+            logits = apply(intervention, logits, Context(token_rows, [int(p) for p in last]))
+    return logits[:, -1].float()
+
+
+def _whole_logits(model, batch, rows) -> torch.Tensor:
+    """The whole forward's logits of `batch`'s prompts at `rows` (an image classifier's
+    `rows class`; a plain module's output, its leading axis the rows)."""
+    if model.is_plain:
+        picked = batch.select(list(rows))
+        out = model.hf(*picked.arguments(model.device), **picked.inputs(model.device))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.float()
+    inputs = {key: value[torch.as_tensor(list(rows), device=value.device)] for key, value in
+              batch.inputs(model.device).items()}
+    return model.hf(**inputs).logits.float()
 
 
 def _call_recorder(layer, index: int, resid, calls):
@@ -234,8 +302,9 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     `batch_size` is the rows per forward (default from a 256 MiB budget), or a
     `mechnb.core.memory.Chunks` shared by the calls of one sweep; a chunk that runs out
     of memory is halved and run again. With `metric` (logits `batch vocab` ->
-    `batch`), its value per row instead, computed chunk by chunk so that the logits
-    of all rows are never held at once. Values move to CPU chunk by chunk.
+    `batch ...`), its values per row instead, computed chunk by chunk so that the logits
+    of all rows are never held at once. Values move to CPU chunk by chunk. On a record of
+    several prompts each row runs on its own (`Row.base`).
     `progress`, if given, is a tqdm bar updated by the number of rows done.
     `record` names concrete sites whose whole values each row should report: they
     are stored, after the row's edits, in `row.recorded` (site name -> `1 pos ...`,
@@ -243,12 +312,12 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     """
     from .memory import Chunks
 
-    out = torch.empty(len(rows)) if metric is not None else torch.empty(len(rows), model.vocab_size)
+    out = None
     groups: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row.offset, []).append(index)
     chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(batch_size, "a patching sweep", "rows")
-    default = default_batch_size(model, target.n)
+    default = 256 if model.is_plain else default_batch_size(model, target.n)
     for offset, members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start)
 
@@ -258,10 +327,12 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
             return metric(logits).cpu() if metric is not None else logits.cpu()
 
         for chunk, values in chunks.run(values_of, members, default=default):
+            if out is None:
+                out = values.new_empty((len(rows), *values.shape[1:]))
             out[chunk] = values
             if progress is not None:
                 progress.update(len(chunk))
-    return out
+    return out if out is not None else torch.empty(0)
 
 
 def default_batch_size(model, n_pos: int, budget_bytes: float = 256 * 2**20) -> int:
@@ -270,8 +341,9 @@ def default_batch_size(model, n_pos: int, budget_bytes: float = 256 * 2**20) -> 
     return max(1, min(512, int(budget_bytes // max(per_row, 1))))
 
 
-def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()) -> torch.Tensor:
-    """Run rows sorted by start layer, all computing positions offset..n-1."""
+def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=(), grad: bool = False):
+    """Run rows sorted by start layer, all computing positions offset..n-1; each row's logits
+    at its prompt's last position, `rows vocab` (with autograd through edit values when `grad`)."""
     layers = submodule(model.hf, model.arch.layers)
     inner: dict[tuple[str, str], list] = {}
     for index, row in enumerate(rows):
@@ -279,7 +351,9 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
             if not edit.sets_residual:
                 path, io, _ = locate(model, edit.site)
                 inner.setdefault((path, io), []).append((index, edit))
-    with run(model, [target.tokens], offset) as forward:
+    bases = torch.tensor([row.base for row in rows])
+    token_rows = [target.token_rows[row.base] for row in rows]
+    with run(model, token_rows, offset, grad=grad) as forward:
         for (path, io), entries in inner.items():
             forward.hook(path, io, _edit(entries, offset))
         for site in record:
@@ -292,34 +366,33 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
                 start = torch.cat([_start(target, row, layer_index, offset) for row in joining])
                 hidden = start if hidden is None else torch.cat([hidden, start])
             if layer_index < model.n_layers:
-                hidden = _run_layer(model, forward, target, layers[layer_index], layer_index, hidden, offset)
-        logits = unembed(model, hidden[:, -1:])
-        for intervention in model.interventions:
-            if intervention.site.kind == "logits":
-                logits = apply(intervention, logits, Context([target.tokens], target.n - 1))
-    return logits[:, -1].float()
+                hidden = _run_layer(model, forward, target, layers[layer_index], layer_index, hidden, offset,
+                                    bases[:hidden.shape[0]])
+        last = torch.tensor([target.lengths[row.base] - 1 for row in rows])
+        at = hidden[torch.arange(len(rows), device=hidden.device), (last - offset).to(hidden.device)]
+        return _logits(model, at[:, None], token_rows, last)
 
 
-def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=()) -> torch.Tensor:
-    """Rows as whole forwards of the target image, batched; each edit by a hook on its own row."""
+def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=(), grad: bool = False):
+    """Rows as whole forwards of their images or inputs, batched; each edit by a hook on its own row."""
     inner: dict[tuple[str, str], list] = {}
     for index, row in enumerate(rows):
         for edit in row.edits:
             inner.setdefault(locate(model, edit.site)[:2], []).append((index, edit))
-    inputs = {key: value.expand(len(rows), *value.shape[1:]) for key, value in
-              target.batch.inputs(model.device).items()}
-    with run(model, [target.tokens] * len(rows)) as forward:
+    token_rows = None if target.token_rows is None else [target.token_rows[row.base] for row in rows]
+    with run(model, token_rows, grad=grad) as forward:
         for (path, io), entries in inner.items():
             forward.hook(path, io, _edit(entries, 0))
         for site in record:
             path, io, _ = locate(model, site)
             forward.hook(path, io, _record(site, rows))
-        return model.hf(**inputs).logits.float()
+        return _whole_logits(model, target.batch, [row.base for row in rows])
 
 
 def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor:
     """A row's residual entering `layer` (`1 pos d_model`), with its residual edits applied."""
-    start = target.resid[layer][:, offset:].clone()
+    base = row.base
+    start = target.resid[layer][base:base + 1, offset:].clone()
     for edit in row.edits:
         if not edit.sets_residual or edit.start != layer:
             continue
@@ -327,9 +400,9 @@ def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor
         if edit.site.kind == "embed":
             # resid_pre.0 is the embedding plus terms that do not depend on it
             # (GPT-2's position embeddings): move it by the embedding's change.
-            embed = target.embed[:, offset:].clone()
+            embed = target.embed[base:base + 1, offset:].clone()
             assign_part(embed, Site("embed"), edit.value, positions)
-            start += embed - target.embed[:, offset:]
+            start = start + (embed - target.embed[base:base + 1, offset:])
         else:
             assign_part(start, Site("resid_pre", layer), edit.value, positions)
     return start
@@ -340,15 +413,20 @@ def _relative(positions: list[int] | None, offset: int):
     return None if positions is None else torch.tensor([[p - offset for p in positions]])
 
 
-def _run_layer(model, forward, target, layer, index, hidden, offset):
-    """One decoder layer on `hidden` (`rows pos d_model`), reusing the record's earlier keys."""
+def _run_layer(model, forward, target, layer, index, hidden, offset, bases):
+    """One decoder layer on `hidden` (`rows pos d_model`, the rows of prompts `bases`),
+    reusing the record's earlier keys."""
     attn = submodule(layer, model.arch.attn)
-    _, arguments = target.call(index, offset)
+    _, arguments = target.call(index, offset, bases)
     if offset:
         keys, values = target.kv[index]
-        rows = hidden.shape[0]
-        forward.attach(attn, "mechnb_prefix", (keys[:, :, :offset].expand(rows, -1, -1, -1),
-                                               values[:, :, :offset].expand(rows, -1, -1, -1)))
+        if target.several:
+            picked = bases.to(keys.device)
+            keys, values = keys[picked], values[picked]
+        else:
+            rows = hidden.shape[0]
+            keys, values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+        forward.attach(attn, "mechnb_prefix", (keys[:, :, :offset], values[:, :, :offset]))
     out = layer(hidden, **arguments)
     return out[0] if isinstance(out, tuple) else out
 

@@ -41,7 +41,8 @@ Layers and indices take an int, a range `0:5` (end excluded) or `*`; a site with
 range names several sites (`resid_pre.*` is one per layer) and reading it stacks
 them on a new leading axis. Positions follow `@`: `@-1` (one position; the axis is
 dropped), `@3:7` (a range), `@'John'` (every position whose token, stripped of
-surrounding spaces, is `John`). On a vision transformer positions are `[CLS]` (`@0`),
+surrounding spaces, is `John`), `@'{name}'` (the last token of template field `name`, in
+the examples of a counterfactual dataset, `mechnb.causal`, resolved per example). On a vision transformer positions are `[CLS]` (`@0`),
 then the patches row by row; `@'patch 3,4'` names the patch in row 3, column 4 of the
 grid. Positions count real tokens of each prompt, so
 `@-1` is each prompt's own last token whatever the padding; on a pattern they
@@ -97,6 +98,7 @@ TL_HOOKS: dict[str, str] = {
 _TL_BLOCK = re.compile(r"^blocks\.(?P<layer>[^.]+)\.(?P<hook>.+)$")
 _RANGE = re.compile(r"^(-?\d*):(-?\d*)$")
 _PATCH = re.compile(r"^patch\s*(\d+)\s*,\s*(\d+)$")
+_FIELD = re.compile(r"^\{(\w+)\}$")
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,26 @@ class Positions:
 
     @property
     def squeeze(self) -> bool:
-        """True when one position is named, so the position axis is dropped."""
-        return self.index is not None
+        """True when one position is named, so the position axis is dropped: an index, or a
+        template field (its last token)."""
+        return self.index is not None or self.field is not None
 
-    def resolve(self, tokens: list[list[str]]) -> "torch.Tensor":
-        """Position indices per prompt, `batch n`, for prompts given as token strings."""
+    @property
+    def field(self) -> str | None:
+        """The template field `@'{name}'` names (`name`), or None."""
+        found = _FIELD.match(self.token) if self.token is not None else None
+        return found[1] if found else None
+
+    def resolve(self, tokens: list[list[str]], fields: list[dict] | None = None) -> "torch.Tensor":
+        """Position indices per prompt, `batch n`, for prompts given as token strings.
+
+        `fields` gives, per prompt, each template field's token positions (`{"name": [1, 2]}`,
+        as `mechnb.causal` renders its examples): `@'{name}'` is the field's last token.
+        """
         import torch
 
+        if self.field is not None:
+            return self._resolve_field(tokens, fields)
         rows = []
         for row, toks in enumerate(tokens):
             n = len(toks)
@@ -160,6 +175,24 @@ class Positions:
                 "prompts: each prompt must give the same number; use @-1, a range both "
                 "prompts cover, or one prompt at a time"
             )
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _resolve_field(self, tokens, fields) -> "torch.Tensor":
+        """The last token of template field `self.field` in each prompt."""
+        import torch
+
+        if fields is None:
+            raise SiteError(f"@{self.text} names a template field, which only the examples of a counterfactual "
+                            "dataset have (mechnb.causal): use it in model.interchange or model.das, or name a "
+                            "token (@'John') or an index (@-1)")
+        rows = []
+        for row, spans in enumerate(fields):
+            found = (spans or {}).get(self.field)
+            if not found:
+                known = ", ".join(f"{{{name}}}" for name, where in (spans or {}).items() if where) or "none"
+                raise SiteError(f"template field {{{self.field}}} is not in example {row} (its fields: {known}): "
+                                "name a field of the template, or a position such as @-1")
+            rows.append([found[-1]])
         return torch.tensor(rows, dtype=torch.long)
 
 

@@ -39,7 +39,7 @@ from ..core.engine import last_logits, run
 from ..core.errors import EditError
 from ..core.model import language_only
 from ..core.remote import local_only
-from .causal import subject_positions
+from .causal_tracing import subject_positions
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 SETTINGS = ("steps", "lr", "kl_factor", "weight_decay", "clamp", "cov_tokens")

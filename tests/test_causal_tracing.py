@@ -5,7 +5,7 @@ import torch
 
 from conftest import PARIS
 from mechnb import CausalTraceError
-from mechnb.methods.causal import subject_positions
+from mechnb.methods.causal_tracing import subject_positions
 
 
 def test_subject_positions_cover_the_subject_tokens(tiny_factory):
