@@ -14,7 +14,7 @@ or from Python:
 The public names: `load` and `Model` (`mechnb.model`), `Site` and `parse_site`, `Batch`,
 `Result`, `Circuit`, every error class (`mechnb.SiteError`, `mechnb.PatchError`, ...),
 and the subpackages `mechnb.sae`, `mechnb.circuits`, `mechnb.transcoders`, `mechnb.graphs`,
-`mechnb.vision` and `mechnb.datasets`. The layout
+`mechnb.vision`, `mechnb.causal` and `mechnb.datasets`. The layout
 of the package is in `docs/architecture.md`.
 
 `import mechnb` stays fast: torch, transformers and nnsight load on first use, when one
@@ -35,7 +35,7 @@ _LAZY = {
     "parse_site": "mechnb.core.sites", "Batch": "mechnb.core.batch", "Result": "mechnb.display.results",
     "Circuit": "mechnb.circuits",
 }
-_SUBPACKAGES = ("sae", "circuits", "transcoders", "graphs", "vision", "datasets")
+_SUBPACKAGES = ("sae", "circuits", "transcoders", "graphs", "vision", "causal", "datasets")
 
 __all__ = [*_LAZY, *_SUBPACKAGES, *_errors, "load_ipython_extension", "unload_ipython_extension"]
 

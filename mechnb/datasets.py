@@ -171,6 +171,25 @@ def ioi(n: int, tokenizer, seed: int = 0) -> list[dict]:
     return pairs
 
 
+# Given names by the pronoun an English reader gives them (64 each; common US names), for the
+# pronoun task of causal abstraction ("<|endoftext|>Mary walked because" -> " she";
+# `mechnb.causal.tasks.pronouns`). Many are two tokens for SmolLM2's tokenizer.
+FEMALE_NAMES = ("Mary", "Elizabeth", "Anna", "Emma", "Sarah", "Linda", "Susan", "Karen", "Lisa", "Nancy",
+    "Betty", "Sandra", "Ashley", "Emily", "Donna", "Michelle", "Carol", "Amanda", "Melissa", "Deborah",
+    "Laura", "Rebecca", "Sharon", "Cynthia", "Kathleen", "Amy", "Angela", "Helen", "Brenda", "Pamela",
+    "Nicole", "Samantha", "Katherine", "Christine", "Rachel", "Catherine", "Maria", "Heather", "Diane",
+    "Julie", "Victoria", "Olivia", "Sophia", "Isabella", "Grace", "Alice", "Jane", "Ruth", "Julia", "Hannah",
+    "Megan", "Jessica", "Jennifer", "Patricia", "Barbara", "Margaret", "Dorothy", "Kimberly", "Stephanie",
+    "Lauren", "Natalie", "Chloe", "Lucy", "Ellen")
+MALE_NAMES = ("John", "James", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas",
+    "Charles", "Christopher", "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven", "Paul", "Andrew",
+    "Joshua", "Kenneth", "Kevin", "Brian", "George", "Timothy", "Ronald", "Edward", "Jason", "Jeffrey",
+    "Ryan", "Jacob", "Gary", "Nicholas", "Eric", "Jonathan", "Stephen", "Larry", "Justin", "Scott",
+    "Brandon", "Benjamin", "Samuel", "Frank", "Gregory", "Raymond", "Alexander", "Patrick", "Jack", "Dennis",
+    "Jerry", "Tyler", "Aaron", "Henry", "Peter", "Adam", "Harry", "Fred", "Walter", "Arthur", "Carl",
+    "Roger", "Bob", "Tom", "Sam")
+
+
 # Greater-than (Hanna et al. 2023): "The war lasted from the year 1732 to the year 17"
 # should continue with a later year; the corrupt prompt starts at "01", which carries no
 # threshold.

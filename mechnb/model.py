@@ -21,6 +21,7 @@ Where each method lives, by what it asks of the model:
 - SAEs and transcoders spliced in, their features as sites: `attach`, `detach`
   (`transcoders.splice`, which hands SAEs to `sae.attach`);
 - attribution graphs over transcoders: `graph` (`graphs.build`);
+- causal abstraction: `interchange` (`causal.engine`), `das` (`causal.training`);
 - the explorer widget: `explore` (`display.widgets`).
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import functools
 
+from .causal import engine as causal_engine
+from .causal import training as causal_training
 from .circuits import discover
 from .core import loading
 from .core.model import ModelBase
@@ -74,6 +77,9 @@ class Model(ModelBase):
     attach = splicing.attach
     detach = splicing.detach
     features = dashboard.features
+    # Causal abstraction
+    interchange = causal_engine.interchange
+    das = causal_training.das
     # Attribution graphs over transcoders
     graph = attribution_graph
     # Widgets

@@ -143,6 +143,17 @@ class BottleneckError(MechnbError, ValueError):
     """Concepts, labels or settings a concept bottleneck (`mechnb.vision`) cannot use."""
 
 
+class CausalError(MechnbError, ValueError):
+    """A causal model, counterfactual dataset, alignment or featurizer that causal abstraction
+    (`mechnb.causal`) cannot use: a cycle, a mechanism's value outside its variable, a
+    position an example lacks, a rank wider than its site, a featurizer of another model."""
+
+
+class CounterfactualWarning(UserWarning):
+    """Counterfactual pairs whose interchange changes nothing: they are counted, and IIA on
+    them measures nothing but the base's own answer."""
+
+
 class MagicError(MechnbError, ValueError):
     """Arguments to a magic that do not parse."""
 

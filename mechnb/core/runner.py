@@ -68,8 +68,8 @@ class Edit:
 
     @property
     def start(self) -> int:
-        """The first layer a row with this edit must compute."""
-        if self.site.kind == "embed":
+        """The first layer a row with this edit must compute (0 for a plain module's site)."""
+        if self.site.kind == "embed" or self.site.path is not None:
             return 0
         if self.site.kind == "resid_post":
             return self.site.layer + 1
@@ -173,10 +173,10 @@ class TargetRun:
         """True when the record holds several prompts (rows then pick theirs: `Row.base`)."""
         return len(self.batch) > 1
 
-    def call(self, layer: int, offset: int, bases=None) -> tuple[str, dict]:
-        """The name of the residual argument and the other arguments, for positions >= offset
+    def call(self, layer: int, offset: int, bases=None, end: int | None = None) -> tuple[str, dict]:
+        """The name of the residual argument and the other arguments, for positions offset..end-1
         (and, for several prompts, the rows of `bases`)."""
-        name, arguments = _arguments(self.calls[layer], offset)
+        name, arguments = _arguments(self.calls[layer], offset, end)
         if bases is not None and self.several:
             arguments = {key: _rows(value, bases, len(self.batch)) for key, value in arguments.items()}
         return name, arguments
@@ -191,17 +191,34 @@ def _rows(value, bases: torch.Tensor, size: int):
     return value
 
 
-def _logits(model, hidden, token_rows, last, normed: bool = False) -> torch.Tensor:
+def _logits(model, hidden, token_rows, last, normed: bool = False, ids=None) -> torch.Tensor:
     """Logits `rows vocab` of the residual `hidden` (`rows 1 d_model`) at each row's position
     `last`, through the final norm (unless `normed`) and unembedding, with the active
-    interventions on the logits."""
+    interventions on the logits; with `ids`, only those tokens' logits (`rows ids`)."""
     from .engine import unembed_normed
 
+    if ids is not None and not any(i.site.kind == "logits" for i in model.interventions):
+        if not normed:
+            hidden = submodule(model.hf, model.arch.final_norm)(hidden)
+        return _some_logits(model, hidden[:, -1], ids).float()
     logits = unembed_normed(model, hidden) if normed else unembed(model, hidden)
     for intervention in model.interventions:
         if intervention.site.kind == "logits":
             logits = apply(intervention, logits, Context(token_rows, [int(p) for p in last]))
-    return logits[:, -1].float()
+    logits = logits[:, -1].float()
+    return logits if ids is None else logits[:, torch.as_tensor(ids, device=logits.device)]
+
+
+def _some_logits(model, normed: torch.Tensor, ids) -> torch.Tensor:
+    """The unembedding's logits of tokens `ids` only (`rows ids`), soft-capped as the model's are:
+    a row of a vocabulary of 49,152 costs as much as a layer, and a comparison needs two."""
+    head = submodule(model.hf, model.arch.unembed)
+    index = torch.as_tensor(ids, device=head.weight.device)
+    logits = normed.to(head.weight.dtype) @ head.weight[index].T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[index]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _whole_logits(model, batch, rows) -> torch.Tensor:
@@ -235,8 +252,9 @@ def _call_recorder(layer, index: int, resid, calls):
     return hook
 
 
-def _arguments(call: tuple[str, dict], offset: int) -> tuple[str, dict]:
-    """A recorded call's arguments for a forward computing positions >= offset, without a cache."""
+def _arguments(call: tuple[str, dict], offset: int, end: int | None = None) -> tuple[str, dict]:
+    """A recorded call's arguments for a forward computing positions offset..end-1 (end None:
+    to the last), without a cache."""
     name, arguments = call
     sliced = {}
     for key, value in arguments.items():
@@ -244,8 +262,8 @@ def _arguments(call: tuple[str, dict], offset: int) -> tuple[str, dict]:
             value = None
         elif key == "use_cache":
             value = False
-        elif key in _SEQ_KWARGS and value is not None and offset:
-            value = _slice_positions(key, value, offset)
+        elif key in _SEQ_KWARGS and value is not None and (offset or end is not None):
+            value = _slice_positions(key, value, offset, end)
         sliced[key] = value
     return name, sliced
 
@@ -286,16 +304,17 @@ class LayerCalls:
         return hidden
 
 
-def _slice_positions(key: str, value, offset: int):
+def _slice_positions(key: str, value, offset: int, end: int | None = None):
     if key == "position_embeddings":
-        return tuple(v[..., offset:, :] for v in value)
+        return tuple(v[..., offset:end, :] for v in value)
     if key == "attention_mask":
-        return value[..., offset:, :]  # query rows from offset; every key column stays
-    return value[..., offset:]
+        # Query rows offset..end; the key columns stay (the attention function cuts them to the keys).
+        return value[..., offset:end, :]
+    return value[..., offset:end]
 
 
 def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
-             progress=None, record: list[Site] = (), metric=None) -> torch.Tensor:
+             progress=None, record: list[Site] = (), metric=None, ids=None) -> torch.Tensor:
     """Logits at the last position, `rows vocab`, of each edited run (see module doc); for
     an image, the classifier's logits, `rows class`.
 
@@ -304,7 +323,8 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     of memory is halved and run again. With `metric` (logits `batch vocab` ->
     `batch ...`), its values per row instead, computed chunk by chunk so that the logits
     of all rows are never held at once. Values move to CPU chunk by chunk. On a record of
-    several prompts each row runs on its own (`Row.base`).
+    several prompts each row runs on its own (`Row.base`). With `ids` (token ids), a language
+    model's rows give only those tokens' logits (`rows ids`), the rest never computed.
     `progress`, if given, is a tqdm bar updated by the number of rows done.
     `record` names concrete sites whose whole values each row should report: they
     are stored, after the row's edits, in `row.recorded` (site name -> `1 pos ...`,
@@ -313,17 +333,21 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     from .memory import Chunks
 
     out = None
-    groups: dict[int, list[int]] = {}
+    # Rows of one group compute the same positions: from their first edited one to the end of
+    # their prompt (rows of a padded record's shorter prompts stop at their own end).
+    groups: dict[tuple[int, int], list[int]] = {}
     for index, row in enumerate(rows):
-        groups.setdefault(row.offset, []).append(index)
+        groups.setdefault((row.offset, target.lengths[row.base] if target.several else target.n), []).append(index)
     chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(batch_size, "a patching sweep", "rows")
     default = 256 if model.is_plain else default_batch_size(model, target.n)
-    for offset, members in sorted(groups.items()):
+    for (offset, _), members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start)
 
         def values_of(chunk, offset=offset):
-            run_chunk = _run_whole if target.whole else _run_chunk
-            logits = run_chunk(model, target, [rows[i] for i in chunk], offset, record)
+            if target.whole:
+                logits = _run_whole(model, target, [rows[i] for i in chunk], offset, record)
+            else:
+                logits = _run_chunk(model, target, [rows[i] for i in chunk], offset, record, ids=ids)
             return metric(logits).cpu() if metric is not None else logits.cpu()
 
         for chunk, values in chunks.run(values_of, members, default=default):
@@ -341,9 +365,10 @@ def default_batch_size(model, n_pos: int, budget_bytes: float = 256 * 2**20) -> 
     return max(1, min(512, int(budget_bytes // max(per_row, 1))))
 
 
-def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=(), grad: bool = False):
+def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=(), grad: bool = False, ids=None):
     """Run rows sorted by start layer, all computing positions offset..n-1; each row's logits
-    at its prompt's last position, `rows vocab` (with autograd through edit values when `grad`)."""
+    at its prompt's last position, `rows vocab` (`rows ids` with `ids`; with autograd through
+    edit values when `grad`)."""
     layers = submodule(model.hf, model.arch.layers)
     inner: dict[tuple[str, str], list] = {}
     for index, row in enumerate(rows):
@@ -353,6 +378,8 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
                 inner.setdefault((path, io), []).append((index, edit))
     bases = torch.tensor([row.base for row in rows])
     token_rows = [target.token_rows[row.base] for row in rows]
+    # Positions past the longest of these rows' prompts are padding: not computed.
+    end = max(target.lengths[row.base] for row in rows) if target.several else None
     with run(model, token_rows, offset, grad=grad) as forward:
         for (path, io), entries in inner.items():
             forward.hook(path, io, _edit(entries, offset))
@@ -363,14 +390,14 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
         for layer_index in range(rows[0].start, model.n_layers + 1):
             joining = [row for row in rows if row.start == layer_index]
             if joining:
-                start = torch.cat([_start(target, row, layer_index, offset) for row in joining])
+                start = torch.cat([_start(target, row, layer_index, offset, end) for row in joining])
                 hidden = start if hidden is None else torch.cat([hidden, start])
             if layer_index < model.n_layers:
                 hidden = _run_layer(model, forward, target, layers[layer_index], layer_index, hidden, offset,
-                                    bases[:hidden.shape[0]])
+                                    bases[:hidden.shape[0]], end)
         last = torch.tensor([target.lengths[row.base] - 1 for row in rows])
         at = hidden[torch.arange(len(rows), device=hidden.device), (last - offset).to(hidden.device)]
-        return _logits(model, at[:, None], token_rows, last)
+        return _logits(model, at[:, None], token_rows, last, ids=ids)
 
 
 def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=(), grad: bool = False):
@@ -389,10 +416,11 @@ def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=()
         return _whole_logits(model, target.batch, [row.base for row in rows])
 
 
-def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor:
-    """A row's residual entering `layer` (`1 pos d_model`), with its residual edits applied."""
+def _start(target: TargetRun, row: Row, layer: int, offset: int, end: int | None = None) -> torch.Tensor:
+    """A row's residual entering `layer` (`1 pos d_model`, positions offset..end-1), with its
+    residual edits applied."""
     base = row.base
-    start = target.resid[layer][base:base + 1, offset:].clone()
+    start = target.resid[layer][base:base + 1, offset:end].clone()
     for edit in row.edits:
         if not edit.sets_residual or edit.start != layer:
             continue
@@ -400,9 +428,9 @@ def _start(target: TargetRun, row: Row, layer: int, offset: int) -> torch.Tensor
         if edit.site.kind == "embed":
             # resid_pre.0 is the embedding plus terms that do not depend on it
             # (GPT-2's position embeddings): move it by the embedding's change.
-            embed = target.embed[base:base + 1, offset:].clone()
+            embed = target.embed[base:base + 1, offset:end].clone()
             assign_part(embed, Site("embed"), edit.value, positions)
-            start = start + (embed - target.embed[base:base + 1, offset:])
+            start = start + (embed - target.embed[base:base + 1, offset:end])
         else:
             assign_part(start, Site("resid_pre", layer), edit.value, positions)
     return start
@@ -413,11 +441,11 @@ def _relative(positions: list[int] | None, offset: int):
     return None if positions is None else torch.tensor([[p - offset for p in positions]])
 
 
-def _run_layer(model, forward, target, layer, index, hidden, offset, bases):
-    """One decoder layer on `hidden` (`rows pos d_model`, the rows of prompts `bases`),
-    reusing the record's earlier keys."""
+def _run_layer(model, forward, target, layer, index, hidden, offset, bases, end=None):
+    """One decoder layer on `hidden` (`rows pos d_model`, the rows of prompts `bases`, positions
+    offset..end-1), reusing the record's earlier keys."""
     attn = submodule(layer, model.arch.attn)
-    _, arguments = target.call(index, offset, bases)
+    _, arguments = target.call(index, offset, bases, end)
     if offset:
         keys, values = target.kv[index]
         if target.several:

@@ -426,6 +426,46 @@ class MechnbMagics(Magics):
 
     @no_var_expand
     @line_magic
+    def interchange(self, line: str):
+        """`%interchange {data} SITE... [--variable V] [--featurizer full|pca|{f}] [-k K] [--compare
+        values|top1] [--batch-size N] [-o NAME]`: IIA of each site (or of a trained featurizer)."""
+        positional, options = self._parse(line, {"--variable": str, "--featurizer": object, "-k": int,
+                                                 "--compare": str, "--batch-size": int, "-o": str}, "%interchange")
+        data, sites = self._data(positional, "%interchange", "SITE... (or {featurizer})")
+        output = options.pop("o", None)
+        if isinstance(options.get("featurizer"), str):
+            options["featurizer"] = self.shell.user_ns.get(options["featurizer"], options["featurizer"])
+        target = sites[0] if len(sites) == 1 and not isinstance(sites[0], str) else sites
+        return self._keep(self.session.require().interchange(data, target, **options), output)
+
+    @no_var_expand
+    @line_magic
+    def das(self, line: str):
+        """`%das {data} SITE [--variable V] [-k K] [--kind das|boundless|dbm] [--epochs N] [--batch-size N]
+        [--lr X] [--test X] [--seed S] [-o NAME]`: train a featurizer at SITE, report held-out IIA."""
+        positional, options = self._parse(line, {"--variable": str, "-k": int, "--kind": str, "--epochs": int,
+                                                 "--batch-size": int, "--lr": float, "--test": float, "--seed": int,
+                                                 "-o": str}, "%das")
+        data, sites = self._data(positional, "%das", "SITE")
+        if len(sites) != 1:
+            raise MagicError(f"%das trains at one site: %das {{data}} \"resid_post.4@'{{name}}'\", got {len(sites)}")
+        output = options.pop("o", None)
+        return self._keep(self.session.require().das(data, sites[0], **options), output)
+
+    def _data(self, positional: list, command: str, rest: str):
+        """The counterfactual dataset a causal magic starts with (a name or `{expr}`), and the rest."""
+        from ..causal.data import Counterfactuals
+
+        data = positional[0] if positional else None
+        if isinstance(data, str):
+            data = self.shell.user_ns.get(data, data)
+        if not isinstance(data, Counterfactuals) or len(positional) < 2:
+            raise MagicError(f"{command} takes a counterfactual dataset, then {rest}: {command} {{data}} "
+                             f"\"resid_post.*@-1\" (data from cm.counterfactuals(...))")
+        return data, positional[1:]
+
+    @no_var_expand
+    @line_magic
     def explore(self, line: str):
         """`%explore [PROMPT] [--answer A] [--wrong W]`: the interactive explorer widget."""
         positional, options = self._parse(line, {"--answer": object, "--wrong": object}, "%explore")

@@ -123,10 +123,25 @@ ENTRIES = [
           "composition scores of every head into every later head"),
     Entry("%coactivation SITE {texts} [--components N] [--method pca|kmeans] [-o NAME]",
           "model.coactivation(site, texts, components, method)", "co-activating directions and clusters of units"),
+    Entry("", "mechnb.causal.CausalModel(variables, parents, mechanisms, template), "
+              "cm.counterfactuals(n, intervene, seed), data.filter(model)",
+          "a high-level causal model, its counterfactual pairs, kept where the model is right"),
+    Entry("%interchange {data} SITE... [--variable V] [--featurizer full|pca|{f}] [-k K] [--compare values|top1] "
+          "[--batch-size N] [-o NAME]",
+          "model.interchange(data, sites, variable, featurizer, k) -> InterchangeResult (.examples(site), .best)",
+          "interchange intervention accuracy per site and position, one batched sweep; @'{field}' positions"),
+    Entry("%das {data} SITE [--variable V] [-k K] [--kind das|boundless|dbm] [--epochs N] [--batch-size N] "
+          "[--lr X] [--test X] [--seed S] [-o NAME]",
+          "model.das(data, site, variable, k, kind) -> featurizer (.meta['iia'], .plot(), .save()), "
+          "mechnb.causal.load(dir)",
+          "DAS, Boundless DAS or DBM at one site, trained above it only; held-out IIA"),
+    Entry("", "mechnb.causal.probe(data, sites, variable, iia=...), mechnb.causal.export_mib(f, dir, task)",
+          "linear probes beside IIA; MIB's dataset records and submission layout"),
 ]
 
 SITES = ("sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, head.L[.H], "
-         "neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John'")
+         "neuron.L[.N], pattern.L[.H], logits; L may be 0:5 or *; positions @-1, @3:7, @'John', "
+         "@'{field}' (a causal template's field)")
 
 _WIDTH = 96
 BEGIN = "<!-- reference: generated from mechnb/notebook/reference.py by `python -m mechnb.notebook.reference` -->"

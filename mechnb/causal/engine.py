@@ -1,0 +1,338 @@
+"""The interchange engine: interchange interventions on every example and site, batched.
+
+An interchange intervention runs the network on a base input with the value of one site
+(through a featurizer: all of it, a subspace, some SAE features) taken from its run on a
+source input, and asks whether the output is what the causal model says it should be. The
+share of examples where it is, is the interchange intervention accuracy (IIA) of that
+alignment: 1 says the site carries the variable, in that featurizer's coordinates.
+
+    >>> iia = model.interchange(data, ["resid_post.*@'{name}'", "resid_post.*@-1"], variable="gender")
+    >>> iia.values.shape          # layer position: IIA per layer, at the name and at the last token
+    >>> iia.examples("resid_post.4@'{name}'")   # base, source, expected, got, per example
+
+How it runs, and why it is fast:
+- every distinct input (a base or a source; names repeat) runs once, and its values at every
+  site and position any alignment needs are kept (`site_values`): nothing runs a source
+  through the whole model again for each site;
+- the bases are recorded once (`mechnb.core.runner.TargetRun` of a batch), and every
+  (site, example) is a row of the patching engine: it starts at the site's layer from the
+  base's record, and computes only the positions from the edited one on (earlier keys and
+  values come from the record);
+- the featurizer's interchange is computed for all examples of a site at once, before the
+  run, so each row is a plain edit of the base's value.
+
+Positions resolve per example, for the base and the source separately (`resolve`): a
+two-token name moves the source's `@'{name}'` and `@-1` on by one. Predictions read each
+row's last-position logits at the output values' answer tokens (`compare="values"`) or the
+whole vocabulary (`"top1"`; see `mechnb.causal.data`). Image classifiers and plain torch
+modules run their rows whole (no positions to skip), batched.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..core.errors import CausalError, CounterfactualWarning, SiteError
+from ..core.sites import Site, parse, read_part
+from .answers import Answers, batch_of, check_compare, forward_pass
+from .data import Counterfactuals, resolve
+from .featurizers import Featurizer, Identity, PCA, SAEFeatures
+
+# Examples per record of bases: the record holds every layer's residual for each distinct base.
+RECORD_EXAMPLES = 256
+
+
+# -- sites, positions and their values ---------------------------------------------------------
+
+def check_site(model, site: Site) -> Site:
+    """`site`, checked as a place an interchange can act on (a vector at each position)."""
+    if site.kind in ("pattern", "logits"):
+        raise CausalError(f"{site}: an interchange swaps a vector the model computes at a position; use resid_*, "
+                          "attn_out, mlp_out, head.L.H, neuron.L or a module path")
+    if site.kind == "head" and site.index is None:
+        raise CausalError(f"{site} is every head at once; name one head, head.{site.layer}.H (or use attn_out.{site.layer})")
+    if site.kind in ("neuron", "sae", "tc") and site.index is not None:
+        raise CausalError(f"{site} is one number at each position; interchange neuron.{site.layer} with "
+                          "featurizer=Identity(width, features=[...]) to swap some units")
+    if site.kind in ("sae", "tc"):
+        raise CausalError(f"{site}: swap SAE features at the SAE's own site with featurizer=sae (SAEFeatures)")
+    return site
+
+
+def site_values(model, inputs: list, wanted: dict, batch_size=None) -> dict:
+    """The values of each site at its positions in each input it needs: `wanted` maps a concrete
+    site to `{input index: positions (or None)}`; returns the same keys, each input's value
+    `n_pos width` (a plain module's whole value: `1 width`), on the model's device."""
+    from ..core.engine import run
+    from ..core.memory import Chunks
+
+    needed = sorted({index for per_site in wanted.values() for index in per_site})
+    found = {site: {} for site in wanted}
+    chunks = Chunks(batch_size, "interchange values", "inputs")
+    plain = [replace(site, positions=None) for site in wanted]
+
+    def collect(rows):
+        indices = [needed[r] for r in rows]
+        batch = batch_of(model, [inputs[i] for i in indices])
+        kept = {}
+        with run(model, batch.tokens) as forward:
+            for site, bare in zip(wanted, plain):
+                def keep(full, site=site, bare=bare):
+                    part = read_part(full, bare, None)
+                    for row, index in enumerate(indices):
+                        if index not in wanted[site]:
+                            continue
+                        positions = wanted[site][index]
+                        value = part[row] if positions is None else part[row, positions]
+                        kept[(site, index)] = (value[None] if positions is None else value).detach()
+                forward.hook_site(bare, keep)
+            forward_pass(model, batch, False)
+        return kept
+
+    for _, kept in chunks.run(collect, range(len(needed)), default=128):
+        for (site, index), value in kept.items():
+            found[site][index] = value
+    return found
+
+
+# -- alignments -------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One alignment: the sites an interchange edits at once (variable, site, featurizer) and
+    where its IIA goes in the result (`row`, `column`)."""
+
+    parts: list
+    row: str
+    column: str
+
+
+def cells(model, sites, variable, data: Counterfactuals, featurizer, k) -> list[Cell]:
+    """The alignments `sites` names (patterns, a trained featurizer, or {variable: site})."""
+    if isinstance(sites, Featurizer):
+        return [_trained_cell(model, sites, variable, data)]
+    if isinstance(sites, dict):
+        parts = []
+        for name, where in sites.items():
+            data.variable(name)
+            if isinstance(where, Featurizer):
+                parts += _trained_cell(model, where, name, data).parts
+                continue
+            own = featurizer
+            if isinstance(where, tuple) and len(where) == 2:
+                where, own = where
+            expanded = parse(where).expand(model)
+            if len(expanded) != 1:
+                raise CausalError(f"{where} names {len(expanded)} sites: a multi-variable alignment names one "
+                                  "site per variable")
+            parts.append((name, check_site(model, expanded[0]), _featurizer(own, k)))
+        return [Cell(parts, " + ".join(str(site) for _, site, _ in parts), "all")]
+    patterns = [sites] if isinstance(sites, (str, Site)) else list(sites or [])
+    if not patterns:
+        raise CausalError("interchange needs sites, e.g. 'resid_post.*@-1', a list of them, a trained featurizer, "
+                          "or {variable: site}")
+    names = data.variable(variable)
+    if len(names) != 1:
+        raise CausalError(f"these counterfactuals interchange {', '.join(names)}: say which variable the sites "
+                          "align with, variable=..., or give {variable: site} for a joint interchange")
+    made = []
+    for pattern in patterns:
+        parsed = parse(pattern)
+        column = parsed.positions.text if parsed.positions else "all"
+        for site in parsed.expand(model):
+            made.append(Cell([(names[0], check_site(model, site), _featurizer(featurizer, k))], site.name, column))
+    return made
+
+
+def _trained_cell(model, trained: Featurizer, variable, data) -> Cell:
+    """The cell of a trained or loaded featurizer, which knows its site and variable."""
+    if not trained.site:
+        raise CausalError("this featurizer has no site: give the sites, model.interchange(data, 'resid_post.4@-1', "
+                          "featurizer=f)")
+    check_model(model, trained)
+    name = variable or trained.variable or data.variable(None)[0]
+    data.variable(name)
+    site = parse(trained.site)
+    expanded = site.expand(model)
+    if len(expanded) != 1:
+        raise CausalError(f"the featurizer's site {trained.site} names {len(expanded)} sites: it acts at one")
+    column = site.positions.text if site.positions else "all"
+    return Cell([(name, check_site(model, expanded[0]), trained)], expanded[0].name, column)
+
+
+def check_model(model, trained: Featurizer) -> None:
+    """A `CausalError` when a saved featurizer was made for another model."""
+    from ..core.hub import same_model
+
+    if trained.model_name and not same_model(trained.model_name, model.name):
+        raise CausalError(f"this featurizer was trained on {trained.model_name}, not {model.name}: train one on "
+                          "this model (model.das), or set featurizer.model_name = None to use it anyway")
+
+
+def _featurizer(featurizer, k):
+    """A per-cell featurizer maker from the `featurizer` argument (fitted once values are known)."""
+    if featurizer is None or featurizer == "full":
+        return "full"
+    if featurizer == "pca":
+        from ..core.checks import is_int
+
+        if not is_int(k) or k < 1:
+            raise CausalError(f"featurizer='pca' needs k, the number of components, a positive int; got {k!r}")
+        return ("pca", k)
+    if isinstance(featurizer, Featurizer):
+        return featurizer
+    if hasattr(featurizer, "encode") and hasattr(featurizer, "decode") and hasattr(featurizer, "d_sae"):
+        return SAEFeatures(featurizer)
+    raise CausalError(f"unknown featurizer {featurizer!r:.60}: use 'full', 'pca' (with k=), an SAE, or a "
+                      "featurizer (mechnb.causal.Identity, Subspace, SAEFeatures, a trained one)")
+
+
+def realise(spec, site: Site, base_values: torch.Tensor, device) -> Featurizer:
+    """The featurizer of a cell given its spec and the bases' values there (`n width`)."""
+    width = base_values.shape[-1]
+    if spec == "full":
+        made = Identity(width)
+    elif isinstance(spec, tuple):
+        if spec[1] > width:
+            raise CausalError(f"k={spec[1]} is larger than {site.name}'s width, {width}: give k of at most {width}")
+        made = PCA.fit(base_values, spec[1])
+    else:
+        made = spec
+        if made.width != width:
+            raise CausalError(f"the featurizer reads values of width {made.width}, and {site.name} is {width} wide here: "
+                              "use one made for this site")
+    return made.to(device)
+
+
+# -- the sweep --------------------------------------------------------------------------------
+
+def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = "values", batch_size=None,
+            progress: bool = True) -> dict:
+    """Predictions of every alignment on every example: `{"predicted": cells x examples`
+    (output value indices, -1 for none), `"expected"`: per cell, `examples` indices}`."""
+    from ..core.memory import Chunks
+    from ..core.progress import progress as progress_bar
+    from ..core.runner import Edit, Row, TargetRun, run_rows
+
+    check_compare(compare)
+    answers = Answers(model, data.causal_model)
+    rendered = data.rendered(model)
+    from .data import _tokens
+
+    tokens = _tokens(model, rendered)
+    examples = data.examples
+    bases = [rendered.of(e.base) for e in examples]
+    # Positions of every site in the inputs that need them, and their values there.
+    wanted: dict[Site, dict] = {}
+    for cell in alignment:
+        for name, site, _ in cell.parts:
+            sources = [rendered.of(e.sources[name]) for e in examples]
+            per = wanted.setdefault(site, {})
+            for index, at in zip(bases + sources, resolve(site, tokens, rendered.fields, bases + sources)):
+                per[index] = at
+    values = site_values(model, rendered.inputs, wanted, batch_size)
+    device = model.device
+    expected = []
+    made = []  # per cell: per site, (site, featurizers, new values per example, base positions)
+    for cell in alignment:
+        parts = {}
+        for name, site, spec in cell.parts:
+            sources = [rendered.of(e.sources[name]) for e in examples]
+            base_values = [values[site][b] for b in bases]
+            source_values = [values[site][s] for s in sources]
+            for number, (b, s) in enumerate(zip(base_values, source_values)):
+                if b.shape != s.shape:
+                    raise CausalError(f"{site} selects {b.shape[0]} positions in example {number}'s base and "
+                                      f"{s.shape[0]} in its source: positions must pair one to one")
+            featurizer = realise(spec, site, torch.cat(base_values), device)
+            # Several variables at one site: each interchange acts on what the one before left.
+            _, used, current, _ = parts.get(site, (site, [], base_values, None))
+            with torch.no_grad():
+                if len({tuple(v.shape) for v in current}) == 1:
+                    new = featurizer.interchange(torch.stack(current).to(device), torch.stack(source_values).to(device))
+                else:
+                    new = [featurizer.interchange(b.to(device), s.to(device)) for b, s in zip(current, source_values)]
+            parts[site] = (site, used + [featurizer], list(new), [wanted[site][b] for b in bases])
+        made.append(list(parts.values()))
+        names = [name for name, _, _ in cell.parts]
+        expected.append(torch.tensor([answers.index(v) for v in data.expected(names)]))
+    predicted = torch.full((len(alignment), len(examples)), -1, dtype=torch.long)
+    chunks = Chunks(batch_size, "interchange", "rows", advice="interchange fewer sites or examples")
+    bar = progress_bar(progress, len(alignment) * len(examples), "interchange")
+    whole = model.is_plain or model.reads_images
+    start = 0 if whole else min(Edit(site, None, None).start for cell in alignment for _, site, _ in cell.parts)
+    try:
+        for begin in range(0, len(examples), RECORD_EXAMPLES):
+            chunk = range(begin, min(len(examples), begin + RECORD_EXAMPLES))
+            distinct = list(dict.fromkeys(bases[i] for i in chunk))
+            where = {index: number for number, index in enumerate(distinct)}
+            target = TargetRun(model, batch_of(model, [rendered.inputs[i] for i in distinct]), start=start)
+            rows, slots = [], []
+            for number, parts in enumerate(made):
+                for example in chunk:
+                    edits = [Edit(site, positions, new[example][None]) for site, _, new, positions_of in parts
+                             for positions in [positions_of[example]]]
+                    rows.append(Row(edits, base=where[bases[example]]))
+                    slots.append((number, example))
+            if compare == "values" and not whole:  # only the answers' logits are computed
+                got = run_rows(model, target, rows, chunks, bar, ids=answers.ids,
+                               metric=lambda logits: logits.argmax(-1))
+            else:
+                got = run_rows(model, target, rows, chunks, bar, metric=lambda logits: answers.predict(logits, compare))
+            for (number, example), value in zip(slots, got.tolist()):
+                predicted[number, example] = value
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"predicted": predicted, "expected": torch.stack(expected) if expected else predicted,
+            "featurizers": [[f for _, used, _, _ in parts for f in used] for parts in made]}
+
+
+def interchange(model, data, sites, variable=None, featurizer=None, k: int | None = None, compare: str = "values",
+                batch_size: int | None = None, progress: bool = True):
+    """Interchange intervention accuracy (IIA) of aligning `variable` with each site.
+
+    Args:
+        data: a `mechnb.causal.Counterfactuals` (filter it first: `data.filter(model)`).
+        sites: a site pattern or a list of them (`"resid_post.*@'{name}'"`: every layer at the
+            last token of template field `name`; `@-1`; `head.5.2@-1`; a plain module's
+            `fc1.output`); a trained or loaded featurizer (it knows its site); or
+            `{variable: site}` to interchange several variables at once, each from its own source.
+        variable: the intervened variable the sites align with (default: the data's one).
+        featurizer: what is swapped at each site: `"full"` (the default: the whole vector),
+            `"pca"` (the top `k` principal components of the bases' values there), an SAE
+            (its features; the error term stays the base's), or a featurizer
+            (`mechnb.causal.Identity(width, features=[...])`, `Subspace(basis)`, ...).
+        k: components for `featurizer="pca"`.
+        compare: `"values"` (the largest logit among the output's answers) or `"top1"`.
+        batch_size: rows per batched forward (default from a memory budget); a chunk that runs
+            out of memory is halved and run again.
+        progress: a progress bar for sweeps longer than two seconds.
+
+    Returns:
+        An `InterchangeResult`: `.values` IIA `layer position` (one row per site, one column per
+        position pattern), `.df`, `.examples(site)` (base, source, expected, got per example),
+        `.plot()` the heatmap. Example: `model.interchange(data, "resid_post.*@-1", variable="gender")`.
+    """
+    from .results import InterchangeResult
+
+    started = time.perf_counter()
+    if not isinstance(data, Counterfactuals):
+        raise CausalError(f"interchange takes a counterfactual dataset (mechnb.causal.Counterfactuals, from "
+                          f"cm.counterfactuals(...)), got {type(data).__name__}")
+    if not len(data):
+        raise CausalError("the counterfactual dataset is empty: make more examples, or filter less")
+    alignment = cells(model, sites, variable, data, featurizer, k)
+    variables = sorted({name for cell in alignment for name, _, _ in cell.parts})
+    unchanged = data.unchanged(variables)
+    if unchanged:
+        warnings.warn(f"{len(unchanged)} of {len(data)} examples change nothing under the interchange of "
+                      f"{', '.join(variables)} (their expected output is the base's own): IIA counts them; "
+                      "make data with changes=True to leave them out", CounterfactualWarning, stacklevel=3)
+    measured = measure(model, data, alignment, compare, batch_size, progress)
+    return InterchangeResult.of(model, data, alignment, measured, compare, unchanged,
+                                time.perf_counter() - started)
