@@ -212,84 +212,117 @@ def realise(spec, site: Site, base_values: torch.Tensor, device) -> Featurizer:
 
 def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = "values", batch_size=None,
             progress: bool = True) -> dict:
-    """Predictions of every alignment on every example: `{"predicted": cells x examples`
-    (output value indices, -1 for none), `"expected"`: per cell, `examples` indices}`."""
+    """Predictions of every alignment on every example: `{"predicted": cells x examples` output
+    value indices (-1: none of them), `"expected"`: the same shape, `"featurizers"`: each cell's}`."""
     from ..core.memory import Chunks
     from ..core.progress import progress as progress_bar
     from ..core.runner import Edit, Row, TargetRun, run_rows
+    from .data import _tokens
 
     check_compare(compare)
     answers = Answers(model, data.causal_model)
     rendered = data.rendered(model)
-    from .data import _tokens
-
     tokens = _tokens(model, rendered)
     examples = data.examples
     bases = [rendered.of(e.base) for e in examples]
-    # Positions of every site in the inputs that need them, and their values there.
-    wanted: dict[Site, dict] = {}
-    for cell in alignment:
-        for name, site, _ in cell.parts:
-            sources = [rendered.of(e.sources[name]) for e in examples]
-            per = wanted.setdefault(site, {})
-            for index, at in zip(bases + sources, resolve(site, tokens, rendered.fields, bases + sources)):
-                per[index] = at
-    values = site_values(model, rendered.inputs, wanted, batch_size)
-    device = model.device
-    expected = []
-    made = []  # per cell: per site, (site, featurizers, new values per example, base positions)
-    for cell in alignment:
-        parts = {}
-        for name, site, spec in cell.parts:
-            sources = [rendered.of(e.sources[name]) for e in examples]
-            base_values = [values[site][b] for b in bases]
-            source_values = [values[site][s] for s in sources]
-            for number, (b, s) in enumerate(zip(base_values, source_values)):
-                if b.shape != s.shape:
-                    raise CausalError(f"{site} selects {b.shape[0]} positions in example {number}'s base and "
-                                      f"{s.shape[0]} in its source: positions must pair one to one")
-            featurizer = realise(spec, site, torch.cat(base_values), device)
-            # Several variables at one site: each interchange acts on what the one before left.
-            _, used, current, _ = parts.get(site, (site, [], base_values, None))
-            with torch.no_grad():
-                if len({tuple(v.shape) for v in current}) == 1:
-                    new = featurizer.interchange(torch.stack(current).to(device), torch.stack(source_values).to(device))
-                else:
-                    new = [featurizer.interchange(b.to(device), s.to(device)) for b, s in zip(current, source_values)]
-            parts[site] = (site, used + [featurizer], list(new), [wanted[site][b] for b in bases])
-        made.append(list(parts.values()))
-        names = [name for name, _, _ in cell.parts]
-        expected.append(torch.tensor([answers.index(v) for v in data.expected(names)]))
+    sources = {name: [rendered.of(e.sources[name]) for e in examples] for name in data.variables}
+    # Where each site is read in each input that needs it: bases, and the sources of its variables.
+    sites = list(dict.fromkeys(site for cell in alignment for _, site, _ in cell.parts))
+    positions = {}
+    for site in sites:
+        needed = list(dict.fromkeys(bases + [i for cell in alignment for name, part, _ in cell.parts
+                                             if part == site for i in sources[name]]))
+        positions[site] = dict(zip(needed, resolve(site, tokens, rendered.fields, needed)))
+    fitted = _fit_pca(model, alignment, rendered, positions, bases, batch_size)
+    featurizers = [[None] * len(cell.parts) for cell in alignment]
+    expected = torch.stack([torch.tensor([answers.index(v) for v in data.expected([n for n, _, _ in cell.parts])])
+                            for cell in alignment])
     predicted = torch.full((len(alignment), len(examples)), -1, dtype=torch.long)
     chunks = Chunks(batch_size, "interchange", "rows", advice="interchange fewer sites or examples")
     bar = progress_bar(progress, len(alignment) * len(examples), "interchange")
     whole = model.is_plain or model.reads_images
-    start = 0 if whole else min(Edit(site, None, None).start for cell in alignment for _, site, _ in cell.parts)
+    start = 0 if whole else min(Edit(site, None, None).start for site in sites)
+    device = model.device
     try:
         for begin in range(0, len(examples), RECORD_EXAMPLES):
-            chunk = range(begin, min(len(examples), begin + RECORD_EXAMPLES))
-            distinct = list(dict.fromkeys(bases[i] for i in chunk))
-            where = {index: number for number, index in enumerate(distinct)}
-            target = TargetRun(model, batch_of(model, [rendered.inputs[i] for i in distinct]), start=start)
+            chunk = list(range(begin, min(len(examples), begin + RECORD_EXAMPLES)))
+            # One forward of the chunk's distinct inputs records the bases for the rows and keeps
+            # every site's value: no source runs twice, none runs past what it is needed for.
+            distinct = list(dict.fromkeys([bases[i] for i in chunk] +
+                                          [s[i] for s in sources.values() for i in chunk]))
+            where = {index: row for row, index in enumerate(distinct)}
+            target = TargetRun(model, batch_of(model, [rendered.inputs[i] for i in distinct]), start=start,
+                               sites=sites)
+
+            def value(site, index):
+                return _at(target.values[site], site, where[index], positions[site][index])
+
             rows, slots = [], []
-            for number, parts in enumerate(made):
-                for example in chunk:
-                    edits = [Edit(site, positions, new[example][None]) for site, _, new, positions_of in parts
-                             for positions in [positions_of[example]]]
-                    rows.append(Row(edits, base=where[bases[example]]))
+            for number, cell in enumerate(alignment):
+                edits = {}  # site -> values per example, each interchange acting on what the one before left
+                for part, (name, site, spec) in enumerate(cell.parts):
+                    current = edits.get(site) or [value(site, bases[i]) for i in chunk]
+                    others = [value(site, sources[name][i]) for i in chunk]
+                    _check_pairs(site, current, others, chunk)
+                    if featurizers[number][part] is None:
+                        featurizers[number][part] = fitted.get((number, part)) or realise(spec, site, current[0], device)
+                    edits[site] = _interchange(featurizers[number][part], current, others, device)
+                for offset, example in enumerate(chunk):
+                    made = [Edit(site, positions[site][bases[example]], new[offset][None])
+                            for site, new in edits.items()]
+                    rows.append(Row(made, base=where[bases[example]]))
                     slots.append((number, example))
             if compare == "values" and not whole:  # only the answers' logits are computed
                 got = run_rows(model, target, rows, chunks, bar, ids=answers.ids,
                                metric=lambda logits: logits.argmax(-1))
             else:
                 got = run_rows(model, target, rows, chunks, bar, metric=lambda logits: answers.predict(logits, compare))
-            for (number, example), value in zip(slots, got.tolist()):
-                predicted[number, example] = value
+            for (number, example), found in zip(slots, got.tolist()):
+                predicted[number, example] = found
+            del target
     finally:
         if bar is not None:
             bar.close()
-    return {"predicted": predicted, "expected": torch.stack(expected) if expected else predicted,
-            "featurizers": [[f for _, used, _, _ in parts for f in used] for parts in made]}
+    return {"predicted": predicted, "expected": expected, "featurizers": featurizers}
+
+
+def _at(full: torch.Tensor, site: Site, row: int, positions) -> torch.Tensor:
+    """One input's value of a site at its positions (`n_pos width`; a plain module's `1 width`)."""
+    part = read_part(full[row:row + 1], replace(site, positions=None), None)[0]
+    return part[None] if positions is None else part[positions]
+
+
+def _check_pairs(site, bases: list, sources: list, examples: list) -> None:
+    for number, b, s in zip(examples, bases, sources):
+        if b.shape != s.shape:
+            raise CausalError(f"{site} selects {b.shape[0]} positions in example {number}'s base and "
+                              f"{s.shape[0]} in its source: positions must pair one to one")
+
+
+def _interchange(featurizer, bases: list, sources: list, device) -> list:
+    """The featurizer's interchange of each base value with its source's, as a list."""
+    with torch.no_grad():
+        if len({tuple(v.shape) for v in bases}) == 1:
+            return list(featurizer.interchange(torch.stack(bases).to(device), torch.stack(sources).to(device)))
+        return [featurizer.interchange(b.to(device), s.to(device)) for b, s in zip(bases, sources)]
+
+
+def _fit_pca(model, alignment, rendered, positions, bases, batch_size) -> dict:
+    """PCA featurizers fitted on every base's values at their sites (a pass of its own)."""
+    wanted = {}
+    for cell in alignment:
+        for name, site, spec in cell.parts:
+            if isinstance(spec, tuple):
+                wanted[site] = {index: positions[site][index] for index in dict.fromkeys(bases)}
+    if not wanted:
+        return {}
+    values = site_values(model, rendered.inputs, wanted, batch_size)
+    fitted = {}
+    for number, cell in enumerate(alignment):
+        for part, (name, site, spec) in enumerate(cell.parts):
+            if isinstance(spec, tuple):
+                fitted[number, part] = realise(spec, site, torch.cat([values[site][b] for b in bases]), model.device)
+    return fitted
 
 
 def interchange(model, data, sites, variable=None, featurizer=None, k: int | None = None, compare: str = "values",

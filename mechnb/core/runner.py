@@ -112,13 +112,14 @@ class TargetRun:
         prompts: a prompt, a list of them (right-padded: a real token never sees a pad,
             so each prompt computes what it computes alone), or a `Batch`.
         start: record the layers from this one on (rows that start below it cannot run).
+        sites: concrete sites whose whole values to keep from the same forward (`values`).
 
     Attributes: `batch`; `tokens` (the first prompt's token strings) and `token_rows` (each
     prompt's); `lengths`; `n` (the padded width: one prompt's length); `logits` (each
-    prompt's at its last real position, `prompts vocab`).
+    prompt's at its last real position, `prompts vocab`); `values` (site -> its whole value).
     """
 
-    def __init__(self, model, prompts, start: int = 0):
+    def __init__(self, model, prompts, start: int = 0, sites=()):
         from .batch import Batch, check_length
 
         self.model = model
@@ -130,8 +131,10 @@ class TargetRun:
         self.n = max(self.lengths)
         self.start = start
         self.whole = bool(model.reads_images or model.is_plain)
+        self.values: dict = {}
         if self.whole:
-            with run(model, self.token_rows):
+            with run(model, self.token_rows) as forward:
+                self._keep(forward, sites)
                 self.logits = _whole_logits(model, batch, range(len(batch)))
             return
         check_length(model, self.n)
@@ -158,6 +161,7 @@ class TargetRun:
                 forward.torch_hook(layer, record_layer(index), pre=True, with_kwargs=True, prepend=True)
                 records[index] = forward.attach(submodule(layer, model.arch.attn), "mechnb_record", [])
             forward.torch_hook(submodule(model.hf, model.arch.final_norm), record_final, pre=True)
+            self._keep(forward, sites)
             if start == 0:
                 forward.torch_hook(submodule(model.hf, model.arch.embed), record_embed)
             base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
@@ -167,6 +171,14 @@ class TargetRun:
             normed = hidden[torch.arange(len(batch), device=hidden.device), last][:, None]
             self.logits = _logits(model, normed, self.token_rows, batch.last, normed=True)
         self.kv = [record[0] if record else None for record in records]
+
+    def _keep(self, forward, sites) -> None:
+        """Keep each site's whole value from the forward about to run, in `values`."""
+        for site in sites:
+            def keep(value, site=site):
+                self.values[site] = value.detach()
+
+            forward.hook_site(site, keep)
 
     @property
     def several(self) -> bool:
@@ -387,10 +399,11 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
             path, io, _ = locate(model, site)
             forward.hook(path, io, _record(site, rows))
         hidden = None
-        for layer_index in range(rows[0].start, model.n_layers + 1):
-            joining = [row for row in rows if row.start == layer_index]
+        starts = [row.start for row in rows]
+        for layer_index in range(starts[0], model.n_layers + 1):
+            joining = [row for row, first in zip(rows, starts) if first == layer_index]
             if joining:
-                start = torch.cat([_start(target, row, layer_index, offset, end) for row in joining])
+                start = _starts(target, joining, layer_index, offset, end)
                 hidden = start if hidden is None else torch.cat([hidden, start])
             if layer_index < model.n_layers:
                 hidden = _run_layer(model, forward, target, layers[layer_index], layer_index, hidden, offset,
@@ -416,24 +429,43 @@ def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=()
         return _whole_logits(model, target.batch, [row.base for row in rows])
 
 
-def _start(target: TargetRun, row: Row, layer: int, offset: int, end: int | None = None) -> torch.Tensor:
-    """A row's residual entering `layer` (`1 pos d_model`, positions offset..end-1), with its
-    residual edits applied."""
-    base = row.base
-    start = target.resid[layer][base:base + 1, offset:end].clone()
-    for edit in row.edits:
-        if not edit.sets_residual or edit.start != layer:
-            continue
-        positions = _relative(edit.positions, offset)
-        if edit.site.kind == "embed":
-            # resid_pre.0 is the embedding plus terms that do not depend on it
-            # (GPT-2's position embeddings): move it by the embedding's change.
-            embed = target.embed[base:base + 1, offset:end].clone()
-            assign_part(embed, Site("embed"), edit.value, positions)
-            start = start + (embed - target.embed[base:base + 1, offset:end])
-        else:
-            assign_part(start, Site("resid_pre", layer), edit.value, positions)
+def _starts(target: TargetRun, rows: list[Row], layer: int, offset: int, end: int | None = None) -> torch.Tensor:
+    """The rows' residuals entering `layer` (`rows pos d_model`, positions offset..end-1), with
+    their residual edits applied: gathered from the record at once, edits of given positions
+    written with one indexed assignment (others, row by row)."""
+    resid = target.resid[layer]
+    bases = torch.tensor([row.base for row in rows], device=resid.device)
+    start = resid[bases, offset:end].clone()
+    width = start.shape[-1]
+    at_rows, at_positions, values = [], [], []
+    for number, row in enumerate(rows):
+        for edit in row.edits:
+            if not edit.sets_residual or edit.start != layer:
+                continue
+            if edit.site.kind == "embed" or edit.positions is None:
+                _edit_residual(target, start[number:number + 1], edit, row.base, layer, offset, end)
+                continue
+            count = len(edit.positions)
+            at_rows += [number] * count
+            at_positions += [p - offset for p in edit.positions]
+            values.append(torch.broadcast_to(torch.as_tensor(edit.value), (1, count, width))[0])
+    if values:
+        start[torch.tensor(at_rows, device=start.device), torch.tensor(at_positions, device=start.device)] = \
+            torch.cat(values).to(start)
     return start
+
+
+def _edit_residual(target, start: torch.Tensor, edit: Edit, base: int, layer: int, offset: int, end) -> None:
+    """Apply a residual edit to one row's starting residual (`1 pos d_model`), in place."""
+    positions = _relative(edit.positions, offset)
+    if edit.site.kind == "embed":
+        # resid_pre.0 is the embedding plus terms that do not depend on it
+        # (GPT-2's position embeddings): move it by the embedding's change.
+        embed = target.embed[base:base + 1, offset:end].clone()
+        assign_part(embed, Site("embed"), edit.value, positions)
+        start += embed - target.embed[base:base + 1, offset:end]
+    else:
+        assign_part(start, Site("resid_pre", layer), edit.value, positions)
 
 
 def _relative(positions: list[int] | None, offset: int):
