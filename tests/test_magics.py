@@ -198,6 +198,25 @@ def test_patch_magic_returns_a_result(shell, llama):
     assert path.values.shape == (1, 4)
 
 
+def test_causal_magics_give_the_apis_results(shell, llama):
+    from test_causal_model import pronoun_model
+
+    data = pronoun_model().counterfactuals(12, intervene="gender", seed=0)
+    shell.user_ns.update(data=data)
+    result = run(shell, "%interchange {data} \"resid_post.*@'{name}'\" resid_post.1:3@-1 --variable gender -o iia")
+    assert result.success, result.error_in_exec
+    expected = llama.interchange(data, ["resid_post.*@'{name}'", "resid_post.1:3@-1"], variable="gender")
+    assert shell.user_ns["iia"] is result.result
+    assert torch.equal(result.result.values.nan_to_num(-1), expected.values.nan_to_num(-1))
+    assert result.result.meta["labels"]["position"] == ["@'{name}'", "@-1"]
+    trained = run(shell, "%das {data} \"resid_post.1@'{name}'\" -k 2 --epochs 2 --seed 3 -o das")
+    assert trained.success, trained.error_in_exec
+    again = llama.das(data, "resid_post.1@'{name}'", k=2, epochs=2, seed=3)
+    assert torch.allclose(trained.result.basis, again.basis) and trained.result.meta["iia"] == again.meta["iia"]
+    reused = run(shell, "%interchange {data} {das}")
+    assert reused.success and reused.result.values.item() == llama.interchange(data, again).values.item()
+
+
 def test_patch_magic_errors_are_one_line(shell, llama, capsys):
     shell.user_ns.update(clean=PROMPT)
     assert_one_line_errors(shell, capsys, [('%patch --clean {clean} --corrupt "Hello" --answer " Mary" --wrong " John" --sites resid_pre.*',
@@ -358,6 +377,8 @@ MINIMAL = [
     ("%ablate head.1.0", "ablate", set()),
     ("%explore", "explore", set()),
     ('%graph "x y" --transcoders {tcs}', "graph", set()),
+    ("%interchange {data} resid_post.1@-1", "interchange", set()),
+    ("%das {data} resid_post.1@-1", "das", set()),
     ('%%trace "x y"\nlogits = model["logits"].save()', "trace", set()),
 ]
 
@@ -379,8 +400,11 @@ def test_every_magic_leaves_the_defaults_to_its_api(shell, llama, monkeypatch, l
                         lambda self, *a, _top=FactoredMatrix.top_pairs, **kw: pairs.append((a, kw)) or _top(self, *a, **kw))
     from test_graphs import random_set
 
+    from test_causal_model import pronoun_model
+
     shell.user_ns.update(clean=PROMPT, corrupt=PROMPT.replace("John gave", "Mary gave"), v=torch.zeros(32),
-                         texts=[PROMPT, PARIS], tcs=random_set(llama))
+                         texts=[PROMPT, PARIS], tcs=random_set(llama),
+                         data=pronoun_model().counterfactuals(10, intervene="gender", seed=0))
     try:
         result = run(shell, line)
         assert result.success, result.error_in_exec

@@ -28,7 +28,7 @@ import torch
 
 import mechnb
 from conftest import PARIS, PROMPT, clean_logits
-from mechnb import (ArgumentError, CausalTraceError, CircuitError, CoactivationError, EditError, GenerationError,
+from mechnb import (ArgumentError, CausalError, CausalTraceError, CircuitError, CoactivationError, EditError, GenerationError,
                     HeadError, InterventionError, LensError, MechnbError, MetricError, ModelError, PatchError,
                     PromptError, SAEError, SiteError, SteerError, StoreError, TraceError, ViewError, WeightError)
 from mechnb.core.interventions import Intervention
@@ -521,8 +521,53 @@ SAE_CASES = [
          id="sae-load-broken-weights"),
 ]
 
+# -- 9. causal abstraction ---------------------------------------------------------------
+
+
+def pronoun_data(n=8, **options):
+    from test_causal_model import pronoun_model
+
+    return pronoun_model().counterfactuals(n, intervene="gender", seed=0, **options)
+
+
+def trained_elsewhere(model_name=None, site="resid_post.2@-1"):
+    from mechnb.causal import Subspace
+
+    made = Subspace(torch.linalg.qr(torch.randn(32, 2))[0])
+    made.site, made.variable, made.model_name = site, "gender", model_name
+    return made
+
+
+CAUSAL_CASES = [
+    case(L, lambda m: mechnb.causal.CausalModel({"a": [0, 1], "b": [0, 1]}, parents={"a": ["b"], "b": ["a"]},
+                                                mechanisms={"a": lambda b: b, "b": lambda a: a}),
+         CausalError, "a cycle", "remove one of these parent links", id="causal-model-cyclic"),
+    case(L, lambda m: mechnb.causal.CausalModel({"a": [0, 1], "b": [0, 1]}, parents={"b": ["a"]},
+                                                mechanisms={"b": lambda a: a + 1}).run({"a": 1}),
+         CausalError, "gives b = 2", "not one of its values (0, 1)", id="causal-mechanism-outside-its-values"),
+    case(L, lambda m: m.interchange(pronoun_data(), "resid_post.1@'{place}'", **QUIET), CausalError,
+         "template field {place} is not in", "its fields: {name}", id="interchange-field-missing"),
+    case(L, lambda m: m.das(pronoun_data(), "resid_post.1@-1", k=40, **QUIET), CausalError,
+         "k=40 is larger than resid_post.1's width, 32", "at most 32", id="das-k-wider-than-the-site"),
+    case(L, lambda m: pronoun_data(16).filter(m, compare="top1", quiet=True), CausalError,
+         "gets none of the 16 examples right", "a model that does the task", id="filter-leaves-nothing"),
+    case(L, lambda m: m.interchange(pronoun_data(), trained_elsewhere("gpt2-small"), **QUIET), CausalError,
+         "trained on gpt2-small, not tiny-llama", "model_name = None", id="interchange-featurizer-of-another-model"),
+    case(L, lambda m: m.interchange(pronoun_data(), "resid_post.1@-1", featurizer=trained_elsewhere(), **QUIET),
+         CausalError, "trained at resid_post.2@-1, not resid_post.1", "featurizer.site = None",
+         id="interchange-featurizer-of-another-site"),
+    case(L, lambda m: m.das(pronoun_data(), "resid_post.1@-1", kind="ica", **QUIET), CausalError,
+         "unknown kind 'ica'", "das, boundless, dbm", id="das-unknown-kind"),
+    case(L, lambda m: m.das(pronoun_data(), "resid_post.*@-1", **QUIET), CausalError, "das trains at one site",
+         "names 3", id="das-range-site"),
+    case(L, lambda m: m.interchange(pronoun_data(), "resid_post.1@-1", featurizer="sae", **QUIET), CausalError,
+         "featurizer='sae'", "model.attach(sae) first", id="interchange-sae-none-attached"),
+    case(L, lambda m: m.interchange(pronoun_data(), "resid_post.1@-1", compare="top3", **QUIET), CausalError,
+         "unknown compare 'top3'", "'values'", id="interchange-unknown-compare"),
+]
+
 API_CASES = (TRACE_CASES + INTERVENTION_CASES + PATCH_CASES + VIEW_CASES + GRADIENT_CASES + GENERATION_CASES
-             + WEIGHT_CASES + SAE_CASES)
+             + WEIGHT_CASES + SAE_CASES + CAUSAL_CASES)
 
 
 @pytest.mark.parametrize("name, call, kind, texts", API_CASES)
@@ -787,6 +832,12 @@ INTERRUPTS = [
                  id="collect-by-a-hook"),
     pytest.param(hooked_interrupt("resid_pre.1", 0), lambda m: m.detect_heads(n_samples=2, seq_len=5),
                  id="detect-heads-by-a-hook"),
+    pytest.param(lambda m, mp: bar_interrupts(mp), lambda m: m.interchange(pronoun_data(), "resid_post.*@-1",
+                                                                           batch_size=2),
+                 id="interchange-by-its-progress-bar"),
+    pytest.param(lambda m, mp: bar_interrupts(mp, after=2), lambda m: m.das(pronoun_data(20), "resid_post.1@-1",
+                                                                            batch_size=4),
+                 id="das-by-its-progress-bar"),
 ]
 
 
@@ -884,6 +935,8 @@ MAGIC_CASES = [
     ("%composition --kind z", "WeightError", "'q', 'k' or 'v'", "got 'z'"),
     ("%coactivation mlp_out.1 {five}", "CoactivationError", "non-empty list of non-empty texts", "coactivation"),
     ("%stability {five}", "MagicError", "%stability takes a circuit", "model.circuit"),
+    ("%interchange resid_post.1@-1", "MagicError", "takes a counterfactual dataset", "cm.counterfactuals"),
+    ("%das {five} resid_post.1@-1", "MagicError", "takes a counterfactual dataset", "SITE"),
 ]
 
 

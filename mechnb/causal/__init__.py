@@ -32,7 +32,9 @@ _LAZY = {
     "read_mib": "mib", "write_mib": "mib", "export_mib": "mib", "import_mib": "mib",
 }
 
-__all__ = list(_LAZY)
+_SUBMODULES = ("tasks",)
+
+__all__ = [*_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name):
@@ -40,6 +42,8 @@ def __getattr__(name):
 
     if name in _LAZY:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mechnb.causal' has no attribute {name!r}")
 
 

@@ -205,7 +205,7 @@ class Subspace(Featurizer):
         return features @ self.basis.to(features).T + error
 
     def tensors(self):
-        return {"basis": self.basis}
+        return {"basis": self.basis.detach()}
 
 
 class Rotation(Subspace):
@@ -270,7 +270,7 @@ class Boundless(Featurizer):
         return self.boundary.clamp(1.0 / self.width, 1.0)
 
     def tensors(self):
-        return {"basis": self.rotation[:, :self.k]}
+        return {"basis": self.rotation[:, :self.k].detach()}
 
 
 class SAEFeatures(Featurizer):

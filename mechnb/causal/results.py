@@ -47,7 +47,8 @@ def axes_of(rows: list[str], columns: list[str]) -> tuple[list[str], dict]:
         isinstance(p.layer, int) and p.path is None for p in parsed) and \
         len({(p.layer, p.index) for p in parsed}) == len(parsed) and len({p.index for p in parsed}) == 1
     first = "layer" if by_layer else "site"
-    labels = {first: [str(p.layer) for p in parsed] if by_layer else rows, "position": columns}
+    labels = {first: [str(p.layer) for p in parsed] if by_layer else rows,
+              "position": [column if column == "all" else f"@{column}" for column in columns]}
     return [first, "position"], labels
 
 

@@ -77,6 +77,7 @@ def das(model, data, site, variable=None, k: int = 1, kind: str = "das", epochs:
         out), `.history` (step, epoch, loss, iia), `.plot()`, `.save(dir)`; usable as
         `model.interchange(other_data, das)`. Example: `model.das(data, "resid_post.4@-1", k=1)`.
     """
+    from ..core.memory import return_to_system
     from ..core.progress import progress as progress_bar
     from .answers import Answers, check_compare
     from .engine import check_site
@@ -154,6 +155,8 @@ def das(model, data, site, variable=None, k: int = 1, kind: str = "das", epochs:
         if bar is not None:
             bar.close()
         featurizer.eval()
+        del prepared
+        return_to_system()
     import pandas as pd
 
     featurizer.site = str(replace_site(concrete, parsed))
@@ -222,12 +225,13 @@ class _Prepared:
         source_positions = resolve(site, tokens, rendered.fields, sources)
         # One forward of the distinct inputs, without gradients: the record the steps start
         # from (from the site's layer on) and the site's values in bases and sources.
-        distinct = list(dict.fromkeys(bases + sources))
+        recorded = list(dict.fromkeys(bases))
+        distinct = list(dict.fromkeys(recorded + sources))
         where = {index: row for row, index in enumerate(distinct)}
         whole = model.is_plain or model.reads_images
         self.start = 0 if whole else Edit(site, None, None).start
         self.target = TargetRun(model, batch_of(model, [rendered.inputs[i] for i in distinct]), start=self.start,
-                                sites=[site])
+                                sites=[site], recorded=len(recorded))
         full = self.target.values[site]
         self.base_values = [_at(full, site, where[b], p) for b, p in zip(bases, self.base_positions)]
         self.source_values = [_at(full, site, where[s], p) for s, p in zip(sources, source_positions)]

@@ -19,6 +19,7 @@ def training_curve(featurizer, ax=None):
     history = getattr(featurizer, "history", None)
     if history is None or history.empty:
         raise CausalError("this featurizer was not trained here (no history): plot the one model.das returns")
+    created = ax is None
     figure, left = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.6))
     left.plot(history.step, history.loss, color="#4a6fa5", linewidth=1, label="training loss")
     left.set_xlabel("step")
@@ -32,6 +33,8 @@ def training_curve(featurizer, ax=None):
     left.set_title(f"{featurizer.kind} at {featurizer.site} for {featurizer.variable}: "
                    f"held-out IIA {meta.get('iia', float('nan')):.3f} (k={featurizer.n_features})", fontsize=10)
     figure.tight_layout()
+    if created:
+        plt.close(figure)  # shown once, as the returned figure, not again by the inline backend
     return figure
 
 
@@ -40,6 +43,7 @@ def probe_figure(result, ax=None):
     import matplotlib.pyplot as plt
 
     df = result.df
+    created = ax is None
     figure, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.8))
     x_name = "layer" if "layer" in df else "site"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -60,4 +64,6 @@ def probe_figure(result, ax=None):
     ax.set_title(result.meta.get("title", "probe"), fontsize=10)
     ax.legend(fontsize=7, ncols=2)
     figure.tight_layout()
+    if created:
+        plt.close(figure)
     return figure

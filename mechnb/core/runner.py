@@ -48,6 +48,7 @@ import torch
 from .arch import locate, submodule
 from .engine import run, unembed
 from .interventions import Context, apply
+from .memory import return_to_system
 from .sites import Site, assign_part, read_part
 
 _SEQ_KWARGS = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
@@ -112,14 +113,18 @@ class TargetRun:
         prompts: a prompt, a list of them (right-padded: a real token never sees a pad,
             so each prompt computes what it computes alone), or a `Batch`.
         start: record the layers from this one on (rows that start below it cannot run).
-        sites: concrete sites whose whole values to keep from the same forward (`values`).
+        sites: concrete sites whose values to keep from the same forward (`values`): a list
+            (each site's whole value), or a dict of site -> a function of the whole value
+            returning what to keep (a few positions of it, say).
+        recorded: record only the first this many prompts (the others run only for `sites`:
+            a record holds every layer's residual, keys and values of each prompt it keeps).
 
     Attributes: `batch`; `tokens` (the first prompt's token strings) and `token_rows` (each
     prompt's); `lengths`; `n` (the padded width: one prompt's length); `logits` (each
-    prompt's at its last real position, `prompts vocab`); `values` (site -> its whole value).
+    recorded prompt's at its last real position, `prompts vocab`); `values` (site -> its value).
     """
 
-    def __init__(self, model, prompts, start: int = 0, sites=()):
+    def __init__(self, model, prompts, start: int = 0, sites=(), recorded: int | None = None):
         from .batch import Batch, check_length
 
         self.model = model
@@ -130,6 +135,8 @@ class TargetRun:
         self.lengths = batch.lengths
         self.n = max(self.lengths)
         self.start = start
+        self.size = recorded or len(batch)
+        keep_rows = self.size if self.size < len(batch) else None
         self.whole = bool(model.reads_images or model.is_plain)
         self.values: dict = {}
         if self.whole:
@@ -143,13 +150,18 @@ class TargetRun:
         self.calls: list[dict] = [None] * model.n_layers
 
         def record_layer(index):
-            return _call_recorder(layers[index], index, self.resid, self.calls)
+            recorder = _call_recorder(layers[index], index, self.resid, self.calls, keep_rows, len(batch))
+
+            def hook(*args):
+                recorder(*args)
+                return_to_system()
+            return hook
 
         def record_final(module, args):
-            self.resid[model.n_layers] = args[0]
+            self.resid[model.n_layers] = _first(args[0], keep_rows)
 
         def record_embed(module, args, output):
-            self.embed = output
+            self.embed = _first(output, keep_rows)
 
         records = [None] * model.n_layers
         with run(model, self.token_rows) as forward:
@@ -159,7 +171,8 @@ class TargetRun:
                 # First in line, so the record is the input before any active intervention,
                 # which the engine's own call of the layer then applies once.
                 forward.torch_hook(layer, record_layer(index), pre=True, with_kwargs=True, prepend=True)
-                records[index] = forward.attach(submodule(layer, model.arch.attn), "mechnb_record", [])
+                records[index] = forward.attach(submodule(layer, model.arch.attn), "mechnb_record",
+                                                _Kept(keep_rows))
             forward.torch_hook(submodule(model.hf, model.arch.final_norm), record_final, pre=True)
             self._keep(forward, sites)
             if start == 0:
@@ -167,30 +180,33 @@ class TargetRun:
             base = submodule(model.hf, model.arch.layers.rsplit(".", 1)[0])
             out = base(**batch.inputs(model.device), use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            last = batch.last.to(hidden.device)
-            normed = hidden[torch.arange(len(batch), device=hidden.device), last][:, None]
-            self.logits = _logits(model, normed, self.token_rows, batch.last, normed=True)
+            last = batch.last[:self.size]
+            normed = hidden[torch.arange(self.size, device=hidden.device), last.to(hidden.device)][:, None]
+            self.logits = _logits(model, normed, self.token_rows[:self.size], last, normed=True)
         self.kv = [record[0] if record else None for record in records]
 
     def _keep(self, forward, sites) -> None:
-        """Keep each site's whole value from the forward about to run, in `values`."""
+        """Keep each site's value (or what its function takes of it) from the forward about to
+        run, in `values`."""
         for site in sites:
-            def keep(value, site=site):
-                self.values[site] = value.detach()
+            take = sites[site] if isinstance(sites, dict) else (lambda value: value)
+
+            def keep(value, site=site, take=take):
+                self.values[site] = take(value.detach())
 
             forward.hook_site(site, keep)
 
     @property
     def several(self) -> bool:
         """True when the record holds several prompts (rows then pick theirs: `Row.base`)."""
-        return len(self.batch) > 1
+        return self.size > 1
 
     def call(self, layer: int, offset: int, bases=None, end: int | None = None) -> tuple[str, dict]:
         """The name of the residual argument and the other arguments, for positions offset..end-1
         (and, for several prompts, the rows of `bases`)."""
         name, arguments = _arguments(self.calls[layer], offset, end)
         if bases is not None and self.several:
-            arguments = {key: _rows(value, bases, len(self.batch)) for key, value in arguments.items()}
+            arguments = {key: _rows(value, bases, self.size) for key, value in arguments.items()}
         return name, arguments
 
 
@@ -246,10 +262,10 @@ def _whole_logits(model, batch, rows) -> torch.Tensor:
     return model.hf(**inputs).logits.float()
 
 
-def _call_recorder(layer, index: int, resid, calls):
+def _call_recorder(layer, index: int, resid, calls, rows: int | None = None, size: int | None = None):
     """A pre-hook (with kwargs) storing the residual input of decoder layer `layer` in
     `resid[index]` (unless `resid` is None) and `(its argument name, the other
-    arguments)` in `calls[index]`."""
+    arguments)` in `calls[index]`; with `rows`, only the first `rows` of a batch of `size`."""
     signature = inspect.signature(type(layer).forward)
 
     def hook(module, args, kwargs):
@@ -258,10 +274,28 @@ def _call_recorder(layer, index: int, resid, calls):
         name = next(iter(bound))
         value = bound.pop(name)
         if resid is not None:
-            resid[index] = value
+            resid[index] = _first(value, rows)
+        if rows is not None:
+            bound = {key: _rows(v, torch.arange(rows), size) for key, v in bound.items()}
         calls[index] = (name, bound)
 
     return hook
+
+
+def _first(value: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """The first `rows` of a batch, copied (so that the rest can be freed), or all of it."""
+    return value if rows is None else value[:rows].clone()
+
+
+class _Kept(list):
+    """The keys and values a record keeps (`mechnb_record`): the first `rows` of each call's batch."""
+
+    def __init__(self, rows: int | None):
+        super().__init__()
+        self.rows = rows
+
+    def append(self, pair) -> None:
+        super().append(tuple(_first(value, self.rows) for value in pair))
 
 
 def _arguments(call: tuple[str, dict], offset: int, end: int | None = None) -> tuple[str, dict]:

@@ -7,7 +7,9 @@
 
 A word that is exactly `{expr}` becomes the Python object (`%%trace {prompts}` passes a
 list); `{expr}` inside a longer word is formatted into it; `{{` and `}}` are literal
-braces; a `#` that starts a word outside quotes begins a comment, as in a shell. Options
+braces, and so are a site's template positions (`"resid_post.4@'{name}'"`, a field of a
+causal model's template); a `#` that starts a word outside quotes begins a comment, as in a
+shell. Options
 given are returned; options not given are absent, so the API's own defaults apply.
 """
 
@@ -23,8 +25,8 @@ def split_args(line: str, namespace: dict) -> list:
     """Split a magic's argument line like a shell; `{expr}` is evaluated in `namespace`.
 
     A word that is exactly `{expr}` becomes the object itself; `{expr}` inside a
-    longer word is formatted into it; `{{` and `}}` are literal braces; a `#` that
-    starts a word outside quotes begins a comment.
+    longer word is formatted into it; `{{` and `}}` are literal braces, as is a site's
+    template position `@'{field}'`; a `#` that starts a word outside quotes begins a comment.
     """
     found = []
 
@@ -33,6 +35,8 @@ def split_args(line: str, namespace: dict) -> list:
         return f"\x00{len(found) - 1}\x00"
 
     line = line.replace("{{", "\x01").replace("}}", "\x02")
+    # A template field in a site's positions (`resid_post.4@'{name}'`) is the site's, not Python's.
+    line = re.sub(r"""@(['"])\{(\w+)\}\1""", lambda m: f"@{m[1]}\x01{m[2]}\x02{m[1]}", line)
     stashed = re.sub(r"\{([^{}]+)\}", stash, line)
     try:
         words = shlex.split(_without_comment(stashed))
