@@ -90,6 +90,7 @@ bench: model
 	$(RUN) $(PY) bench/circuits.py
 	$(RUN) $(PY) bench/graphs.py
 	$(RUN) $(PY) bench/generation.py
+	$(RUN) $(PY) bench/causal.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
