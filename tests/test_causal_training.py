@@ -67,14 +67,22 @@ def test_das_trains_only_its_basis_and_reports_the_held_out_iia_of_what_it_retur
     assert model.unmodified
 
 
+def random_sae(d_sae: int, k: int, name: str, seed: int):
+    """A TopK SAE of tiny-llama's resid_post.1 with random weights, scaled to fire."""
+    from mechnb.sae import SAE
+
+    torch.manual_seed(seed)
+    sae = SAE(32, d_sae, kind="topk", k=k, site="resid_post.1", name=name)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.3), sae.W_dec.normal_(0, 0.3)
+    return sae
+
+
 def test_dbm_over_sae_features_masks_features_and_keeps_the_error(tiny_factory, tmp_path):
     from mechnb.sae import SAE
 
     model = tiny_factory("llama")
-    torch.manual_seed(0)
-    sae = SAE(32, 48, kind="topk", k=6, site="resid_post.1", name="tiny")
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3), sae.W_dec.normal_(0, 0.3)
+    sae = random_sae(48, 6, "tiny", 0)
     data = pronoun_model().counterfactuals(24, intervene="gender", seed=1)
     mask = model.das(data, "resid_post.1@-1", variable="gender", kind="dbm", over=sae, epochs=2, batch_size=8,
                      penalty=0.01, progress=False)
@@ -93,13 +101,8 @@ def test_dbm_over_sae_features_masks_features_and_keeps_the_error(tiny_factory, 
 
 
 def test_an_attached_sae_is_a_featurizer_by_name(tiny_factory):
-    from mechnb.sae import SAE
-
     model = tiny_factory("llama")
-    torch.manual_seed(1)
-    sae = SAE(32, 40, kind="topk", k=5, site="resid_post.1", name="attached")
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3), sae.W_dec.normal_(0, 0.3)
+    sae = random_sae(40, 5, "attached", 1)
     data = pronoun_model().counterfactuals(12, intervene="gender", seed=0)
     given = model.interchange(data, "resid_post.1@-1", featurizer=sae, progress=False)
     model.attach(sae)

@@ -250,6 +250,8 @@ def check_causal(notebook, text, rendered):
     assert probe >= 0.85 and iia <= 0.1  # decodable where interventions show it is not used
     assert "ResidualStream(Layer-" in text and "_inverse_featurizer" in text and "_indices" in text
     assert "held-out IIA: 1.0" in text or float(re.search(r"\| held-out IIA: ([\d.]+)", text)[1]) >= 0.9
+    accuracy = [float(share) for share in re.findall(r"gets ([\d.]+)% of the \d+ distinct inputs right", text)]
+    assert len(accuracy) == 3 and accuracy[0] >= 90 and min(accuracy[1:]) >= 95  # pronouns; IOI's two datasets
     position = float(re.search(r"position: best IIA ([\d.]+) at resid_post\.\d+ @'\{subject\}'", text)[1])
     token = float(re.search(r"token: best IIA ([\d.]+) at resid_post\.\d+ @-1", text)[1])
     assert position >= 0.8 and token >= 0.9

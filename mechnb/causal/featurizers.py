@@ -173,24 +173,12 @@ class Identity(Featurizer):
         return {} if self.features is None else {"indices": torch.tensor(self.features)}
 
 
-class Subspace(Featurizer):
-    """An orthonormal basis `width k`: features are coordinates in it, the rest is the error."""
-
-    kind = "subspace"
-
-    def __init__(self, basis: torch.Tensor, kind: str | None = None):
-        basis = torch.as_tensor(basis, dtype=torch.float32)
-        if basis.dim() != 2 or not 0 < basis.shape[1] <= basis.shape[0]:
-            raise CausalError(f"a subspace's basis is width x k with 0 < k <= width, got shape {tuple(basis.shape)}")
-        super().__init__(basis.shape[0])
-        self.register_buffer("fixed", basis)
-        if kind:
-            self.kind = kind
+class Orthonormal(Featurizer):
+    """Coordinates in the orthonormal columns of `basis` (`width k`); the rest is the error."""
 
     @property
     def basis(self) -> torch.Tensor:
-        """The orthonormal columns, `width k`."""
-        return self.fixed
+        raise NotImplementedError
 
     @property
     def n_features(self) -> int:
@@ -208,25 +196,42 @@ class Subspace(Featurizer):
         return {"basis": self.basis.detach()}
 
 
-class Rotation(Subspace):
+class Subspace(Orthonormal):
+    """A fixed orthonormal basis `width k` (from PCA, or a trained featurizer saved)."""
+
+    kind = "subspace"
+
+    def __init__(self, basis: torch.Tensor, kind: str | None = None):
+        basis = torch.as_tensor(basis, dtype=torch.float32)
+        if basis.dim() != 2 or not 0 < basis.shape[1] <= basis.shape[0]:
+            raise CausalError(f"a subspace's basis is width x k with 0 < k <= width, got shape {tuple(basis.shape)}")
+        super().__init__(basis.shape[0])
+        self.register_buffer("fixed", basis)
+        if kind:
+            self.kind = kind
+
+    @property
+    def basis(self) -> torch.Tensor:
+        return self.fixed
+
+
+class Rotation(Orthonormal):
     """A trainable rank-k subspace (DAS): `basis` is the QR orthonormalisation of a parameter,
     orthonormal at every step of training."""
 
     kind = "das"
 
     def __init__(self, width: int, k: int = 1, seed: int = 0):
+        super().__init__(width)
         generator = torch.Generator().manual_seed(seed)
-        start = torch.linalg.qr(torch.randn(width, k, generator=generator))[0]
-        torch.nn.Module.__init__(self)
-        Featurizer.__init__(self, width)
-        self.weight = torch.nn.Parameter(start)
+        self.weight = torch.nn.Parameter(torch.linalg.qr(torch.randn(width, k, generator=generator))[0])
 
     @property
     def basis(self) -> torch.Tensor:
         return orthonormal(self.weight)
 
 
-class Boundless(Featurizer):
+class Boundless(Orthonormal):
     """A full learned rotation whose first `boundary * width` coordinates swap (Boundless DAS)."""
 
     kind = "boundless"
@@ -239,16 +244,9 @@ class Boundless(Featurizer):
         self.temperature = 1.0
 
     @property
-    def rotation(self) -> torch.Tensor:
+    def basis(self) -> torch.Tensor:
+        """The whole rotation, `width width`: its first `k` columns swap at evaluation."""
         return orthonormal(self.weight)
-
-    def featurize(self, x):
-        rotation = self.rotation.to(x)
-        features = x @ rotation
-        return features, x - features @ rotation.T
-
-    def inverse(self, features, error):
-        return features @ self.rotation.to(features).T + error
 
     @property
     def k(self) -> int:
@@ -270,7 +268,7 @@ class Boundless(Featurizer):
         return self.boundary.clamp(1.0 / self.width, 1.0)
 
     def tensors(self):
-        return {"basis": self.rotation[:, :self.k].detach()}
+        return {"basis": self.basis[:, :self.k].detach()}
 
 
 class SAEFeatures(Featurizer):
