@@ -228,7 +228,7 @@ def json_server(reply):
 LONGEST = {
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[08": 130,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[09": 110,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[10": 115,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[10": 100,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 126,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 98,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 95,

@@ -136,7 +136,7 @@ def test_patch_halves_its_chunks_and_equals_a_run_that_fits(tiny_factory, monkey
     model = tiny_factory("llama")
     args = dict(answer=" Mary", wrong=" John", per_position=False, batch_size=12, progress=False)
     expected = model.patch(CLEAN, CORRUPT, "head.*.*", **args)
-    sizes = fail_above(monkeypatch, runner, "_run_chunk", 4, lambda model, target, rows, *a: len(rows))
+    sizes = fail_above(monkeypatch, runner, "_run_chunk", 4, lambda model, target, rows, *a, **k: len(rows))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = model.patch(CLEAN, CORRUPT, "head.*.*", **args)
@@ -153,7 +153,7 @@ def test_a_halved_size_holds_for_every_later_group_and_pair(tiny_factory, monkey
     pairs = dict(clean=[CLEAN, CLEAN], corrupt=[CORRUPT, CORRUPT], answer=" Mary", wrong=" John",
                  progress=False)
     expected = model.patch(sites="resid_pre.*", batch_size=3, **pairs)
-    sizes = fail_above(monkeypatch, runner, "_run_chunk", 1, lambda model, target, rows, *a: len(rows))
+    sizes = fail_above(monkeypatch, runner, "_run_chunk", 1, lambda model, target, rows, *a, **k: len(rows))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = model.patch(sites="resid_pre.*", batch_size=3, **pairs)
@@ -172,7 +172,7 @@ def test_path_patch_and_causal_trace_finish_with_the_same_values(tiny_factory, m
     trace_args = dict(subject="Eiffel Tower", samples=2, noise=5.0, batch_size=3)
     expected_path = model.path_patch(CLEAN, CORRUPT, "head.0:2.*", "head.2.1", **path_args)
     expected_trace = model.causal_trace(PARIS, **trace_args)
-    sizes = fail_above(monkeypatch, runner, "_run_chunk", 2, lambda model, target, rows, *a: len(rows))
+    sizes = fail_above(monkeypatch, runner, "_run_chunk", 2, lambda model, target, rows, *a, **k: len(rows))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = model.path_patch(CLEAN, CORRUPT, "head.0:2.*", "head.2.1", **path_args)
@@ -192,7 +192,7 @@ def test_running_out_of_memory_on_one_row_leaves_the_model_clean(tiny_factory, m
     hooks = hook_counts(model)
     real, tried = runner._run_chunk, []
 
-    def out_of_memory_inside_the_forward(model, target, rows, *args):
+    def out_of_memory_inside_the_forward(model, target, rows, *args, **kwargs):
         # Raised from inside the batched forward, while the runner's own hooks are installed.
         tried.append(len(rows))
         mlp = submodule(submodule(model.hf, model.arch.layers)[2], model.arch.mlp_out)
@@ -202,7 +202,7 @@ def test_running_out_of_memory_on_one_row_leaves_the_model_clean(tiny_factory, m
 
         handle = mlp.register_forward_hook(raise_error)
         try:
-            return real(model, target, rows, *args)
+            return real(model, target, rows, *args, **kwargs)
         finally:
             handle.remove()
 
@@ -222,7 +222,7 @@ def test_other_errors_in_a_sweep_are_not_swallowed(tiny_factory, monkeypatch):
 
     model = tiny_factory("llama")
     hooks = hook_counts(model)
-    sizes = fail_above(monkeypatch, runner, "_run_chunk", 0, lambda model, target, rows, *a: len(rows),
+    sizes = fail_above(monkeypatch, runner, "_run_chunk", 0, lambda model, target, rows, *a, **k: len(rows),
                        error=RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
         model.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John", per_position=False,

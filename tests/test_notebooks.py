@@ -233,7 +233,7 @@ def check_causal(notebook, text, rendered):
     # layer: held-out 1.000; PCA 1-d 0.34, random 0.00. Probes at the name, layers 26-29: 0.96
     # against IIA 0.00. IOI: position 0.97 at resid_post.17 @'{subject}', token 1.00 at 23 @-1.
     kept, total = map(int, re.search(r"kept (\d+) of (\d+) examples", text).groups())
-    assert total == 300 and kept >= 240
+    assert total == 240 and kept >= 190
     name = [float(v) for v in re.search(r"IIA at the name: +([\d. ]+)$", text, re.M)[1].split()]
     last = [float(v) for v in re.search(r"IIA at the last token: ([\d. ]+)$", text, re.M)[1].split()]
     assert len(name) == len(last) == 30
