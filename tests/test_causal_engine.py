@@ -108,6 +108,17 @@ def test_a_heads_interchange_is_its_slice_of_the_output_projections_input(tiny_f
     assert model.unmodified
 
 
+@pytest.mark.parametrize("site, path", [("mlp_out.1", "mlp"), ("attn_out.2", "self_attn")])
+def test_attention_and_mlp_outputs_interchange_as_torch_hooks_do(tiny_factory, site, path):
+    model = tiny_factory("llama")
+    data = pronoun_model().counterfactuals(10, intervene="gender", seed=3)
+    layer = int(site.split(".")[1])
+    module = submodule(submodule(model.hf, model.arch.layers)[layer], path)
+    for position, kind in (("'{name}'", "name"), ("-1", "last")):
+        result = model.interchange(data, f"{site}@{position}", variable="gender", progress=False)
+        assert result.examples().got.tolist() == reference(model, data, (module, "output", None), field_or_last=kind)
+
+
 def test_subspace_and_sae_featurizers_equal_their_interchange_written_by_hand(tiny_factory):
     from mechnb.sae import SAE
 
