@@ -226,10 +226,10 @@ def json_server(reply):
 # took 120 s in one run and 218 s in the next), and a group waited behind another on one
 # worker, the last 45 s of a run on one core.
 LONGEST = {
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[10": 135,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[08": 130,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[09": 110,
-    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[10": 100,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[07": 126,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[09": 110,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[05": 98,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[06": 95,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 77,
