@@ -128,6 +128,12 @@ def main():
     print(f"full-vector IIA sweep, 30 layers x 2 positions x {len(sweep_data)} pairs "
           f"({30 * 2 * len(sweep_data)} interchanges):")
     print(f"  mechnb {sweep_seconds:.1f} s, pyvene {theirs['seconds']:.1f} s: x{theirs['seconds'] / sweep_seconds:.1f}")
+    print(f"  mechnb's time: one forward of the {len(sweep_data)} pairs' distinct prompts, recording the bases and "
+          f"keeping the sources' values, {iia.meta['seconds_recording']:.1f} s; {len(sweep_data) * 60} rows, each "
+          f"from its layer and position, {iia.meta['seconds_rows']:.1f} s; the rest (rendering, tables) "
+          f"{sweep_seconds - iia.meta['seconds_recording'] - iia.meta['seconds_rows']:.1f} s")
+    print(f"  pyvene's: {theirs['forward_passes']} forwards of the whole model (a source and a base for each "
+          "interchange, logits at every position), one intervenable model per layer and position")
     print(f"  IIA cells within one pair of each other: {agree} of {mine.numel()}; largest difference "
           f"{float((mine - theirs_values).abs().max()):.4f}")
     print(f"  mechnb's best: {iia.best}; at the name, layers 0-24 {mine[0, :25].min():.2f}-{mine[0, :25].max():.2f}, "

@@ -224,7 +224,8 @@ def realise(spec, site: Site, base_values: torch.Tensor, device) -> Featurizer:
 def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = "values", batch_size=None,
             progress: bool = True) -> dict:
     """Predictions of every alignment on every example: `{"predicted": cells x examples` output
-    value indices (-1: none of them), `"expected"`: the same shape, `"featurizers"`: each cell's}`."""
+    value indices (-1: none of them), `"expected"`: the same shape, `"featurizers"`: each cell's,
+    `"seconds"`: recording the inputs and running the rows}`."""
     from ..core.memory import Chunks, return_to_system
     from ..core.progress import progress as progress_bar
     from ..core.runner import Edit, Row, TargetRun, run_rows
@@ -255,6 +256,7 @@ def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = 
     whole = model.is_plain or model.reads_images
     start = 0 if whole else min(Edit(site, None, None).start for site in sites)
     device = model.device
+    seconds = {"recording": 0.0, "rows": 0.0}  # where a sweep's time goes
     try:
         for begin in range(0, len(examples), RECORD_EXAMPLES):
             chunk = list(range(begin, min(len(examples), begin + RECORD_EXAMPLES)))
@@ -266,9 +268,11 @@ def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = 
             # Each site's values are cut to the positions read as the forward makes them: the
             # whole values of every site for every input would be most of a sweep's memory. The
             # sources run in the same forward, but only the bases (first) are recorded.
+            clock = time.perf_counter()
             target = TargetRun(model, batch_of(model, [rendered.inputs[i] for i in distinct]), start=start,
                                sites={site: _positions_of(site, distinct, positions[site]) for site in sites},
                                recorded=len(recorded))
+            seconds["recording"] += time.perf_counter() - clock
 
             def value(site, index):
                 return target.values[site][where[index]]
@@ -288,11 +292,13 @@ def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = 
                             for site, new in edits.items()]
                     rows.append(Row(made, base=where[bases[example]]))
                     slots.append((number, example))
+            clock = time.perf_counter()
             if compare == "values" and not whole:  # only the answers' logits are computed
                 got = run_rows(model, target, rows, chunks, bar, ids=answers.ids,
                                metric=lambda logits: logits.argmax(-1))
             else:
                 got = run_rows(model, target, rows, chunks, bar, metric=lambda logits: answers.predict(logits, compare))
+            seconds["rows"] += time.perf_counter() - clock
             for (number, example), found in zip(slots, got.tolist()):
                 predicted[number, example] = found
             del target, rows
@@ -300,7 +306,8 @@ def measure(model, data: Counterfactuals, alignment: list[Cell], compare: str = 
         if bar is not None:
             bar.close()
         return_to_system()  # the record and the rows' values are free: the process keeps none of it
-    return {"predicted": predicted, "expected": expected, "featurizers": featurizers}
+    return {"predicted": predicted, "expected": expected, "featurizers": featurizers,
+            "seconds": {key: round(value, 3) for key, value in seconds.items()}}
 
 
 def _positions_of(site: Site, inputs: list, positions: dict):

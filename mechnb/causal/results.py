@@ -83,7 +83,9 @@ class InterchangeResult(Result):
         meta = {"title": f"IIA of {', '.join(variables)} ({', '.join(kinds)}; {len(data)} examples)",
                 "axes": axes, "labels": labels, "scale": "probability", "variable": variables,
                 "output": data.causal_model.output, "compare": compare, "n_examples": len(data),
-                "unchanged": len(unchanged), "seconds": round(seconds, 3), "model": model.name}
+                "unchanged": len(unchanged), "seconds": round(seconds, 3),
+                "seconds_recording": measured["seconds"]["recording"], "seconds_rows": measured["seconds"]["rows"],
+                "model": model.name}
         if values.numel() <= 400:
             meta["annotations"] = [[("" if math.isnan(v) else f"{v:.2f}") for v in row] for row in values.tolist()]
         table = _table(data, alignment, predicted, expected)
