@@ -1,168 +1,135 @@
-"""Models spread by accelerate (`device_map`): every method gives the numbers of the whole model.
+"""The process group (`mechnb.core.distributed`): what ranks agree on, proven with two gloo
+processes on CPU (each test its own spawn: `ranks.spawn`), and the world of one that every
+call without torchrun sees."""
 
-This machine has no GPU, so the spread is over the CPU and the disk: layer 1 and the
-final norm are offloaded, so their weights sit on the `meta` device between forwards
-and accelerate's `AlignDevicesHook`s load them for each forward. That exercises the
-hooks, inputs placed on the embedding's device, and every weight read outside a
-forward; tensors on two different GPUs cannot be made here.
-"""
-
-from __future__ import annotations
+import time
 
 import pytest
 import torch
 
-import mechnb
-from conftest import PARIS, PROMPT, build_hf
-from mechnb import ModelError
-from mechnb.model import Model
-
-CLEAN = PROMPT
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
-DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-              "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "disk", "lm_head": "cpu"}
+from mechnb.core import distributed
+from ranks import spawn
 
 
-def close(a, b, atol=1e-5):
-    return torch.allclose(torch.as_tensor(a).float().cpu(), torch.as_tensor(b).float().cpu(),
-                          atol=atol, equal_nan=True)
+def test_a_world_of_one_is_the_identity():
+    world = distributed.current()
+    assert (world.rank, world.size, world.main, world.several) == (0, 1, True, False)
+    tensor = torch.arange(4.0)
+    assert world.sum_(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
+    assert torch.equal(world.gather(tensor), tensor) and world.slice(10) == slice(0, 10)
+    assert world.sum_keep_gradient(tensor) is tensor and world.broadcast_object({"a": 1}) == {"a": 1}
+    assert world.traffic.bytes == 0
 
 
-@pytest.fixture(scope="module")
-def whole(saved):
-    return mechnb.load(saved, device="cpu")
+def collectives(world):
+    rank = world.rank
+    summed = world.sum_(torch.tensor([1.0 + rank, 10.0]))
+    mean = world.mean_(torch.tensor([2.0 * rank]))
+    biggest = world.max_(torch.tensor([rank], dtype=torch.long))
+    gathered = world.gather(torch.full((2, 3), float(rank)))
+    uneven = world.gather_uneven(torch.full((rank + 1, 2), float(rank)))
+    told = world.broadcast_object({"seed": 7, "from": rank}, source=1)
+    shares = [world.slice(n) for n in (10, 11)]
+    # A part of a replicated value on each rank, and a loss every rank computes the same:
+    # the gradient of each part is the loss's own (the sum's backward is the identity).
+    part = torch.tensor([1.0 + rank, 2.0], requires_grad=True)
+    whole = world.sum_keep_gradient(part * 3)
+    (whole ** 2).sum().backward()
+    import torch.distributed.nn.functional as dist_nn
+
+    naive_part = torch.tensor([1.0 + rank, 2.0], requires_grad=True)
+    (dist_nn.all_reduce(naive_part * 3) ** 2).sum().backward()
+    with world.main_writes() as main:
+        wrote = main
+    return {"summed": summed, "mean": mean, "max": biggest, "gathered": gathered, "uneven": uneven,
+            "seed": told["seed"], "told_from": told["from"], "shares": torch.tensor([[s.start, s.stop] for s in shares]),
+            "grad": part.grad, "naive_grad": naive_part.grad, "whole": whole.detach(), "wrote": int(wrote),
+            "traffic": world.traffic.bytes}
 
 
-@pytest.fixture(scope="module")
-def spread(saved, tmp_path_factory):
-    return mechnb.load(saved, device_map=DEVICE_MAP, offload_folder=str(tmp_path_factory.mktemp("offload")))
+def test_two_ranks_agree_on_sums_gathers_broadcasts_and_shares():
+    results = spawn(collectives, 2)
+    for rank, got in results.items():
+        assert torch.equal(got["summed"], torch.tensor([3.0, 20.0]))
+        assert torch.equal(got["mean"], torch.tensor([1.0])) and int(got["max"]) == 1
+        assert torch.equal(got["gathered"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+        assert torch.equal(got["uneven"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert (got["seed"], got["told_from"]) == (7, 1)
+        assert got["wrote"] == (rank == 0) and got["traffic"] > 0
+    assert results[0]["shares"].tolist() == [[0, 5], [0, 6]] and results[1]["shares"].tolist() == [[5, 10], [6, 11]]
+    # The whole is (3 + 6, 12) on both ranks; d/d part of sum((3 * whole)^2)... by hand:
+    whole = torch.tensor([9.0, 12.0])
+    assert all(torch.equal(got["whole"], whole) for got in results.values())
+    expected = 2 * whole * 3
+    assert all(torch.allclose(got["grad"], expected) for got in results.values())
+    # torch.distributed.nn's all_reduce also sums the replicated loss's gradients: twice as large.
+    assert all(torch.allclose(got["naive_grad"], 2 * expected) for got in results.values())
 
 
-def test_offloaded_layers_keep_no_data_between_forwards(spread):
-    devices = {name: p.device.type for name, p in spread.hf.named_parameters()}
-    assert devices["model.layers.1.mlp.down_proj.weight"] == "meta"
-    assert devices["model.norm.weight"] == "meta"
-    assert devices["model.layers.0.mlp.down_proj.weight"] == "cpu"
-    assert spread.devices == ["cpu", "disk"]
-    assert spread.device == torch.device("cpu")  # inputs go to the embedding's device
-    assert spread.info()["device"] == "cpu, disk (device_map)"
+def one_rank_dies(world):
+    if world.rank == 1:
+        import os
+
+        os._exit(3)  # as a rank killed by the system would: no cleanup, no message
+    started = time.perf_counter()
+    try:
+        world.sum_(torch.ones(4))
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started}
+    return {"error": "", "seconds": time.perf_counter() - started}
 
 
-def test_trace_reads_and_writes_match_the_whole_model(whole, spread):
-    def run(model):
-        with model.trace([CLEAN, PARIS]):
-            early = model["resid_pre.0:2"].save()  # a range: stacked on one device
-            model["head.1.2"] = 0
-            later = model["resid_post.1"].save()
-            model["mlp_out.2@-1"] = model["mlp_out.2@-1"] * 2
-            logits = model["logits"].save()
-        return torch.cat([early, later[None]]), logits
-
-    (a_resid, a_logits), (b_resid, b_logits) = run(whole), run(spread)
-    assert close(a_resid, b_resid) and close(a_logits, b_logits)
+def test_a_rank_that_dies_ends_the_others_wait_with_one_line():
+    results = spawn(one_rank_dies, 2, timeout=10, expect_failure=True)
+    survivor = results[0]
+    assert survivor["error"].startswith("DistributedError: rank 0 of 2: a all_reduce failed, another rank stopped"), \
+        survivor["error"]
+    assert survivor["seconds"] < 15 and "\n" not in survivor["error"]
 
 
-def test_cache_of_offloaded_layers_matches(whole, spread):
-    sites = ["resid_pre.*", "pattern.1", "head.1", "neuron.1", "mlp_out.*", "logits"]
-    a, b = whole.cache([CLEAN, PARIS], sites), spread.cache([CLEAN, PARIS], sites)
-    for site in ("resid_pre.*@-1", "pattern.1.2", "head.1.3", "neuron.1", "mlp_out.*", "logits"):
-        assert close(a[site], b[site]), site
-    assert whole.top(PARIS, 5).token_id.tolist() == spread.top(PARIS, 5).token_id.tolist()
+# -- training sparse autoencoders over ranks ------------------------------------------------
+
+SAE_SETTINGS = dict(d_sae=48, batch_size=64, steps=20, log_every=5, dead_tokens=100, progress=False, seed=3)
 
 
-def test_exact_and_attribution_patching_match(whole, spread):
-    for sites, method in (("resid_pre.*", "exact"), ("head.*.*", "exact"), ("resid_pre.*", "attribution")):
-        a = whole.patch(CLEAN, CORRUPT, sites, answer=" Mary", wrong=" John", method=method, progress=False)
-        b = spread.patch(CLEAN, CORRUPT, sites, answer=" Mary", wrong=" John", method=method, progress=False)
-        assert close(a.values, b.values), (sites, method)
+def activations(n=1600, d=16, seed=0):
+    """Activations with some structure (a few directions) for the SAE tests."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(12, d, generator=generator)
+    codes = torch.relu(torch.randn(n, 12, generator=generator)) * (torch.rand(n, 12, generator=generator) < 0.3)
+    return codes @ directions + 0.05 * torch.randn(n, d, generator=generator)
 
 
-def test_ablation_and_steering_references_follow_the_layers(whole, spread):
-    def run(model):
-        vector = model.steering_vector([CLEAN], [CORRUPT], "resid_pre.2")
-        with model.ablated(["mlp_out.1", "head.1.0"], mode="mean", ref=[CLEAN, PARIS]), \
-                model.steered("resid_pre.2", vector, 4.0):
-            return vector, model.cache(PARIS, "logits")["logits"]
-
-    (a_vector, a_logits), (b_vector, b_logits) = run(whole), run(spread)
-    assert close(a_vector, b_vector) and close(a_logits, b_logits)
-    assert spread.interventions == []
+KINDS = [("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("relu", None)]
 
 
-def test_generation_matches(whole, spread):
-    a = whole.generate([PARIS, CLEAN], max_new_tokens=4)
-    b = spread.generate([PARIS, CLEAN], max_new_tokens=4)
-    assert torch.equal(a.values, b.values)
+def train_saes(world, strategy):
+    """Every kind of SAE trained over the ranks, one after the other (one spawn)."""
+    import mechnb
+
+    found = {}
+    for kind, k in KINDS:
+        sae = mechnb.sae.train(activations(), kind=kind, k=k, strategy=strategy, **SAE_SETTINGS)
+        found |= {f"{kind}.{name}": p.detach().clone() for name, p in sae.named_parameters()}
+        found |= {f"{kind}.{column}": torch.tensor(sae.history[column].tolist()) for column in ("fvu", "l0", "dead")}
+        found[f"{kind}.ranks"] = sae.meta["ranks"]
+    return found
 
 
-def test_circuit_scores_match(whole, spread):
-    a = whole.circuit(CLEAN, CORRUPT, " Mary", " John", method="eap-ig", steps=2)
-    b = spread.circuit(CLEAN, CORRUPT, " Mary", " John", method="eap-ig", steps=2)
-    assert close(a.scores, b.scores)
-    assert close(a.faithfulness([0.1, 0.5], progress=False).values,
-                 b.faithfulness([0.1, 0.5], progress=False).values)
+@pytest.mark.parametrize("strategy", ["ddp", "features"])
+def test_sae_training_over_two_ranks_equals_one_process(strategy):
+    """Every kind (relu resamples its dead features twice in these 20 steps): the same SAE as
+    one process with the same seed and global batch, to 1e-5."""
+    import mechnb
 
-
-def test_methods_reading_offloaded_weights_match(whole, spread):
-    assert close(whole.logit_lens(PARIS).values, spread.logit_lens(PARIS).values)
-    a, b = whole.dla(CLEAN, " Mary", " John"), spread.dla(CLEAN, " Mary", " John")
-    assert close(a.values, b.values) and abs(a.meta["total"] - b.meta["total"]) < 1e-4
-    assert close(whole.attribute(PARIS).values, spread.attribute(PARIS).values)  # GIM's norm hooks
-    assert close(whole.ov(1, 2).A, spread.ov(1, 2).A) and close(whole.ov(1, 2).B, spread.ov(1, 2).B)
-    assert close(whole.composition("k").values, spread.composition("k").values)
-
-
-def test_an_sae_spliced_into_an_offloaded_layer_and_collected_activations_match(whole, spread):
-    from mechnb.sae.model import SAE
-
-    def run(model):
-        torch.manual_seed(0)
-        sae = SAE(32, 64, kind="relu", site="resid_post.1")
-        with torch.no_grad():
-            for parameter in (sae.W_enc, sae.W_dec, sae.b_enc):
-                parameter.normal_(0, 0.3)
-        model.attach(sae)
-        try:
-            cache = model.cache(PARIS, ["sae.1", "logits"])
-            features, logits = cache["sae.1"], cache["logits"]
-        finally:
-            model.detach(sae)
-        store = model.collect("resid_post.1", [CLEAN, PARIS], n_tokens=16, progress=False)
-        return features, logits, store.rows(0, len(store))
-
-    for a, b in zip(run(whole), run(spread)):
-        assert close(a, b)
-
-
-def test_a_weight_edit_of_an_offloaded_layer_is_refused(spread):
-    from mechnb import EditError
-
-    with pytest.raises(EditError, match="layer 1's MLP is offloaded"):
-        spread.edit(PARIS, "Eiffel Tower", " Rome", layer=1)
-    assert spread.edits == []
-
-
-def test_a_model_dispatched_in_code_matches(tokenizer, whole, tmp_path):
-    from accelerate import dispatch_model
-
-    hf = dispatch_model(build_hf("llama", tokenizer), device_map=DEVICE_MAP, offload_dir=str(tmp_path))
-    model = Model(hf, tokenizer)
-    assert model.hf.model.layers[1].mlp.down_proj.weight.device.type == "meta"
-    with model.trace(CLEAN):
-        model["neuron.1.5"] = 0
-        logits = model["logits"].save()
-    with whole.trace(CLEAN):
-        whole["neuron.1.5"] = 0
-        expected = whole["logits"].save()
-    assert close(logits, expected)
-
-
-def test_device_map_auto_on_a_cpu_machine_loads_on_the_cpu(saved, whole):
-    model = mechnb.load(saved, device_map="auto")
-    assert model.devices == ["cpu"] and model.info()["device"] == "cpu"
-    assert close(model.cache(PARIS, "logits")["logits"], whole.cache(PARIS, "logits")["logits"])
-
-
-def test_device_and_device_map_together_are_a_clear_error(saved):
-    with pytest.raises(ModelError, match=r"device='cuda' and device_map='auto' contradict each other"):
-        mechnb.load(saved, device="cuda", device_map="auto")
+    results = spawn(train_saes, 2, strategy)
+    for kind, k in KINDS:
+        alone = mechnb.sae.train(activations(), kind=kind, k=k, **SAE_SETTINGS)
+        for rank, got in results.items():
+            assert got[f"{kind}.ranks"] == 2
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+                difference = (got[f"{kind}.{name}"] - getattr(alone, name)).abs().max()
+                assert difference < 1e-5, (kind, rank, name, float(difference))
+            for column in ("fvu", "l0"):
+                assert torch.allclose(got[f"{kind}.{column}"], torch.tensor(alone.history[column].tolist()), atol=1e-4)
+            assert torch.equal(got[f"{kind}.dead"], torch.tensor(alone.history.dead.tolist()))

@@ -59,6 +59,11 @@ class RemoteError(MechnbError):
     """A remote (NDIF) run that cannot start or failed, or a method that needs local weights."""
 
 
+class DistributedError(MechnbError):
+    """A job over several processes that cannot start, or a rank that failed, stopped or timed out
+    (`mechnb.core.distributed`, `mechnb.launch`)."""
+
+
 class OutOfMemoryWarning(UserWarning):
     """A sweep ran out of memory and continued with smaller chunks."""
 
