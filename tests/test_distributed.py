@@ -133,3 +133,154 @@ def test_sae_training_over_two_ranks_equals_one_process(strategy):
             for column in ("fvu", "l0"):
                 assert torch.allclose(got[f"{kind}.{column}"], torch.tensor(alone.history[column].tolist()), atol=1e-4)
             assert torch.equal(got[f"{kind}.dead"], torch.tensor(alone.history.dead.tolist()))
+
+
+def die_at_step(world, folder, step):
+    """Train with checkpoints every 5 steps; rank 1 dies (no cleanup) before step `step`."""
+    import importlib
+    import os
+
+    import mechnb
+    trainer = importlib.import_module("mechnb.sae.train")
+
+    real, calls = trainer._step, []
+
+    def step_or_die(*args, **kwargs):
+        calls.append(1)
+        if world.rank == 1 and len(calls) == step:
+            os._exit(3)
+        return real(*args, **kwargs)
+
+    trainer._step = step_or_die
+    try:
+        mechnb.sae.train(activations(), kind="topk", k=4, checkpoint=folder, save_every=5, **SAE_SETTINGS)
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"error": ""}
+
+
+def test_a_killed_rank_ends_training_clearly_and_the_checkpoint_resumes_on_any_number_of_ranks(tmp_path):
+    import json
+
+    import mechnb
+
+    started = time.perf_counter()
+    results = spawn(die_at_step, 2, str(tmp_path), 13, timeout=15, expect_failure=True)
+    assert time.perf_counter() - started < 60
+    assert results[0]["error"].startswith("DistributedError: rank 0 of 2: a all_reduce failed"), results[0]
+    assert json.loads((tmp_path / "sae_training.json").read_text())["step"] == 10  # the last checkpoint
+    resumed = mechnb.sae.train(activations(), kind="topk", k=4, checkpoint=tmp_path, save_every=5, **SAE_SETTINGS)
+    whole = mechnb.sae.train(activations(), kind="topk", k=4, **SAE_SETTINGS)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.allclose(getattr(resumed, name), getattr(whole, name), atol=1e-5), name
+    assert resumed.history.step.tolist() == whole.history.step.tolist() and resumed.meta["steps"] == 20
+
+
+# -- training transcoders over ranks ------------------------------------------------------------
+
+TC_SETTINGS = dict(width=48, k=4, n_tokens=4000, batch_size=360, context=40, progress=False, log_every=2,
+                   dead_tokens=300, seed=2)
+
+
+def tiny_llama():
+    """The tiny random Llama of the tests (the embedded model's tokenizer), the same in every process."""
+    import transformers
+
+    from mechnb.core import embedded
+    from mechnb.model import Model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.converted(), local_files_only=True)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return Model(hf, tokenizer, name="tiny-llama")
+
+
+def documents():
+    from mechnb.datasets import python_docs
+
+    return list(python_docs("train", sources=("topics",)))[:30]
+
+
+def transcoder_tensors(tcs) -> dict:
+    found = {f"{layer}.{name}": p.detach().clone() for layer in tcs.layers
+             for name, p in tcs[layer].named_parameters()}
+    found |= {f"history.{column}": torch.tensor(tcs.history[column].tolist()) for column in ("fvu", "fvu_max", "l0",
+                                                                                            "dead", "loss")}
+    return found
+
+
+def train_transcoders(world, strategy):
+    import mechnb
+
+    model = tiny_llama()
+    found = {}
+    for kind in ("topk", "jumprelu"):
+        tcs = mechnb.transcoders.train(model, documents(), kind=kind, strategy=strategy, **TC_SETTINGS)
+        found |= {f"{kind}.{key}": value for key, value in transcoder_tensors(tcs).items()}
+        found[f"{kind}.ranks"] = tcs.meta["ranks"]
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "layers", "features"])
+def test_transcoder_training_over_two_ranks_equals_one_process(strategy):
+    """Each rank runs the model on half of every batch's windows (9 windows: 5 and 4); topk (whose
+    dead features get the auxiliary loss here) and jumprelu train to the set one process trains."""
+    import mechnb
+
+    results = spawn(train_transcoders, 2, strategy)
+    model = tiny_llama()
+    for kind in ("topk", "jumprelu"):
+        alone = transcoder_tensors(mechnb.transcoders.train(model, documents(), kind=kind, **TC_SETTINGS))
+        for rank, got in results.items():
+            assert got[f"{kind}.ranks"] == 2
+            for key, value in alone.items():
+                difference = (got[f"{kind}.{key}"] - value).abs().max()
+                assert difference < 1e-5 or key.startswith("history") and difference < 1e-4, \
+                    (strategy, kind, rank, key, float(difference))
+
+
+def sharded_layer_gradients(world, kind):
+    """One transcoder layer's loss and backward with its features split over the ranks."""
+    import importlib
+
+    trainer = importlib.import_module("mechnb.transcoders.train")
+    return layer_gradients(trainer._Plan(world, "features", [0], 12), kind)
+
+
+def layer_gradients(plan, kind):
+    import importlib
+
+    trainer = importlib.import_module("mechnb.transcoders.train")
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 8, generator=generator), torch.randn(20, 8, generator=generator)
+    whole = trainer._Layer(8, 12, kind, 3 if kind == "topk" else None, True, "cpu")
+    with torch.no_grad():
+        for parameter in whole.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        whole.threshold.fill_(0.05)
+    part = trainer._Layer(8, plan.width, kind, 3 if kind == "topk" else None, True, "cpu")
+    with torch.no_grad():
+        for name, parameter in part.named_parameters():
+            parameter.copy_(trainer._shard_tensor(plan, name, getattr(whole, name)))
+    dead = (torch.arange(12) % 3 == 0)[plan.features]  # a third of the features dead: the auxiliary loss
+    figures = trainer._layer_step(part, x, y, dead, plan, 20, kind, 0.1)
+    found = {name: trainer._whole_tensor(plan, name, p.grad) for name, p in part.named_parameters()
+             if p.grad is not None}
+    return found | {"loss": torch.tensor(figures["loss"]), "l0": torch.tensor(figures["l0"])}
+
+
+@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
+def test_features_split_over_ranks_have_the_gradients_of_the_whole_layer(kind):
+    import importlib
+
+    from mechnb.core.distributed import current
+
+    trainer = importlib.import_module("mechnb.transcoders.train")
+    expected = layer_gradients(trainer._Plan(current(), "features", [0], 12), kind)
+    results = spawn(sharded_layer_gradients, 2, kind)
+    assert set(expected) >= {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}
+    for rank, got in results.items():
+        for name, value in expected.items():
+            assert torch.allclose(got[name], value, atol=1e-6), (kind, rank, name)

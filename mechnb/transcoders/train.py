@@ -72,23 +72,29 @@ def token_windows(model, texts, context: int):
 class _TopK(torch.autograd.Function):
     """The top-k encoder, with gradients that touch only the selected features.
 
-    forward(x, W_enc, b_enc, k, dead, k_aux) -> (values, indices, aux values, aux indices):
+    forward(x, W_enc, b_enc, k, dead, k_aux, world) -> (values, indices, aux values, aux indices):
     each token's k largest pre-activations (ReLU'd) and, for the auxiliary loss, the
-    k_aux largest among the `dead` features (none when `dead` is None). The backward
+    k_aux largest among the `dead` features (none when `dead` is None); with `world`, the
+    features are this rank's shard and a value counts only if it is among the k largest over
+    every rank's (the others are zero, and get no gradient). The backward
     sums `x` into the encoder columns of the selected features only (n k d operations
     instead of the dense n width d product): a training step costs one dense product
     per layer, the encoder's forward.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux):
+    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux, world=None):
         pre = x @ W_enc + b_enc
-        top = pre.topk(k, dim=-1)
+        top = pre.topk(min(k, pre.shape[-1]), dim=-1)
         values = torch.relu(top.values)
+        if world is not None:  # features over ranks: keep what the global top k keeps
+            values = values * (top.values >= world.kth_largest(pre, k)[:, None])
         if dead is not None:
             masked = pre.masked_fill_(~dead, -float("inf"))
-            aux = masked.topk(k_aux, dim=-1)
+            aux = masked.topk(min(k_aux, masked.shape[-1]), dim=-1)
             aux_values, aux_indices = torch.relu(aux.values).nan_to_num(0.0), aux.indices
+            if world is not None:
+                aux_values = aux_values * (aux.values >= world.kth_largest(masked, k_aux)[:, None])
         else:
             aux_values = aux_indices = torch.zeros(len(x), 0, dtype=pre.dtype, device=x.device)
             aux_indices = aux_indices.long()
@@ -113,7 +119,7 @@ class _TopK(torch.autograd.Function):
         grad_W = torch.nn.functional.embedding_bag(rows, x, offsets, mode="sum",
                                                    per_sample_weights=grads[order])
         grad_b = torch.bincount(flat, weights=grads, minlength=ctx.width).to(x.dtype)
-        return None, grad_W.T, grad_b, None, None, None
+        return None, grad_W.T, grad_b, None, None, None, None
 
 
 class _Layer(torch.nn.Module):
@@ -129,35 +135,42 @@ class _Layer(torch.nn.Module):
         self.threshold = torch.nn.Parameter(torch.zeros(width, device=device), requires_grad=kind == "jumprelu")
         self.W_skip = torch.nn.Parameter(torch.zeros(d, d, device=device)) if skip else None
 
-    def forward(self, x: torch.Tensor, dead: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, world=None, dead_count: int | None = None):
         """`(prediction, fired (width bool), extra loss term, L0)` for scaled inputs `x`: for topk
         the auxiliary reconstruction by `dead` features (None when none are), for jumprelu
-        the L0 term."""
+        the L0 term (summed over the tokens). With `world`, this layer's features are this
+        rank's shard (`dead_count`: the dead features over every rank): top-k thresholds are
+        global and the decoders' outputs summed over ranks, so the prediction is whole."""
         from ..sae.train import jumprelu_ste, step_ste
 
+        whole = (lambda value: world.sum_keep_gradient(value)) if world is not None else (lambda value: value)
         if self.kind == "topk":
-            k_aux = 0 if dead is None else min(int(dead.sum()), 2 * self.k, x.shape[1] // 2)
+            dead_count = int(dead.sum()) if dead_count is None and dead is not None else dead_count
+            k_aux = 0 if dead is None or not dead_count else min(dead_count, 2 * self.k, x.shape[1] // 2)
             values, indices, aux_values, aux_indices = _TopK.apply(
-                x, self.W_enc, self.b_enc, self.k, dead if k_aux else None, k_aux)
+                x, self.W_enc, self.b_enc, self.k, dead if k_aux else None, k_aux, world)
             # The decoder reads k rows per token, not the whole width.
-            y = torch.nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+            y = whole(torch.nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum"))
             fired = torch.bincount(indices[values > 0], minlength=self.W_enc.shape[1]) > 0
-            l0 = (values > 0).sum(-1).float().mean().item()
+            l0 = (values > 0).sum(-1).float().sum().item()
             extra = None
             if k_aux:
-                extra = torch.nn.functional.embedding_bag(aux_indices, self.W_dec, per_sample_weights=aux_values,
-                                                          mode="sum")
+                extra = whole(torch.nn.functional.embedding_bag(aux_indices, self.W_dec,
+                                                                per_sample_weights=aux_values, mode="sum"))
         else:
             pre = x @ self.W_enc + self.b_enc
             features = jumprelu_ste(pre, self.threshold)
-            y = features @ self.W_dec
+            y = whole(features @ self.W_dec)
             fired = (features > 0).any(0)
-            l0 = (features > 0).sum(-1).float().mean().item()
-            extra = step_ste(pre, self.threshold).sum(-1).mean()
+            l0 = (features > 0).sum(-1).float().sum().item()
+            extra = step_ste(pre, self.threshold).sum()
         y = y + self.b_dec
         if self.W_skip is not None:
             y = y + x @ self.W_skip.T
         return y, fired, extra, l0
+
+
+STRATEGIES = ("ddp", "layers", "features")
 
 
 @local_only
@@ -165,7 +178,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
           skip: bool = False, reads: str = "mlp_in", layers=None, n_tokens: int = 200_000,
           batch_size: int = 4096, context: int = 128, lr: float | None = None, l0: float = 0.1,
           seed: int = 0, dead_tokens: int | None = None, checkpoint=None, save_every: int = 25,
-          log_every: int = 5, progress: bool = True, name: str = "tc") -> TranscoderSet:
+          log_every: int = 5, progress: bool = True, name: str = "tc", strategy: str | None = None) -> TranscoderSet:
     """Transcoders for `layers` (default all) of `model`, trained on `texts`; see the module doc.
 
     Args:
@@ -176,20 +189,30 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
         skip: add a linear skip connection to each transcoder.
         reads: `mlp_in` (the MLP's input, after its norm) or `resid_mid`.
         layers: which layers (a list or range; default every layer).
-        n_tokens: training tokens (each read once); `batch_size`: tokens per step.
+        n_tokens: training tokens (each read once); `batch_size`: tokens per step (over
+            every rank).
         context: tokens per window.
         lr: Adam's learning rate (default 4e-3: runs of a few hundred thousand tokens).
         dead_tokens: a feature is dead after this many tokens without firing
             (default min(1M, a quarter of training)).
-        checkpoint: a directory to save to and resume from.
+        checkpoint: a directory to save to and resume from (rank 0 writes the whole state:
+            a run resumes on any number of ranks).
+        strategy: under torchrun, how ranks share the work; each runs the model on its share
+            of every batch's windows, then: `ddp` (the default) trains every layer on its own
+            rows, gradients summed; `layers` gathers the batch's values and trains only its
+            own layers on all of them (sparsify's distribute_modules); `features` gathers
+            them too and holds a shard of every layer's features (top-k thresholds gathered,
+            the decoders' outputs summed), for widths one device cannot hold.
 
     Returns:
-        A `TranscoderSet`, with `.history` (DataFrame: step, tokens, loss, fvu (mean over
-        layers), fvu_max, l0, dead, lr, seconds) and `.meta` (per-layer final FVU, tokens,
-        seconds, interrupted). Example: `mechnb.transcoders.train(model, texts, width=2304, k=32)`.
+        A `TranscoderSet` (whole, on every rank), with `.history` (DataFrame: step, tokens,
+        loss, fvu (mean over layers), fvu_max, l0, dead, lr, seconds) and `.meta` (per-layer
+        final FVU, tokens, seconds, interrupted). Example:
+        `mechnb.transcoders.train(model, texts, width=2304, k=32)`.
     """
     import pandas as pd
 
+    from ..core import distributed
     from ..core.memory import return_to_system
     from ..sae.store import padded
     from ..sae.train import geometric_median, remove_parallel_gradient
@@ -198,33 +221,37 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     width = width or 4 * d
     layers = _layers(model, layers)
     _check(kind, width, k, reads, n_tokens, batch_size, context, save_every, log_every, l0, lr)
+    if strategy is not None and strategy not in STRATEGIES:
+        raise TranscoderError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if reads == "resid_mid" and model.parallel_attn_mlp:
         raise TranscoderError(f"{model.name} runs attention and MLP in parallel: it has no resid_mid; "
                               "train on reads='mlp_in'")
+    world = distributed.current()
+    plan = _Plan(world, strategy or "ddp", layers, width)
     device = model.device
     lr = lr or 4e-3
-    per_step = max(1, batch_size // (context - 1))  # windows per step
+    per_step = max(1, batch_size // (context - 1))  # windows per step, over every rank
     steps = max(1, math.ceil(n_tokens / (per_step * (context - 1))))
     dead_tokens = dead_tokens or min(1_000_000, max(steps * per_step * (context - 1) // 4, batch_size))
     settings = {"width": width, "k": k, "kind": kind, "skip": skip, "reads": reads, "layers": layers,
                 "n_tokens": n_tokens, "batch_size": batch_size, "context": context, "lr": lr, "l0": l0,
                 "seed": seed, "model": model.name}
     torch.manual_seed(seed)
-    parts = torch.nn.ModuleList(_Layer(d, width, kind, k if kind == "topk" else None, skip, device)
-                                for _ in layers)
+    parts = torch.nn.ModuleList(_Layer(d, plan.width, kind, k if kind == "topk" else None, skip, device)
+                                for _ in plan.mine)
     optimizer = torch.optim.Adam([p for p in parts.parameters() if p.requires_grad], lr=lr)
     state = {"step": 0, "windows": 0, "tokens": 0, "seconds": 0.0, "history": [],
              "scales": None, "last_fired": None}
     folder = Path(checkpoint) if checkpoint is not None else None
     if folder is not None and (folder / "training.json").is_file():
-        state = _resume(folder, settings, parts, optimizer)
-    last_fired = (torch.tensor(state["last_fired"], device=device) if state["last_fired"] is not None
-                  else torch.zeros(len(layers), width, dtype=torch.long, device=device))
+        state = _resume(folder, settings, parts, optimizer, plan)
+    last_fired = (state["last_fired"].to(device) if state["last_fired"] is not None
+                  else torch.zeros(len(parts), plan.width, dtype=torch.long, device=device))
     windows = token_windows(model, texts, context)
     for _ in range(state["windows"]):  # resumed: these windows were trained on
         next(windows, None)
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=state["step"], desc=f"training {len(layers)} transcoders",
@@ -238,38 +265,28 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
             rows = [w for _, w in zip(range(per_step), windows)]
             if not rows:
                 break
-            ids, mask = padded(model, rows)
-            inputs, outputs = mlp_values(model, layers, reads, ids, mask)
-            state["windows"] += len(rows)
+            inputs, outputs = plan.values(model, layers, reads, rows[world.slice(len(rows))], padded)
+            state["windows"] += len(rows)  # counted once read: an interrupted read is read again on resuming
             if scales is None:
-                scales = [[math.sqrt(d) / inputs[i].norm(dim=-1).mean().item(),
-                           math.sqrt(d) / outputs[i].norm(dim=-1).mean().item()] for i in range(len(layers))]
-                _initialise(parts, inputs, outputs, scales, seed, geometric_median)
+                scales = plan.scales(inputs, outputs, d)
+                _initialise(parts, *plan.first(inputs, outputs), [scales[i] for i in plan.mine], seed,
+                            geometric_median, plan)
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (steps - state["step"]) / max(1, steps - decay_from))
             optimizer.zero_grad(set_to_none=True)
-            logged = {"loss": 0.0, "fvu": [], "l0": 0.0, "dead": 0.0}
+            n = plan.count(inputs.shape[1])
+            logged = {"loss": [], "fvu": [], "l0": [], "dead": []}
             for i, part in enumerate(parts):
-                x, y = inputs[i] * scales[i][0], outputs[i] * scales[i][1]
+                x, y = inputs[plan.column(i)] * scales[plan.mine[i]][0], outputs[plan.column(i)] * scales[plan.mine[i]][1]
                 dead = last_fired[i] >= dead_tokens
-                y_hat, fired, extra, l0_now = part(x, dead if dead.any() else None)
-                mse = (y_hat - y).pow(2).sum(-1).mean()
-                loss = mse
-                last_fired[i] = torch.where(fired, 0, last_fired[i] + len(x))
-                if kind == "jumprelu":
-                    loss = loss + l0 * extra
-                elif extra is not None:
-                    # Auxiliary-k: the dead features' top pre-activations explain the residual error.
-                    error = (y - y_hat).detach()
-                    loss = loss + (extra - error).pow(2).sum(-1).mean() / error.pow(2).sum(-1).mean().clamp_min(
-                        1e-8) / 32
-                loss.backward()
+                figures = _layer_step(part, x, y, dead, plan, n, kind, l0)
+                fired = figures.pop("fired")
+                last_fired[i] = torch.where(fired, 0, last_fired[i] + n)
                 remove_parallel_gradient(part.W_dec)
-                with torch.no_grad():
-                    logged["loss"] += loss.item() / len(parts)
-                    logged["fvu"].append(((y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item())
-                    logged["l0"] += l0_now / len(parts)
-                    logged["dead"] += dead.float().mean().item() / len(parts)
+                for key, value in figures.items():
+                    logged[key].append(value)
+            if plan.data_parallel:
+                plan.sum_gradients(parts)
             optimizer.step()
             with torch.no_grad():
                 for part in parts:
@@ -277,23 +294,27 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
                     if kind == "jumprelu":
                         part.threshold.clamp_(min=1e-4)
             state["step"] += 1
-            state["tokens"] += inputs.shape[1]
+            state["tokens"] += n
             del inputs, outputs
             return_to_system()  # this batch's values are freed: hand their pages back
             if state["step"] % log_every == 0 or state["step"] == steps:
-                fvu = logged.pop("fvu")
-                row = {"step": state["step"], "tokens": state["tokens"], **logged,
-                       "fvu": sum(fvu) / len(fvu), "fvu_max": max(fvu),
+                per_layer = plan.per_layer(logged)
+                row = {"step": state["step"], "tokens": state["tokens"],
+                       "loss": sum(per_layer["loss"]) / len(layers), "fvu": sum(per_layer["fvu"]) / len(layers),
+                       "fvu_max": max(per_layer["fvu"]), "l0": sum(per_layer["l0"]) / len(layers),
+                       "dead": sum(per_layer["dead"]) / len(layers),
                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
                 state["history"].append(row)
-                state["fvu_layers"] = fvu
+                state["fvu_layers"] = per_layer["fvu"]
                 if bar is not None:
                     bar.set_postfix(fvu=f"{row['fvu']:.3f}", worst=f"{row['fvu_max']:.3f}", l0=f"{row['l0']:.1f}",
                                     dead=f"{row['dead']:.2f}")
+                distributed.report(world, step=state["step"], steps=steps, tokens=state["tokens"], loss=row["loss"],
+                                   fvu=row["fvu"], dead=row["dead"])
             if bar is not None:
                 bar.update(1)
             if folder is not None and state["step"] % save_every == 0:
-                _save(folder, settings, parts, optimizer, state, scales, last_fired, start)
+                _save(folder, settings, parts, optimizer, state, scales, last_fired, start, plan)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -302,24 +323,188 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     if scales is None:
         raise TranscoderError("the texts gave no full window to train on: pass more text, or a shorter context")
     if folder is not None:
-        _save(folder, settings, parts, optimizer, state, scales, last_fired, start)
+        _save(folder, settings, parts, optimizer, state, scales, last_fired, start, plan)
     if state["step"] < steps and not interrupted:
         import warnings
 
         warnings.warn(f"the texts ran out after {state['tokens']} tokens, {state['step']} of {steps} steps: "
                       "pass more text (or the same text again) for the n_tokens asked")
+    every = plan.whole(parts)
     transcoders = {layer: _folded(part, scales[i], d, width, kind, k, skip) for i, (layer, part)
-                   in enumerate(zip(layers, parts))}
+                   in enumerate(zip(layers, every))}
     meta = {"tokens": state["tokens"], "steps": state["step"], "seconds": time.perf_counter() - start,
             "interrupted": interrupted, "fvu_layers": dict(zip(layers, state.get("fvu_layers", []))),
+            "strategy": plan.strategy, "ranks": world.size,
             **{key: settings[key] for key in ("lr", "seed", "batch_size", "context")},
             **({"l0_coefficient": l0} if kind == "jumprelu" else {})}
     tcs = TranscoderSet(transcoders, reads=reads, name=name, meta=meta,
                         model={"name": model.name, "n_layers": model.n_layers, "d_model": d})
     tcs.history = pd.DataFrame(state["history"])
-    del parts, optimizer
+    del parts, optimizer, every
     return_to_system()  # the training state (Adam's moments, gradients) is freed: hand it back
     return tcs
+
+
+def _layer_step(part, x, y, dead, plan, n: int, kind: str, l0: float) -> dict:
+    """One layer's loss on its rows and its backward (gradients accumulate in `part`): its
+    figures, summed over the rows this rank holds, and which of its features fired."""
+    world = plan.world
+    sharded = world if plan.sharded else None
+    dead_count = int(plan.total(dead.sum().float().reshape(1))[0]) if plan.sharded else None
+    y_hat, fired, extra, l0_sum = part(x, dead if (dead_count if plan.sharded else dead.any()) else None,
+                                       sharded, dead_count)
+    mse = (y_hat - y).pow(2).sum() / n
+    loss = mse
+    penalty = torch.zeros((), device=x.device)
+    if kind == "jumprelu":
+        penalty = l0 * extra / n
+    elif extra is not None:
+        # Auxiliary-k: the dead features' top pre-activations explain the residual error.
+        error = (y - y_hat).detach()
+        scale = plan.total_rows(error.pow(2).sum().reshape(1))[0] / n
+        loss = loss + (extra - error).pow(2).sum() / n / scale.clamp_min(1e-8) / 32
+    (loss + penalty).backward()
+    if plan.data_parallel:
+        fired = world.max_(fired.to(torch.int32)).bool()
+    with torch.no_grad():
+        error_sum = (y_hat - y).pow(2).sum()
+        mean, squares = y.sum(0), y.pow(2).sum()
+        if plan.data_parallel:
+            error_sum, mean, squares = (world.sum_(t.detach().clone()) for t in (error_sum, mean, squares))
+        fvu = float(error_sum / (squares - mean.pow(2).sum() / n))
+        loss_value = float(plan.total_rows(loss.detach().reshape(1))[0]) + float(
+            plan.total(penalty.detach().reshape(1))[0])
+        l0_value = float(plan.total(torch.tensor([l0_sum], device=x.device))[0]) / n
+        dead_sum = dead.float().sum().reshape(1)
+        dead_value = float(plan.total(dead_sum)[0] if plan.sharded else dead_sum[0]) / plan.width_of_all
+    return {"fired": fired, "loss": loss_value, "fvu": fvu, "l0": l0_value, "dead": dead_value}
+
+
+class _Plan:
+    """How this rank takes part (see `train`'s `strategy`): which windows it runs the model on,
+    which layers and features it trains, and what it shares."""
+
+    def __init__(self, world, strategy: str, layers: list[int], width: int):
+        self.world, self.strategy, self.layers, self.width_of_all = world, strategy, layers, width
+        several = world.several
+        self.data_parallel = several and strategy == "ddp"
+        self.sharded = several and strategy == "features"
+        self.by_layer = several and strategy == "layers"
+        if self.by_layer and len(layers) < world.size:
+            raise TranscoderError(f"layers over {world.size} ranks need at least one layer each, got {len(layers)}: "
+                                  "use ddp or features")
+        if self.sharded and width < world.size:
+            raise TranscoderError(f"features over {world.size} ranks need at least one feature each, got {width}")
+        # Indices into `layers` of the transcoders this rank trains.
+        self.mine = list(range(len(layers)))[world.slice(len(layers))] if self.by_layer else list(range(len(layers)))
+        self.features = world.slice(width) if self.sharded else slice(0, width)
+        self.width = self.features.stop - self.features.start
+
+    def values(self, model, layers, reads, rows, padded):
+        """What the MLPs read and write on this rank's windows; gathered into the global batch's
+        when this rank trains on all of it (layers, features)."""
+        ids, mask = padded(model, rows)
+        inputs, outputs = mlp_values(model, layers, reads, ids, mask)
+        if self.by_layer or self.sharded:
+            gather = self.world.gather_uneven
+            inputs = gather(inputs.transpose(0, 1).contiguous()).transpose(0, 1)
+            outputs = gather(outputs.transpose(0, 1).contiguous()).transpose(0, 1)
+        return inputs, outputs
+
+    def column(self, index: int) -> int:
+        """The layer (in `layers`) of this rank's `index`-th transcoder."""
+        return self.mine[index]
+
+    def first(self, inputs, outputs):
+        """The first batch whole (every rank's rows), which initialisation picks features from."""
+        if self.data_parallel:
+            gather = self.world.gather_uneven
+            inputs = gather(inputs.transpose(0, 1).contiguous()).transpose(0, 1)
+            outputs = gather(outputs.transpose(0, 1).contiguous()).transpose(0, 1)
+        return inputs[self.mine], outputs[self.mine]
+
+    def scales(self, inputs, outputs, d: int) -> list:
+        """Each layer's input and output scale (sqrt(d) over the mean norm), over the global batch."""
+        norms = torch.stack([inputs.norm(dim=-1).sum(-1), outputs.norm(dim=-1).sum(-1)], -1).double()
+        count = torch.tensor([float(inputs.shape[1])], dtype=torch.float64, device=norms.device)
+        if self.data_parallel:
+            norms, count = self.world.sum_(norms), self.world.sum_(count)
+        means = (norms / count).tolist()
+        return [[math.sqrt(d) / m[0], math.sqrt(d) / m[1]] for m in means]
+
+    def count(self, n: int) -> int:
+        return int(self.world.total(n)) if self.data_parallel else n
+
+    def total_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over ranks of a quantity each holds part of by rows (ddp)."""
+        return self.world.sum_(value.detach().clone()) if self.data_parallel else value.detach()
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over ranks of a quantity each holds part of by features (features) or rows (ddp)."""
+        if self.sharded or self.data_parallel:
+            return self.world.sum_(value.detach().clone())
+        return value.detach()
+
+    def sum_gradients(self, parts) -> None:
+        """Every rank's gradients summed, in one flat all-reduce (ddp)."""
+        grads = [p.grad for p in parts.parameters() if p.grad is not None]
+        flat = self.world.sum_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def per_layer(self, logged: dict) -> dict:
+        """Each figure for every layer in order (layers: gathered from the ranks that train them)."""
+        if not self.by_layer:
+            return logged
+        every = {}
+        for key, values in logged.items():
+            every[key] = self.world.gather_uneven(torch.tensor(values, dtype=torch.float64)).tolist()
+        return every
+
+    def whole(self, parts) -> list:
+        """Every layer's trained transcoder, whole, on every rank."""
+        if self.by_layer:
+            made = []
+            counts = self.world.counts(len(self.layers))
+            owners = [rank for rank, count in enumerate(counts) for _ in range(count)]
+            for index, owner in enumerate(owners):
+                template = parts[0]
+                part = parts[self.mine.index(index)] if owner == self.world.rank else _Layer(
+                    template.W_enc.shape[0], self.width, template.kind, template.k, template.W_skip is not None,
+                    template.W_dec.device)
+                for parameter in part.parameters():
+                    self.world.broadcast_(parameter.data, owner)
+                made.append(part)
+            return made
+        if not self.sharded:
+            return list(parts)
+        made = []
+        for part in parts:
+            whole = _Layer(part.W_enc.shape[0], self.width_of_all, part.kind, part.k, part.W_skip is not None,
+                           part.W_dec.device)
+            with torch.no_grad():
+                for name, parameter in whole.named_parameters():
+                    parameter.copy_(_whole_tensor(self, name, getattr(part, name)))
+            made.append(whole)
+        return made
+
+
+# The axis each trained parameter's features run along (None: whole on every rank).
+FEATURE_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None, "threshold": 0, "W_skip": None}
+
+
+def _whole_tensor(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    axis = FEATURE_AXIS[name]
+    if not plan.sharded or axis is None:
+        return tensor.detach()
+    return plan.world.gather_uneven(tensor.detach().movedim(axis, 0).contiguous()).movedim(0, axis)
+
+
+def _shard_tensor(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    axis = FEATURE_AXIS[name]
+    return tensor if not plan.sharded or axis is None else tensor.narrow(axis, plan.features.start, plan.width)
 
 
 def _layers(model, layers) -> list[int]:
@@ -352,28 +537,32 @@ def _check(kind, width, k, reads, n_tokens, batch_size, context, save_every, log
             raise TranscoderError(f"{what} must be a positive number, got {value!r}")
 
 
-def _initialise(parts, inputs, outputs, scales, seed: int, geometric_median) -> None:
+def _initialise(parts, inputs, outputs, scales, seed: int, geometric_median, plan=None) -> None:
     """Each feature starts as one token of the first batch (a prototype): its encoder column
     the token's centred input, its decoder row the token's output (minus b_dec, the geometric
     median of the outputs), both unit; the encoder is then scaled by the one number that best
-    fits the outputs of the batch."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    fits the outputs of the batch. Each layer draws from its own seed (`seed` + its place among
+    the trained layers), and features are drawn for the whole width and then this rank's
+    shard kept: every split of layers or features over ranks starts from the same set."""
     with torch.no_grad():
         for i, part in enumerate(parts):
-            width, d = part.W_dec.shape
+            index = plan.mine[i] if plan is not None else i
+            generator = torch.Generator(device="cpu").manual_seed(seed + index)
+            width = plan.width_of_all if plan is not None else part.W_dec.shape[0]
+            features = plan.features if plan is not None else slice(0, width)
             x = inputs[i][:8192] * scales[i][0]
             y = outputs[i][:8192] * scales[i][1]
             part.b_dec.copy_(geometric_median(y))
             picks = (torch.randperm(len(x), generator=generator)[:width] if len(x) >= width
                      else torch.randint(len(x), (width,), generator=generator)).to(x.device)
             centre = x.mean(0)
-            enc = _unit(x[picks] - centre, generator)
+            enc = _unit(x[picks] - centre, generator)[features]
             part.W_enc.copy_(enc.T)
             part.b_enc.copy_(-(centre @ enc.T))
-            part.W_dec.copy_(_unit(y[picks] - part.b_dec, generator))
+            part.W_dec.copy_(_unit(y[picks] - part.b_dec, generator)[features])
             if part.kind == "jumprelu":
                 part.threshold.fill_(0.001)
-            predicted, *_ = part(x)
+            predicted, *_ = part(x, world=plan.world if plan is not None and plan.sharded else None)
             predicted = predicted - part.b_dec - (x @ part.W_skip.T if part.W_skip is not None else 0)
             target = y - part.b_dec
             fit = float((predicted * target).sum() / predicted.pow(2).sum().clamp_min(1e-12))
@@ -405,32 +594,68 @@ def _folded(part: _Layer, scale, d: int, width: int, kind: str, k, skip: bool) -
     return tc.to(part.W_dec.device).eval()
 
 
-def _save(folder: Path, settings, parts, optimizer, state, scales, last_fired, start) -> None:
-    """The training state, to resume from: weights and Adam's moments (safetensors), the rest (JSON)."""
+def _save(folder: Path, settings, parts, optimizer, state, scales, last_fired, start, plan) -> None:
+    """The training state, to resume from: weights and Adam's moments (safetensors), the rest
+    (JSON). Whole whatever the split over ranks (rank 0 writes, the others wait): a run resumes
+    on any number of ranks."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{i}.{name}": p.detach().cpu().contiguous() for i, part in enumerate(parts)
-               for name, p in part.named_parameters()}
-    names = {id(p): f"{i}.{name}" for i, part in enumerate(parts) for name, p in part.named_parameters()}
-    steps = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            moments = optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in moments:
-                    tensors[f"adam.{names[id(p)]}.{key}"] = moments[key].detach().cpu().contiguous()
-            if "step" in moments:
-                steps[names[id(p)]] = float(moments["step"])
-    tensors["last_fired"] = last_fired.cpu().contiguous()
-    save_file(tensors, str(folder / "training.safetensors"))
-    record = {"settings": settings, "step": state["step"], "windows": state["windows"], "tokens": state["tokens"],
-              "seconds": time.perf_counter() - start, "history": state["history"], "scales": scales,
-              "adam_steps": steps, "fvu_layers": state.get("fvu_layers", [])}
-    (folder / "training.json").write_text(json.dumps(record))
+    tensors, steps = _whole_state(parts, optimizer, last_fired, plan)
+    with plan.world.main_writes() as main:
+        if not main:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "training.safetensors"))
+        record = {"settings": settings, "step": state["step"], "windows": state["windows"], "tokens": state["tokens"],
+                  "seconds": time.perf_counter() - start, "history": state["history"], "scales": scales,
+                  "adam_steps": steps, "fvu_layers": state.get("fvu_layers", [])}
+        (folder / "training.json").write_text(json.dumps(record))
 
 
-def _resume(folder: Path, settings, parts, optimizer) -> dict:
+def _whole_state(parts, optimizer, last_fired, plan) -> tuple[dict, dict]:
+    """Every layer's parameters and Adam moments (`{i}.{name}`, `adam.{i}.{name}.{moment}`), whole,
+    and `last_fired`; on every rank."""
+    world = plan.world
+    template = parts[0]
+    owners = ([rank for rank, count in enumerate(world.counts(len(plan.layers))) for _ in range(count)]
+              if plan.by_layer else [None] * len(plan.layers))
+    has_moments = bool(optimizer.state)  # the same on every rank: they step together
+    tensors, steps = {}, {}
+    for index, owner in enumerate(owners):
+        mine = owner is None or owner == world.rank
+        part = parts[plan.mine.index(index)] if mine else None
+        for name, reference in template.named_parameters():
+            values = {"": getattr(part, name) if mine else None}
+            if has_moments and reference.requires_grad:
+                moments = optimizer.state.get(getattr(part, name), {}) if mine else {}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    values[f".{key}"] = moments.get(key)
+                if mine and "step" in moments:
+                    steps[f"{index}.{name}"] = float(moments["step"])
+            for suffix, value in values.items():
+                if owner is not None:  # layers: the owner's tensor, everywhere
+                    value = value.detach().clone() if mine else torch.empty_like(reference)
+                    value = world.broadcast_(value, owner)
+                else:
+                    value = _whole_tensor(plan, name, value)
+                key = f"{index}.{name}" if not suffix else f"adam.{index}.{name}{suffix}"
+                tensors[key] = value.cpu().contiguous()
+    if plan.by_layer:
+        fired = world.gather_uneven(last_fired.contiguous())
+    elif plan.sharded:
+        fired = world.gather_uneven(last_fired.T.contiguous()).T
+    else:
+        fired = last_fired
+    if plan.by_layer:
+        every = {}
+        for rank in range(world.size):
+            every.update(world.broadcast_object(steps, source=rank))
+        steps = every
+    tensors["last_fired"] = fired.cpu().contiguous()
+    return tensors, steps
+
+
+def _resume(folder: Path, settings, parts, optimizer, plan) -> dict:
     from safetensors.torch import load_file
 
     record = json.loads((folder / "training.json").read_text())
@@ -440,17 +665,20 @@ def _resume(folder: Path, settings, parts, optimizer) -> dict:
         raise TranscoderError(f"{folder} holds a training run with other settings ({', '.join(changed)} differ): "
                               "train with the same arguments to resume it, or use another checkpoint directory")
     tensors = load_file(str(folder / "training.safetensors"))
-    by_name = {}
     with torch.no_grad():
         for i, part in enumerate(parts):
+            index = plan.mine[i]
             for name, p in part.named_parameters():
-                p.copy_(tensors[f"{i}.{name}"])
-                by_name[f"{i}.{name}"] = p
-    for key, p in by_name.items():
-        if f"adam.{key}.exp_avg" in tensors:
-            optimizer.state[p] = {"step": torch.tensor(record["adam_steps"][key]),
-                                  "exp_avg": tensors[f"adam.{key}.exp_avg"].to(p.device),
-                                  "exp_avg_sq": tensors[f"adam.{key}.exp_avg_sq"].to(p.device)}
+                p.copy_(_shard_tensor(plan, name, tensors[f"{index}.{name}"]))
+                if f"adam.{index}.{name}.exp_avg" in tensors:
+                    optimizer.state[p] = {
+                        "step": torch.tensor(record["adam_steps"][f"{index}.{name}"]),
+                        "exp_avg": _shard_tensor(plan, name, tensors[f"adam.{index}.{name}.exp_avg"]).to(p.device).clone(),
+                        "exp_avg_sq": _shard_tensor(plan, name,
+                                                    tensors[f"adam.{index}.{name}.exp_avg_sq"]).to(p.device).clone()}
+    fired = tensors["last_fired"][plan.mine]
+    if plan.sharded:
+        fired = fired[:, plan.features]
     return {"step": record["step"], "windows": record["windows"], "tokens": record["tokens"],
             "seconds": record["seconds"], "history": record["history"], "scales": record["scales"],
-            "last_fired": tensors["last_fired"].tolist(), "fvu_layers": record.get("fvu_layers", [])}
+            "last_fired": fired.clone(), "fvu_layers": record.get("fvu_layers", [])}
