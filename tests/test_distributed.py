@@ -284,3 +284,30 @@ def test_features_split_over_ranks_have_the_gradients_of_the_whole_layer(kind):
     for rank, got in results.items():
         for name, value in expected.items():
             assert torch.allclose(got[name], value, atol=1e-6), (kind, rank, name)
+
+
+# -- sweeps over ranks ------------------------------------------------------------------------------
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def sweeps(world):
+    from test_causal_model import pronoun_model
+
+    model = tiny_llama()
+    heads = model.patch(CLEAN, CORRUPT, "head.*.*", " Mary", " John", per_position=True, batch_size=7,
+                        progress=False)
+    resid = model.patch(CLEAN, CORRUPT, "resid_pre.*", " Mary", " John", batch_size=5, progress=False)
+    data = pronoun_model().counterfactuals(30, intervene="gender", seed=0)
+    iia = model.interchange(data, ["resid_post.*@'{name}'", "resid_post.*@-1"], batch_size=16, progress=False)
+    return {"heads": heads.values, "resid": resid.values, "iia": iia.values,
+            "got": torch.tensor([{" he": 0, " she": 1}.get(g, -1) for g in iia.examples().got])}
+
+
+def test_patching_and_interchange_grids_split_over_two_ranks_equal_one_process_exactly():
+    results = spawn(sweeps, 2)
+    alone = spawn(sweeps, 1)[0]  # one process, computing on one thread as each rank does
+    for rank, got in results.items():
+        for key in ("heads", "resid", "iia", "got"):
+            assert torch.equal(got[key], alone[key]), (rank, key)

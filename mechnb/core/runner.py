@@ -375,9 +375,17 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
     `record` names concrete sites whose whole values each row should report: they
     are stored, after the row's edits, in `row.recorded` (site name -> `1 pos ...`,
     positions from the row's offset on).
+
+    Under torchrun (`mechnb.core.distributed`), the chunks of a sweep are dealt to the ranks in
+    turn and the values summed back (each row is computed by one rank, in the chunk it would
+    have had alone, so the result is the one process's exactly), on every rank; sweeps that
+    `record` values run every row on every rank.
     """
+    from . import distributed
     from .memory import Chunks
 
+    world = distributed.current()
+    dealt = world.several and not record
     out = None
     # Rows of one group compute the same positions: from their first edited one to the end of
     # their prompt (rows of a padded record's shorter prompts stop at their own end).
@@ -386,8 +394,21 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
         groups.setdefault((row.offset, target.lengths[row.base] if target.several else target.n), []).append(index)
     chunks = batch_size if isinstance(batch_size, Chunks) else Chunks(batch_size, "a patching sweep", "rows")
     default = 256 if model.is_plain else default_batch_size(model, target.n)
+    dealt_chunks = 0
     for (offset, _), members in sorted(groups.items()):
         members.sort(key=lambda i: rows[i].start)
+        if dealt:
+            # This rank's chunks of the group, as one process would cut them; cut again by the
+            # same size they are the same chunks.
+            size = min(chunks.size or default, chunks.limit or len(members) or 1)
+            cut = [members[i:i + size] for i in range(0, len(members), size)]
+            mine = [chunk for number, chunk in enumerate(cut, dealt_chunks) if world.owns(number)]
+            dealt_chunks += len(cut)
+            if progress is not None:
+                progress.update(len(members) - sum(map(len, mine)))
+            members = [index for chunk in mine for index in chunk]
+            if not members:
+                continue
 
         def values_of(chunk, offset=offset):
             if target.whole:
@@ -398,11 +419,26 @@ def run_rows(model, target: TargetRun, rows: list[Row], batch_size=None,
 
         for chunk, values in chunks.run(values_of, members, default=default):
             if out is None:
-                out = values.new_empty((len(rows), *values.shape[1:]))
+                out = values.new_zeros((len(rows), *values.shape[1:]))
             out[chunk] = values
             if progress is not None:
                 progress.update(len(chunk))
+    if dealt:
+        out = _summed(world, out, len(rows))
     return out if out is not None else torch.empty(0)
+
+
+def _summed(world, out, n: int) -> torch.Tensor:
+    """Every rank's rows (zeros elsewhere) summed into the whole sweep's values, on every rank."""
+    has = world.gather(torch.tensor([out is not None], dtype=torch.int32)).tolist()
+    if not any(has):
+        return out
+    source = has.index(1)
+    described = world.broadcast_object([list(out.shape[1:]), str(out.dtype).removeprefix("torch.")]
+                                       if out is not None else None, source)
+    if out is None:
+        out = torch.zeros((n, *described[0]), dtype=getattr(torch, described[1]))
+    return world.sum_(out)
 
 
 def default_batch_size(model, n_pos: int, budget_bytes: float = 256 * 2**20) -> int:
