@@ -311,3 +311,43 @@ def test_patching_and_interchange_grids_split_over_two_ranks_equal_one_process_e
     for rank, got in results.items():
         for key in ("heads", "resid", "iia", "got"):
             assert torch.equal(got[key], alone[key]), (rank, key)
+
+
+# -- collection over ranks ------------------------------------------------------------------------------
+
+def collect_shards(world, folder):
+    import mechnb
+
+    model = tiny_llama()
+    store = model.collect("resid_post.1", documents()[:12], n_tokens=2000, batch_size=3, context=40,
+                          store=folder, progress=False)
+    sae = mechnb.sae.train(store, kind="topk", d_sae=32, k=3, batch_size=100, steps=4, progress=False)
+    return {"rows": len(store), "first": store.rows(0, 50), "fvu": torch.tensor(sae.history.fvu.tolist())}
+
+
+def test_a_store_collected_over_ranks_is_the_one_process_store_and_trains():
+    import hashlib
+    import tempfile
+
+    import mechnb
+    from mechnb.sae.store import open_store
+
+    model = tiny_llama()
+    with tempfile.TemporaryDirectory() as alone_folder, tempfile.TemporaryDirectory() as folder:
+        alone = model.collect("resid_post.1", documents()[:12], n_tokens=2000, batch_size=3, context=40,
+                              store=alone_folder, progress=False)
+        results = spawn(collect_shards, 2, folder)
+        union = open_store(folder)
+        files = sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
+        assert "manifest.json" in files and any(name.startswith("shard-1-chunk-0") for name in files)
+        assert len(union) == len(alone) == results[0]["rows"] == results[1]["rows"] == 2000
+        digest = lambda store: hashlib.sha256(store.rows(0, len(store)).numpy().tobytes()).hexdigest()
+        assert digest(union) == digest(alone)
+        assert torch.equal(results[0]["first"], alone.rows(0, 50)) and torch.equal(results[1]["first"],
+                                                                                   alone.rows(0, 50))
+        # Every rank trained on the union (DDP): the same figures on both.
+        assert torch.equal(results[0]["fvu"], results[1]["fvu"])
+        sample = union.sample(64, seed=1)
+        assert torch.equal(sample, alone.sample(64, seed=1))
+        trained = mechnb.sae.train(union, kind="topk", d_sae=32, k=3, batch_size=100, steps=4, progress=False)
+        assert trained.meta["store_tokens"] == 2000

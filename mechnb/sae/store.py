@@ -8,7 +8,8 @@ position of every window (a BOS where the tokenizer adds one): it is the model's
 attention sink, whose activations are orders of magnitude larger than the rest and
 would dominate any SAE trained on them.
 With `store=path` the activations go to a memory-mapped file, `path/acts.f32`, so
-a store can exceed RAM; `path/progress.json` records how far collection got (rows,
+a store can exceed RAM (under torchrun, each rank writes its windows' to shard files and
+every rank reads the union: `mechnb.sae.shards`); `path/progress.json` records how far collection got (rows,
 documents read, and the tokens read but not yet run), and collecting again into the
 same path with the same texts resumes exactly there. Windows run `batch_size` at a
 time and each batch's values go to CPU (or the file) as it finishes; a batch that
@@ -120,7 +121,9 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
             memory is halved and run again.
         context: tokens per window.
         store: a directory for a memory-mapped store (`acts.f32`), written batch
-            by batch and resumable; None keeps the rows in memory.
+            by batch and resumable; None keeps the rows in memory. Under torchrun it is
+            required: each rank writes its share of the windows to shard files there, and
+            every rank gets the union (`mechnb.sae.shards.ShardedStore`).
         progress: a progress bar when it takes more than two seconds.
 
     Returns:
@@ -137,6 +140,15 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         raise StoreError(f"context, the tokens per window, must be an integer >= 2, got {context!r}")
     width = _width(model, concrete)
     batch_size = batch_size or 16
+    from ..core import distributed
+
+    world = distributed.current()
+    if world.several:
+        if model.reads_images:
+            raise StoreError(f"collect over {world.size} ranks reads text; collect images in one process")
+        from .shards import collect_shards
+
+        return collect_shards(model, concrete, texts, n_tokens, batch_size, context, store, progress, width, world)
     if model.reads_images:
         return _collect_images(model, concrete, texts, n_tokens, batch_size, store, progress, width)
     chunks = Chunks(batch_size, f"collecting {concrete}", "windows",
@@ -430,8 +442,13 @@ def _save_progress(progress_file, written, documents, stream, site, width, n_tok
 
 
 def open_store(path) -> ActivationStore:
-    """A store written by `collect(..., store=path)` (as far as it got)."""
+    """A store written by `collect(..., store=path)` (as far as it got), or the union of one
+    collected over ranks (`mechnb.sae.shards`)."""
     path = Path(path)
+    if (path / "manifest.json").is_file():
+        from .shards import ShardedStore
+
+        return ShardedStore(path)
     progress_file = path / "progress.json"
     if not progress_file.is_file():
         raise StoreError(f"{path} holds no activation store (no progress.json)")
