@@ -11,7 +11,8 @@ or from Python:
     >>> model.top("The Eiffel Tower is located in the city of").token[0]
     ' Paris'
 
-The public names: `load` and `Model` (`mechnb.model`), `Site` and `parse_site`, `Batch`,
+The public names: `load` and `Model` (`mechnb.model`), `launch` (a job over several
+processes, `mechnb.notebook.launch`), `Site` and `parse_site`, `Batch`,
 `Result`, `Circuit`, every error class (`mechnb.SiteError`, `mechnb.PatchError`, ...),
 and the subpackages `mechnb.sae`, `mechnb.circuits`, `mechnb.transcoders`, `mechnb.graphs`,
 `mechnb.vision`, `mechnb.causal` and `mechnb.datasets`. The layout
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 # Name -> the module that defines it, imported when the name is first used.
 _LAZY = {
-    "load": "mechnb.model", "Model": "mechnb.model", "Site": "mechnb.core.sites",
+    "load": "mechnb.model", "Model": "mechnb.model", "launch": "mechnb.notebook.launch", "Site": "mechnb.core.sites",
     "parse_site": "mechnb.core.sites", "Batch": "mechnb.core.batch", "Result": "mechnb.display.results",
     "Circuit": "mechnb.circuits",
 }

@@ -17,7 +17,8 @@ Where each method lives, by what it asks of the model:
   (`methods.weights`), `coactivation` (`methods.coactivation`);
 - changing: `steer`, `steered`, `steering_vector` (`methods.steering`), `generate`
   (`methods.generation`), `causal_trace` (`methods.causal_tracing`), `edit` (`methods.rome`);
-- sparse autoencoders: `collect` (`sae.store`), `features` (`sae.dashboard`);
+- sparse autoencoders: `collect` (`sae.shards`: `sae.store`'s, or over ranks under torchrun),
+  `features` (`sae.dashboard`);
 - SAEs and transcoders spliced in, their features as sites: `attach`, `detach`
   (`transcoders.splice`, which hands SAEs to `sae.attach`);
 - attribution graphs over transcoders: `graph` (`graphs.build`);
@@ -38,7 +39,7 @@ from .display import widgets
 from .graphs.build import graph as attribution_graph
 from .methods import (attribution, causal_tracing, coactivation, generation, gim, heads, lens, patching, rome, steering,
                       views, weights)
-from .sae import dashboard, store
+from .sae import dashboard, shards
 from .transcoders import splice as splicing
 
 
@@ -73,7 +74,7 @@ class Model(ModelBase):
     causal_trace = causal_tracing.causal_trace
     edit = rome.edit
     # Sparse autoencoders and transcoders
-    collect = store.collect
+    collect = shards.collect
     attach = splicing.attach
     detach = splicing.detach
     features = dashboard.features

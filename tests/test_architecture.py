@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "mechnb"
 LAYERS = {"core": 0, "datasets": 0, "display": 1, "methods": 2, "sae": 2, "circuits": 2, "transcoders": 2,
           "graphs": 2, "vision": 2, "causal": 2, "model": 3, "notebook": 4,
-          "": 5}  # "": the package itself, whose names are the public API and the extension's entry
+          "__main__": 5, "": 5}  # "": the package itself, whose names are the public API and the extension's entry
 
 
 def modules() -> dict[str, Path]:

@@ -330,7 +330,7 @@ def test_a_store_collected_over_ranks_is_the_one_process_store_and_trains():
     import tempfile
 
     import mechnb
-    from mechnb.sae.store import open_store
+    from mechnb.sae import open_store
 
     model = tiny_llama()
     with tempfile.TemporaryDirectory() as alone_folder, tempfile.TemporaryDirectory() as folder:

@@ -6,7 +6,8 @@
     >>> model.attach(sae)            # features become sites: sae.12.F
 
 The pieces: `SAE` (the autoencoder, four activation kinds), `train` (the loop),
-`ActivationStore` and `collect` (activations in memory or memory-mapped on disk),
+`ActivationStore` and `collect` (activations in memory or memory-mapped on disk; over ranks,
+shards and their union: `mechnb.sae.shards`, `open_store`),
 `load` (a directory, a hub repository or a named release in SAELens', Gemma Scope's,
 Gemma Scope 2's, sparsify's or Llama Scope's format; `mechnb.sae.files`), `releases` (the
 named ones, `mechnb.sae.releases`).
@@ -15,7 +16,8 @@ named ones, `mechnb.sae.releases`).
 from .files import load
 from .model import KINDS, SAE
 from .releases import releases
+from .shards import open_store
 from .store import ActivationStore
 from .train import train
 
-__all__ = ["SAE", "KINDS", "train", "load", "releases", "ActivationStore"]
+__all__ = ["SAE", "KINDS", "train", "load", "releases", "ActivationStore", "open_store"]

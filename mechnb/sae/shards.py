@@ -1,6 +1,7 @@
 """Sharded activation stores: collection over ranks, and one reader of their union.
 
-Under torchrun, `Model.collect(site, texts, n_tokens, store=dir)` gives each rank every
+`Model.collect` is `collect` here: in one process it is `mechnb.sae.store.collect`; under
+torchrun, `Model.collect(site, texts, n_tokens, store=dir)` gives each rank every
 world-th token window (the same windows, packed the same way, as one process would cut) and
 each rank runs the model on its own only, writing what it keeps to
 `dir/shard-{rank}-chunk-{i}.safetensors` (`acts`, at most `CHUNK_ROWS` rows a file); rank 0
@@ -10,7 +11,7 @@ have collected it (window by window): the same rows, the same bytes, whatever th
 ranks. `mechnb.sae.train` reads it as any store.
 
     >>> store = model.collect("resid_post.12", texts, 10_000_000, store="acts/")   # under torchrun
-    >>> store = mechnb.sae.store.open_store("acts/")        # anywhere, afterwards
+    >>> store = mechnb.sae.open_store("acts/")              # anywhere, afterwards
     >>> mechnb.sae.train(store, kind="topk", k=64)
 
 Gotchas: a sharded collection needs `store=` (each rank writes its part to disk); the files
@@ -25,20 +26,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import functools
+
 from ..core.errors import StoreError
+from . import store as stores
 from .store import ActivationStore
 
 CHUNK_ROWS = 16_384
 FORMAT = "mechnb sharded activation store"
 
 
+@functools.wraps(stores.collect)
+def collect(model, site, texts, n_tokens: int, batch_size: int | None = None, context: int = 128, store=None,
+            progress: bool = True) -> ActivationStore:
+    from ..core import distributed
+
+    world = distributed.current()
+    if not world.several:
+        return stores.collect(model, site, texts, n_tokens, batch_size, context, store, progress)
+    if model.reads_images:
+        raise StoreError(f"collect over {world.size} ranks reads text; collect images in one process")
+    (concrete,) = stores.one_site(model, site)
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+        raise StoreError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    return collect_shards(model, concrete, texts, n_tokens, batch_size or 16, context, store, progress,
+                          stores._width(model, concrete), world)
+
+
+def open_store(path) -> ActivationStore:
+    """A store on disk: the union of one collected over ranks (a `manifest.json`), or one
+    collected in one process (`mechnb.sae.store.open_store`)."""
+    if (Path(path) / "manifest.json").is_file():
+        return ShardedStore(path)
+    return stores.open_store(path)
+
+
 def windows_of(model, texts, context: int):
     """Token windows as `collect` cuts them: documents packed into one stream with EOS between
     them, `context` tokens a window (BOS first where the tokenizer adds one), the rest of the
     stream last; a document given as token ids is a window of its own."""
-    from .store import documents_of
-
     tokenizer = model.tokenizer
+    documents_of = stores.documents_of
     bos = tokenizer.bos_token_id
     adds_bos = bool(tokenizer("a")["input_ids"][:1] == [bos]) if bos is not None else False
     prefix = [bos] if adds_bos else []
@@ -61,8 +89,8 @@ def collect_shards(model, site, texts, n_tokens: int, batch_size: int, context: 
                    width: int, world) -> "ShardedStore":
     """`collect` over the ranks of `world` (see the module docstring); the union, on every rank."""
     from ..core.memory import Chunks
-    from .store import _forward
 
+    _forward = stores._forward
     if store is None:
         raise StoreError(f"under torchrun ({world.size} ranks) collect writes each rank's part to disk: give "
                          "store='a directory every rank can reach'")

@@ -123,7 +123,7 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         store: a directory for a memory-mapped store (`acts.f32`), written batch
             by batch and resumable; None keeps the rows in memory. Under torchrun it is
             required: each rank writes its share of the windows to shard files there, and
-            every rank gets the union (`mechnb.sae.shards.ShardedStore`).
+            every rank gets the union (`mechnb.sae.shards`, whose `collect` the model binds).
         progress: a progress bar when it takes more than two seconds.
 
     Returns:
@@ -140,15 +140,6 @@ def collect(model, site, texts: Iterable, n_tokens: int, batch_size: int | None 
         raise StoreError(f"context, the tokens per window, must be an integer >= 2, got {context!r}")
     width = _width(model, concrete)
     batch_size = batch_size or 16
-    from ..core import distributed
-
-    world = distributed.current()
-    if world.several:
-        if model.reads_images:
-            raise StoreError(f"collect over {world.size} ranks reads text; collect images in one process")
-        from .shards import collect_shards
-
-        return collect_shards(model, concrete, texts, n_tokens, batch_size, context, store, progress, width, world)
     if model.reads_images:
         return _collect_images(model, concrete, texts, n_tokens, batch_size, store, progress, width)
     chunks = Chunks(batch_size, f"collecting {concrete}", "windows",
@@ -442,13 +433,9 @@ def _save_progress(progress_file, written, documents, stream, site, width, n_tok
 
 
 def open_store(path) -> ActivationStore:
-    """A store written by `collect(..., store=path)` (as far as it got), or the union of one
-    collected over ranks (`mechnb.sae.shards`)."""
+    """A store written by `collect(..., store=path)` (as far as it got); `mechnb.sae.shards.open_store`
+    opens one collected over ranks too."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
-        from .shards import ShardedStore
-
-        return ShardedStore(path)
     progress_file = path / "progress.json"
     if not progress_file.is_file():
         raise StoreError(f"{path} holds no activation store (no progress.json)")
