@@ -103,36 +103,41 @@ def activations(n=1600, d=16, seed=0):
 KINDS = [("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("relu", None)]
 
 
-def train_saes(world, strategy):
-    """Every kind of SAE trained over the ranks, one after the other (one spawn)."""
+def train_saes(world):
+    """Every kind of SAE trained over the ranks in both strategies, one after the other (one spawn)."""
     import mechnb
 
     found = {}
-    for kind, k in KINDS:
-        sae = mechnb.sae.train(activations(), kind=kind, k=k, strategy=strategy, **SAE_SETTINGS)
-        found |= {f"{kind}.{name}": p.detach().clone() for name, p in sae.named_parameters()}
-        found |= {f"{kind}.{column}": torch.tensor(sae.history[column].tolist()) for column in ("fvu", "l0", "dead")}
-        found[f"{kind}.ranks"] = sae.meta["ranks"]
+    for strategy in ("ddp", "features"):
+        for kind, k in KINDS:
+            sae = mechnb.sae.train(activations(), kind=kind, k=k, strategy=strategy, **SAE_SETTINGS)
+            key = f"{strategy}.{kind}"
+            found |= {f"{key}.{name}": p.detach().clone() for name, p in sae.named_parameters()}
+            found |= {f"{key}.{column}": torch.tensor(sae.history[column].tolist()) for column in ("fvu", "l0", "dead")}
+            found[f"{key}.ranks"] = sae.meta["ranks"]
     return found
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "features"])
-def test_sae_training_over_two_ranks_equals_one_process(strategy):
-    """Every kind (relu resamples its dead features twice in these 20 steps): the same SAE as
-    one process with the same seed and global batch, to 1e-5."""
+def test_sae_training_over_two_ranks_equals_one_process():
+    """Every kind (relu resamples its dead features twice in these 20 steps), each rank its share
+    of every batch (ddp) or of the features: the same SAE as one process with the same seed and
+    global batch, to 1e-5."""
     import mechnb
 
-    results = spawn(train_saes, 2, strategy)
+    results = spawn(train_saes, 2)
     for kind, k in KINDS:
         alone = mechnb.sae.train(activations(), kind=kind, k=k, **SAE_SETTINGS)
-        for rank, got in results.items():
-            assert got[f"{kind}.ranks"] == 2
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
-                difference = (got[f"{kind}.{name}"] - getattr(alone, name)).abs().max()
-                assert difference < 1e-5, (kind, rank, name, float(difference))
-            for column in ("fvu", "l0"):
-                assert torch.allclose(got[f"{kind}.{column}"], torch.tensor(alone.history[column].tolist()), atol=1e-4)
-            assert torch.equal(got[f"{kind}.dead"], torch.tensor(alone.history.dead.tolist()))
+        for strategy in ("ddp", "features"):
+            key = f"{strategy}.{kind}"
+            for rank, got in results.items():
+                assert got[f"{key}.ranks"] == 2
+                for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+                    difference = (got[f"{key}.{name}"] - getattr(alone, name)).abs().max()
+                    assert difference < 1e-5, (key, rank, name, float(difference))
+                for column in ("fvu", "l0"):
+                    assert torch.allclose(got[f"{key}.{column}"], torch.tensor(alone.history[column].tolist()),
+                                          atol=1e-4)
+                assert torch.equal(got[f"{key}.dead"], torch.tensor(alone.history.dead.tolist()))
 
 
 def die_at_step(world, folder, step):
@@ -211,42 +216,49 @@ def transcoder_tensors(tcs) -> dict:
     return found
 
 
-def train_transcoders(world, strategy):
+def train_transcoders(world):
+    """topk and jumprelu sets in every strategy, one after the other (one spawn)."""
     import mechnb
 
     model = tiny_llama()
     found = {}
-    for kind in ("topk", "jumprelu"):
-        tcs = mechnb.transcoders.train(model, documents(), kind=kind, strategy=strategy, **TC_SETTINGS)
-        found |= {f"{kind}.{key}": value for key, value in transcoder_tensors(tcs).items()}
-        found[f"{kind}.ranks"] = tcs.meta["ranks"]
+    for strategy in ("ddp", "layers", "features"):
+        for kind in ("topk", "jumprelu"):
+            tcs = mechnb.transcoders.train(model, documents(), kind=kind, strategy=strategy, **TC_SETTINGS)
+            found |= {f"{strategy}.{kind}.{key}": value for key, value in transcoder_tensors(tcs).items()}
+            found[f"{strategy}.{kind}.ranks"] = tcs.meta["ranks"]
     return found
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "layers", "features"])
-def test_transcoder_training_over_two_ranks_equals_one_process(strategy):
+def test_transcoder_training_over_two_ranks_equals_one_process():
     """Each rank runs the model on half of every batch's windows (9 windows: 5 and 4); topk (whose
-    dead features get the auxiliary loss here) and jumprelu train to the set one process trains."""
+    dead features get the auxiliary loss here) and jumprelu train to the set one process trains,
+    in the three strategies."""
     import mechnb
 
-    results = spawn(train_transcoders, 2, strategy)
+    results = spawn(train_transcoders, 2)
     model = tiny_llama()
     for kind in ("topk", "jumprelu"):
         alone = transcoder_tensors(mechnb.transcoders.train(model, documents(), kind=kind, **TC_SETTINGS))
-        for rank, got in results.items():
-            assert got[f"{kind}.ranks"] == 2
-            for key, value in alone.items():
-                difference = (got[f"{kind}.{key}"] - value).abs().max()
-                assert difference < 1e-5 or key.startswith("history") and difference < 1e-4, \
-                    (strategy, kind, rank, key, float(difference))
+        for strategy in ("ddp", "layers", "features"):
+            for rank, got in results.items():
+                assert got[f"{strategy}.{kind}.ranks"] == 2
+                for key, value in alone.items():
+                    difference = (got[f"{strategy}.{kind}.{key}"] - value).abs().max()
+                    assert difference < 1e-5 or key.startswith("history") and difference < 1e-4, \
+                        (strategy, kind, rank, key, float(difference))
 
 
-def sharded_layer_gradients(world, kind):
-    """One transcoder layer's loss and backward with its features split over the ranks."""
+def sharded_layer_gradients(world):
+    """One transcoder layer's loss and backward with its features split over the ranks, both kinds."""
     import importlib
 
     trainer = importlib.import_module("mechnb.transcoders.train")
-    return layer_gradients(trainer._Plan(world, "features", [0], 12), kind)
+    found = {}
+    for kind in ("topk", "jumprelu"):
+        found |= {f"{kind}.{key}": value for key, value in
+                  layer_gradients(trainer._Plan(world, "features", [0], 12), kind).items()}
+    return found
 
 
 def layer_gradients(plan, kind):
@@ -271,19 +283,19 @@ def layer_gradients(plan, kind):
     return found | {"loss": torch.tensor(figures["loss"]), "l0": torch.tensor(figures["l0"])}
 
 
-@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
-def test_features_split_over_ranks_have_the_gradients_of_the_whole_layer(kind):
+def test_features_split_over_ranks_have_the_gradients_of_the_whole_layer():
     import importlib
 
     from mechnb.core.distributed import current
 
     trainer = importlib.import_module("mechnb.transcoders.train")
-    expected = layer_gradients(trainer._Plan(current(), "features", [0], 12), kind)
-    results = spawn(sharded_layer_gradients, 2, kind)
-    assert set(expected) >= {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}
-    for rank, got in results.items():
-        for name, value in expected.items():
-            assert torch.allclose(got[name], value, atol=1e-6), (kind, rank, name)
+    results = spawn(sharded_layer_gradients, 2)
+    for kind in ("topk", "jumprelu"):
+        expected = layer_gradients(trainer._Plan(current(), "features", [0], 12), kind)
+        assert set(expected) >= {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}
+        for rank, got in results.items():
+            for name, value in expected.items():
+                assert torch.allclose(got[f"{kind}.{name}"], value, atol=1e-6), (kind, rank, name)
 
 
 # -- sweeps over ranks ------------------------------------------------------------------------------
@@ -307,7 +319,12 @@ def sweeps(world):
 
 def test_patching_and_interchange_grids_split_over_two_ranks_equal_one_process_exactly():
     results = spawn(sweeps, 2)
-    alone = spawn(sweeps, 1)[0]  # one process, computing on one thread as each rank does
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank computes: the same sums in the same order
+    try:
+        alone = sweeps(__import__("mechnb.core.distributed", fromlist=["current"]).current())
+    finally:
+        torch.set_num_threads(threads)
     for rank, got in results.items():
         for key in ("heads", "resid", "iia", "got"):
             assert torch.equal(got[key], alone[key]), (rank, key)
