@@ -91,6 +91,7 @@ bench: model
 	$(RUN) $(PY) bench/graphs.py
 	$(RUN) $(PY) bench/generation.py
 	$(RUN) $(PY) bench/causal.py
+	$(RUN) $(PY) bench/distributed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
