@@ -216,8 +216,11 @@ def transcoder_tensors(tcs) -> dict:
     return found
 
 
-def train_transcoders(world):
-    """topk and jumprelu sets in every strategy, one after the other (one spawn)."""
+def train_transcoders(world, checkpoint):
+    """topk and jumprelu sets in every strategy, one after the other (one spawn); then a layers
+    run stopped (Ctrl-C on every rank) at its 6th batch, its checkpoint in `checkpoint`."""
+    import importlib
+
     import mechnb
 
     model = tiny_llama()
@@ -227,17 +230,38 @@ def train_transcoders(world):
             tcs = mechnb.transcoders.train(model, documents(), kind=kind, strategy=strategy, **TC_SETTINGS)
             found |= {f"{strategy}.{kind}.{key}": value for key, value in transcoder_tensors(tcs).items()}
             found[f"{strategy}.{kind}.ranks"] = tcs.meta["ranks"]
+    trainer = importlib.import_module("mechnb.transcoders.train")
+    real, calls = trainer.mlp_values, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    trainer.mlp_values = interrupted
+    stopped = mechnb.transcoders.train(model, documents(), strategy="layers", checkpoint=checkpoint, save_every=2,
+                                       **TC_SETTINGS)
+    found["stopped.steps"] = stopped.meta["steps"]
     return found
 
 
 def test_transcoder_training_over_two_ranks_equals_one_process():
     """Each rank runs the model on half of every batch's windows (9 windows: 5 and 4); topk (whose
     dead features get the auxiliary loss here) and jumprelu train to the set one process trains,
-    in the three strategies."""
+    in the three strategies; a run over two ranks resumes in one."""
     import mechnb
 
-    results = spawn(train_transcoders, 2)
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    results = spawn(train_transcoders, 2, folder)
     model = tiny_llama()
+    # The stopped run resumes in one process, to the set of one uninterrupted run.
+    assert results[0]["stopped.steps"] == 5
+    resumed = transcoder_tensors(mechnb.transcoders.train(model, documents(), checkpoint=folder, **TC_SETTINGS))
+    whole = transcoder_tensors(mechnb.transcoders.train(model, documents(), **TC_SETTINGS))
+    assert all((resumed[key] - whole[key]).abs().max() < 1e-5 for key in whole if not key.startswith("history"))
     for kind in ("topk", "jumprelu"):
         alone = transcoder_tensors(mechnb.transcoders.train(model, documents(), kind=kind, **TC_SETTINGS))
         for strategy in ("ddp", "layers", "features"):
