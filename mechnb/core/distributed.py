@@ -180,6 +180,19 @@ class World:
         every = self.gather(padded)
         return torch.cat([every[rank * longest:rank * longest + count] for rank, count in enumerate(counts)])
 
+    def assemble(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`gather_uneven` into CPU memory, one rank's part at a time: the device never holds more
+        than one part (the whole of a set too wide for one device is assembled on the host)."""
+        if not self.several:
+            return tensor.detach().cpu()
+        counts = self.gather(torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)).tolist()
+        parts = []
+        for rank, count in enumerate(counts):
+            part = tensor.detach().contiguous() if rank == self.rank else \
+                tensor.new_empty((count, *tensor.shape[1:]))
+            parts.append(self.broadcast_(part, rank).cpu())
+        return torch.cat(parts)
+
     def broadcast_(self, tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
         """Rank `source`'s tensor on every rank, in place."""
         import torch.distributed as dist

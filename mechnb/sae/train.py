@@ -249,15 +249,12 @@ class _Plan:
         """The whole SAE from every rank's shard (features), on every rank; else itself."""
         if not self.sharded:
             return sae
-        world = self.world
-        whole = SAE(sae.d_in, self.d_sae, kind=sae.kind, k=self.k, site=sae.site, name=sae.name, model=sae.model,
-                    device=sae.W_dec.device)
+        # Assembled in host memory, one rank's shard at a time: the whole may not fit one device.
+        whole = SAE(sae.d_in, self.d_sae, kind=sae.kind, k=self.k, site=sae.site, name=sae.name, model=sae.model)
         with torch.no_grad():
-            whole.W_enc.copy_(world.gather_uneven(sae.W_enc.detach().T.contiguous()).T)
-            whole.W_dec.copy_(world.gather_uneven(sae.W_dec.detach()))
-            whole.b_enc.copy_(world.gather_uneven(sae.b_enc.detach()))
-            whole.threshold.copy_(world.gather_uneven(sae.threshold.detach()))
-            whole.b_dec.copy_(sae.b_dec)
+            for name, parameter in whole.named_parameters():
+                if name in FEATURE_AXIS:
+                    parameter.copy_(_whole(self, name, getattr(sae, name)))
         return whole
 
 
@@ -495,12 +492,12 @@ FEATURE_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "b_dec": Non
 
 
 def _whole(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A parameter (or its optimiser moments) whole, from every rank's shard."""
+    """A parameter (or its optimiser moments) whole, from every rank's shard, in host memory."""
     axis = FEATURE_AXIS[name]
     if not plan.sharded or axis is None:
-        return tensor.detach()
+        return tensor.detach().cpu()
     moved = tensor.detach().movedim(axis, 0).contiguous()
-    return plan.world.gather_uneven(moved).movedim(0, axis)
+    return plan.world.assemble(moved).movedim(0, axis)
 
 
 def _shard(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -482,8 +482,7 @@ class _Plan:
             return list(parts)
         made = []
         for part in parts:
-            whole = _Layer(part.W_enc.shape[0], self.width_of_all, part.kind, part.k, part.W_skip is not None,
-                           part.W_dec.device)
+            whole = _Layer(part.W_enc.shape[0], self.width_of_all, part.kind, part.k, part.W_skip is not None, "cpu")
             with torch.no_grad():
                 for name, parameter in whole.named_parameters():
                     parameter.copy_(_whole_tensor(self, name, getattr(part, name)))
@@ -499,7 +498,8 @@ def _whole_tensor(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
     axis = FEATURE_AXIS[name]
     if not plan.sharded or axis is None:
         return tensor.detach()
-    return plan.world.gather_uneven(tensor.detach().movedim(axis, 0).contiguous()).movedim(0, axis)
+    # In host memory, one rank's shard at a time: the whole may not fit one device.
+    return plan.world.assemble(tensor.detach().movedim(axis, 0).contiguous()).movedim(0, axis)
 
 
 def _shard_tensor(plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
