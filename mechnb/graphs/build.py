@@ -77,7 +77,7 @@ def _logit_nodes(model, rec, max_logits, logit_prob, target):
 
 def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.95,
           max_feature_nodes: int = 4096, batch_size: int = 256, update_every: int = 1024,
-          target: str | None = None, max_tokens: int = MAX_TOKENS, progress: bool = False):
+          target: str | None = None, max_tokens: int = MAX_TOKENS, progress: bool = False, sink: bool = True):
     """The attribution graph of `prompt` under the transcoders `tcs` (see the module doc).
 
     Args:
@@ -87,10 +87,13 @@ def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.9
         batch_size: targets per backward pass.
         target: a next token to include (and list first) among the logit nodes.
         max_tokens: the longest prompt accepted (the graph grows with its square).
+        sink: put the tokenizer's special token first when the prompt lacks one and leave
+            position 0 (the attention sink, whose huge activations make features that mean
+            nothing) out of the features and errors, as circuit-tracer does (said in the
+            graph's notes). False: every position as it is.
 
     Returns an `AttributionGraph`.
     """
-    from ..core.batch import Batch
     from ..transcoders.model import TranscoderSet
     from .graph import AttributionGraph
 
@@ -111,8 +114,8 @@ def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.9
         raise GraphError(f"the model has {len(changing) or len(model.edits)} active intervention(s) or edit(s) "
                          f"({what}): a graph is of the unmodified model; remove them first (model.clear(), "
                          "model.edits), and intervene on what the graph shows after")
-    batch = Batch.of(model.tokenizer, prompt)
-    n_pos = int(batch.input_ids.shape[1])
+    input_ids, tokens, notes = _tokens(model, prompt, sink)
+    n_pos = int(input_ids.shape[1])
     if n_pos > max_tokens:
         raise GraphError(f"the prompt has {n_pos} tokens, more than the graph budget of {max_tokens} "
                          "(max_tokens=...): shorten it, or raise the budget")
@@ -122,18 +125,49 @@ def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.9
     tcs.to(device=model.device, dtype=torch.float32)
     try:
         with torch.no_grad():
-            rec = record(model, batch.input_ids, tcs.reads)
-            rep = Replacement(model, rec, tcs)
+            rec = record(model, input_ids, tcs.reads)
+            rep = Replacement(model, rec, tcs, sink=sink)
             timings["record"] = time.perf_counter() - tick
             graph = _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batch_size,
                            update_every, target, timings, progress)
     finally:
         for tc, dtype in dtypes.items():
             tc.to(dtype=dtype)
-    graph_obj = AttributionGraph(model=model, prompt=prompt, tokens=batch.tokens[0], tcs=tcs, rep=rep, **graph)
+    graph["notes"] = notes + graph["notes"]
+    graph_obj = AttributionGraph(model=model, prompt=prompt, tokens=tokens, tcs=tcs, rep=rep, **graph)
     timings["total"] = time.perf_counter() - started
     graph_obj.meta["seconds"] = timings
     return graph_obj
+
+
+def _tokens(model, prompt: str, sink: bool):
+    """`(input_ids 1 pos, token strings, notes)` of the prompt: with `sink`, a special token first
+    (the tokenizer's own if it adds one, else its BOS, pad or EOS token, as circuit-tracer picks)."""
+    from ..core.batch import Batch
+
+    batch = Batch.of(model.tokenizer, prompt)
+    ids, tokens = batch.input_ids, list(batch.tokens[0])
+    notes = []
+    if not sink:
+        return ids, tokens, notes
+    tokenizer = model.tokenizer
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    if int(ids[0, 0]) not in special:
+        candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(special)]
+        first = next((c for c in candidates if c is not None), None)
+        if first is None:
+            raise GraphError(f"{model.name}'s tokenizer has no special token to put first: build the graph with "
+                             "sink=False (position 0 then holds the prompt's first token, and its features)")
+        ids = torch.cat([torch.tensor([[first]]), ids], 1)
+        tokens = [tokenizer.decode([first])] + tokens
+        notes.append(f"{tokens[0]!r} was put first (the prompt lacked a special token): position 0, the "
+                     "attention sink, is left out of the features and errors, as circuit-tracer does")
+    else:
+        notes.append(f"position 0 ({tokens[0]!r}, the attention sink) is left out of the features and errors")
+    if ids.shape[1] < 2:
+        raise GraphError(f"the prompt {prompt!r} is only the special token {tokens[0]!r}: a graph needs a token "
+                         "after it")
+    return ids, tokens, notes
 
 
 def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batch_size, update_every,
@@ -158,24 +192,33 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
     logit_start = token_start + T
     n_nodes = logit_start + n_logits
 
-    # What each source writes, grouped by the layer it writes at: a layer's features are a
-    # contiguous range of columns, sorted by position.
-    by_layer = {}
+    # What each feature writes, grouped by the layer it writes at (a cross-layer transcoder's
+    # features write at several): per target layer, its writers' node indices sorted by position
+    # and their decoder rows times activation, padded per position to the most at any position,
+    # so one batched product reads every feature's edge at its own position only.
+    writes = {}
     for layer in tcs.layers:
         rows = (f_layer == layer).nonzero().squeeze(-1)
         if not len(rows):
             continue
-        tc = tcs[layer]
-        decoder = tc.W_dec.detach().float()[f_id[rows].to(tc.W_dec.device)] * f_act[rows, None].to(rep.device)
-        # Per position, its features' decoder rows, padded to the most at any position: one
-        # batched product reads every feature's edge at its own position only.
-        pos = f_pos[rows]
+        decoders = tcs.rows(layer, f_id[rows]).to(rep.device) * f_act[rows, None, None].to(rep.device)
+        for j, target in enumerate(tcs.targets(layer)):
+            writes.setdefault(target, []).append((rows, decoders[:, j]))
+    by_layer = {}
+    for target, parts in writes.items():
+        nodes = torch.cat([rows for rows, _ in parts])
+        vectors = torch.cat([vectors for _, vectors in parts])
+        pos = f_pos[nodes]
+        order = torch.argsort(pos, stable=True)
+        nodes, vectors, pos = nodes[order], vectors[order.to(vectors.device)], pos[order]
         counts = torch.bincount(pos, minlength=T)
         width = int(counts.max())
         padded = torch.zeros(T, width, d, device=rep.device)
-        slot = torch.arange(len(rows)) - torch.cumsum(counts, 0)[pos] + counts[pos]
-        padded[pos, slot] = decoder
-        by_layer[layer] = (int(rows[0]), pos.to(rep.device), slot.to(rep.device), padded)
+        slot = torch.arange(len(nodes)) - torch.cumsum(counts, 0)[pos] + counts[pos]
+        padded[pos, slot] = vectors
+        by_layer[target] = (nodes.to(rep.device), pos.to(rep.device), slot.to(rep.device), padded)
+        del vectors
+    writes.clear()
     errors = rep.errors
     resid0 = rec.resid0
 
@@ -190,11 +233,11 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
             start = error_start + layer * T
             buffer[:, start:start + n] = torch.einsum("bpd,pd->bp", g, errors[layer, :n])
             if layer in by_layer:
-                first, pos, slot, padded = by_layer[layer]
+                nodes, pos, slot, padded = by_layer[layer]
                 count = int(torch.searchsorted(pos, n))        # features at positions < n
                 if count:
                     dots = torch.bmm(g.transpose(0, 1), padded[:n].transpose(1, 2))   # pos batch slot
-                    buffer[:, first:first + count] = dots[pos[:count], :, slot[:count]].T
+                    buffer.index_add_(1, nodes[:count], dots[pos[:count], :, slot[:count]].T)
 
         rep.backward(layers, positions, vectors, sink)
         return buffer.cpu()

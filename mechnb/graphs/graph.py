@@ -9,7 +9,8 @@
     >>> g.verify(n=20)              # edges checked by intervention on the frozen model
 
 Node names are sites where a site exists: a feature is `tc.L.F@P` (ablate or steer it on
-the real model with that string once the transcoders are attached), an error node
+the real model with that string once the transcoders are attached, running
+`graph.input_ids`: the prompt as the graph read it, a special token first), an error node
 `error.L@P`, a token `embed@P`, a logit `logit@ID`.
 
 `adjacency[target, source]` holds every computed direct effect, before pruning;
@@ -49,6 +50,12 @@ class AttributionGraph:
                      "transcoders": repr(tcs), "missing_layers": [l for l in range(self.n_layers) if l not in tcs]}
         self._values = None
         self.prune()
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """`1 pos`: the token ids the graph is of (with `sink`, the special token first), what to run
+        the real model on for node positions to be its sites' positions."""
+        return self.replacement.rec.input_ids.clone()
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -236,11 +243,12 @@ class AttributionGraph:
             largest = float(column.abs().max())
             delta = 1.0 / largest if largest > 0 else 1.0
             embed_delta = mlp_delta = None
-            if s < self.error_start:
+            if s < self.error_start:  # a feature writes at each of its target layers
                 layer = int(self.feature_layer[s])
                 mlp_delta = torch.zeros_like(rep.rec.mlp_out)
-                row = self.tcs[layer].W_dec[int(self.feature_id[s])].detach().float().to(mlp_delta.device)
-                mlp_delta[layer, int(self.feature_pos[s])] = delta * float(self.feature_act[s]) * row
+                written = self.tcs.rows(layer, self.feature_id[s:s + 1])[0].to(mlp_delta.device)
+                mlp_delta[self.tcs.targets(layer), int(self.feature_pos[s])] = \
+                    delta * float(self.feature_act[s]) * written
             elif s < self.token_start:
                 layer, pos = divmod(s - self.error_start, self.n_pos)
                 mlp_delta = torch.zeros_like(rep.rec.mlp_out)

@@ -175,6 +175,24 @@ def record(model, input_ids: torch.Tensor, reads: str) -> Recording:
     )
 
 
+def reconstruction(tcs, features: dict, reads: torch.Tensor) -> torch.Tensor:
+    """`layer pos d`: what the transcoders write at every layer's MLP output (zero where no layer
+    of the set writes) from sparse features (`{layer: (positions, ids, activations)}`) and what
+    each MLP reads (`reads`, for the skips): a cross-layer transcoder's features write to every
+    layer of their `targets`."""
+    out = torch.zeros_like(reads)
+    for layer, (pos, ids, acts) in features.items():
+        if not len(pos):
+            continue
+        rows = tcs.rows(layer, ids).to(out.device)              # active targets d
+        for j, target in enumerate(tcs.targets(layer)):
+            out[target].index_add_(0, pos.to(out.device), acts[:, None].to(out.device) * rows[:, j])
+    for layer in tcs.layers:
+        tc = tcs[layer]
+        out[layer] += tc.b_dec.float() + tc.skip_of(reads[layer].to(tc.W_enc)).float()
+    return out
+
+
 def value_rows(model, layer_module) -> torch.Tensor:
     """The value projection of each key/value head, `(kv_head d_head) d_model`."""
     from ..methods.weights import projection_rows
@@ -189,11 +207,14 @@ class Replacement:
     Args:
         model: the `Model`.
         recording: from `record`.
-        tcs: the `TranscoderSet` (layers it lacks have only an error node per position).
+        tcs: the `TranscoderSet` or `CrossLayerTranscoder` (layers a set lacks have only an
+            error node per position).
+        sink: position 0 holds a special token (the attention sink): no features there, its
+            errors zero, its MLP outputs constants of the frozen model (as circuit-tracer).
     """
 
-    def __init__(self, model, recording: Recording, tcs):
-        self.model, self.rec, self.tcs = model, recording, tcs
+    def __init__(self, model, recording: Recording, tcs, sink: bool = False):
+        self.model, self.rec, self.tcs, self.sink = model, recording, tcs, sink
         self.parallel = model.parallel_attn_mlp
         self.n_layers, self.n_pos = len(recording.patterns), recording.input_ids.shape[1]
         device = recording.reads.device
@@ -205,17 +226,21 @@ class Replacement:
                         for layer in layers]                                          # (head e) d
             unembed = parameter(submodule(model.hf, model.arch.unembed), "weight", device).float()
         self.unembed = unembed  # vocab d_model
-        # Each covered layer's features on this prompt, and the error of its reconstruction.
+        # Each covered layer's features on this prompt (none at position 0 with `sink`), and the
+        # error of the reconstruction at every layer (zero at position 0 with `sink`: the sink's
+        # MLP outputs are constants of the frozen model, like the biases).
         self.features = {}                # layer -> (positions, feature ids, activations)
-        self.errors = recording.mlp_out.clone()
         with torch.no_grad():
             for layer in tcs.layers:
                 tc = tcs[layer]
-                x = recording.reads[layer].to(tc.W_enc)
-                acts = tc.encode(x).float()
+                acts = tc.encode(recording.reads[layer].to(tc.W_enc)).float()
+                if sink:
+                    acts[0] = 0
                 pos, feat = acts.nonzero(as_tuple=True)
                 self.features[layer] = (pos, feat, acts[pos, feat])
-                self.errors[layer] = recording.mlp_out[layer] - tc.decode(acts.to(tc.W_dec), x).float()
+            self.errors = recording.mlp_out - reconstruction(tcs, self.features, recording.reads)
+            if sink:
+                self.errors[:, 0] = 0
 
     # -- pulling target vectors back ---------------------------------------------------
 
@@ -353,11 +378,15 @@ class Replacement:
                 if layer in tcs:
                     tc = tcs[layer]
                     live = tc.skip_of(x.to(tc.W_enc)).float()
-                    constant = tc.b_dec.float().expand_as(live) if zero_sources else \
-                        rec.mlp_out[layer] - tc.skip_of(rec.reads[layer].to(tc.W_enc)).float()
+                    recorded = rec.mlp_out[layer] - tc.skip_of(rec.reads[layer].to(tc.W_enc)).float()
+                    constant = tc.b_dec.float().expand_as(live).clone() if zero_sources else recorded
+                    if zero_sources and self.sink:  # the sink's output is a constant, not a source
+                        constant[0] = recorded[0]
                     new = constant + live
                 else:
                     new = torch.zeros_like(rec.mlp_out[layer]) if zero_sources else rec.mlp_out[layer]
+                    if zero_sources and self.sink:
+                        new[0] = rec.mlp_out[layer][0]
                 if mlp_delta is not None:
                     new = new + mlp_delta[layer].to(new)
                 return new[None].to(value.dtype)

@@ -137,12 +137,12 @@ class GraphWidget:
         try:
             if attached_here:
                 model.attach(graph.tcs)
-            before = _last_logits(model, graph.prompt)
+            before = _last_logits(model, graph.input_ids)
             if action == "ablate":
                 added = model.ablate(sites)
             else:
                 added = [h for site in sites for h in model.hook(site, lambda value: value * factor)]
-            after = _last_logits(model, graph.prompt)
+            after = _last_logits(model, graph.input_ids)
         finally:
             if added:
                 model.remove(added)
@@ -179,8 +179,9 @@ class GraphWidget:
         display(self.box)
 
 
-def _last_logits(model, prompt: str):
-    """The real model's next-token logits after `prompt` (with the active interventions)."""
+def _last_logits(model, prompt):
+    """The real model's next-token logits after `prompt` (token ids: the graph's own, its special
+    token first) with the active interventions."""
     return model.cache(prompt, "logits@-1")["logits@-1"][0].float()
 
 

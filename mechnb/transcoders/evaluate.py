@@ -122,31 +122,37 @@ def _chunk(model, tcs, rows):
     stats = {name: torch.zeros(len(tcs), dtype=torch.float64) for name in ("err", "y2", "cos", "l0")}
     stats["y_sum"] = torch.zeros(len(tcs), model.d_model, dtype=torch.float64)
     stats["fired"] = torch.zeros(len(tcs), tcs.width, dtype=torch.bool)
+    every, cache = {}, {}
     for i, layer in enumerate(tcs.layers):
         tc = tcs[layer]
         x = inputs[layer][keep].to(tc.W_enc)
         y = outputs[layer][keep].to(tc.W_enc)
-        features = tc.encode(x)
-        y_hat = tc.decode(features, x)
+        features = every[layer] = tc.encode(x)
+        y_hat = tcs.decode_layer(layer, every, x, cache).to(y)
         stats["err"][i] = (y - y_hat).double().pow(2).sum()
         stats["y2"][i] = y.double().pow(2).sum()
         stats["y_sum"][i] = y.double().sum(0)
         stats["cos"][i] = torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).double().sum()
         stats["l0"][i] = (features > 0).double().sum()
         stats["fired"][i] = (features > 0).any(0).cpu()
-    del inputs, outputs
+    del inputs, outputs, every, cache
     clean_loss, clean_top = _losses(model, clean_hidden, ids, mask)
     del clean_hidden
     results = [clean_loss, 0.0, 0.0, 0.0]
     for slot, replace in ((1, "transcoder"), (2, "zero")):
-        read = {}
+        read, features, cache = {}, {}, {}
         with run(model, tokens) as forward:
             for layer in tcs.layers:
                 tc = tcs[layer]
                 forward.hook(read_module(model, layer, tcs.reads), "input", keeper(read, layer))
 
                 def substitute(value, tc=tc, layer=layer):
-                    out = torch.zeros_like(value) if replace == "zero" else tc(read[layer].to(tc.W_enc)).to(value)
+                    if replace == "zero":
+                        out = torch.zeros_like(value)
+                    else:  # this run's own features (a CLT's earlier layers' too)
+                        x = read[layer].to(tc.W_enc)
+                        features[layer] = tc.encode(x)
+                        out = tcs.decode_layer(layer, features, x, cache).to(value)
                     # Each window's first position keeps its own value, as it was left out of training.
                     return torch.where(keep[..., None], out, value)
 

@@ -15,6 +15,10 @@ Read by `load` as well:
   `layer_{L}.safetensors` with `W_enc` stored `width d_in` (transposed on reading),
   `activation_function.threshold` (jumprelu), `k` (topk) or neither (relu).
 
+- circuit-tracer's cross-layer transcoders: `config.yaml` with `model_kind:
+  cross_layer_transcoder` and `W_enc_L` / `W_dec_L` files (`mechnb.transcoders.clt`; the
+  decoders read lazily), from a directory or a hub repository (its folder as `tc_id`).
+
 Published transcoders, one folder per layer, read by `load(source, tc_id)`: Gemma Scope's
 (`params.npz`, reading the MLP's input), Gemma Scope 2's (`params.safetensors` and
 `config.json`, with the `affine_skip_connection` as `W_skip`) and EleutherAI sparsify's
@@ -48,7 +52,8 @@ _READS = {"ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in", "hook_mlp_in
 _WRITES = ("hook_mlp_out", "mlp.hook_out")
 
 
-def load(source, tc_id=None, device=None, revision: str | None = None, local_only: bool = False) -> TranscoderSet:
+def load(source, tc_id=None, device=None, revision: str | None = None, local_only: bool = False,
+         lazy: bool = True) -> TranscoderSet:
     """A `TranscoderSet` from a directory, a named release or a hub repository.
 
     Args:
@@ -63,6 +68,8 @@ def load(source, tc_id=None, device=None, revision: str | None = None, local_onl
             format, or a whole set in one of the layouts above.
         revision: a hub branch, tag or commit.
         local_only: read the Hugging Face cache only, never the network.
+        lazy: for a cross-layer transcoder (circuit-tracer's CLT layout, `mechnb.transcoders.clt`),
+            read decoder rows from their files as they are needed (False: all into memory).
 
     Example: `mechnb.transcoders.load("gemma-scope-2-1b-pt-transcoders",
     ["transcoder/layer_5_width_16k_l0_big_affine"])`. Hub files go through the Hugging Face
@@ -74,11 +81,11 @@ def load(source, tc_id=None, device=None, revision: str | None = None, local_onl
         raise TranscoderError(f"load takes a directory, a release name or a hub repo id, got {type(source).__name__}")
     path = Path(source).expanduser()
     if path.is_dir() and tc_id is None:
-        tcs = _load_directory(path)
+        tcs = _load_directory(path, lazy)
     elif path.is_dir():
         tcs = _one_per_layer([(folder, path / folder, {}) for folder in _ids(tc_id)], str(path))
     else:
-        tcs = _from_hub(str(source), tc_id, revision, local_only)
+        tcs = _from_hub(str(source), tc_id, revision, local_only, lazy)
     return tcs.to(device=device) if device is not None else tcs
 
 
@@ -92,7 +99,7 @@ def _ids(tc_id) -> list:
     raise TranscoderError(f"tc_id is a folder, a list of folders or {{layer: folder}}, got {tc_id!r}")
 
 
-def _from_hub(source: str, tc_id, revision, local_only: bool) -> TranscoderSet:
+def _from_hub(source: str, tc_id, revision, local_only: bool, lazy: bool = True) -> TranscoderSet:
     from ..sae.releases import download, locate
 
     if tc_id is None and "/" not in source:
@@ -101,10 +108,42 @@ def _from_hub(source: str, tc_id, revision, local_only: bool) -> TranscoderSet:
     made = []
     for folder in folders:
         repo, folder, hint = locate(source, folder, TranscoderError, what="transcoder")
+        if len(folders) == 1:
+            clt = _clt_from_hub(repo, folder, revision, local_only, lazy)
+            if clt is not None:
+                return clt
         made.append((folder, download(repo, folder, TranscoderError, revision, local_only), hint))
     if len(made) == 1 and _is_set(made[0][1]):
         return _load_directory(made[0][1])
     return _one_per_layer(made, source)
+
+
+def _clt_from_hub(repo: str, folder: str, revision, local_only: bool, lazy: bool):
+    """A CLT in circuit-tracer's layout from a hub repository (its folder `folder`), or None when
+    the folder's config.yaml is not a CLT's: config.yaml, then W_enc_L and W_dec_L for L = 0, 1, ...
+    until there is no W_enc_L."""
+    import yaml
+
+    from ..core import hub
+
+    def name(file):
+        return f"{folder.strip('/')}/{file}" if folder.strip("/") else file
+
+    found = hub.find(repo, [name("config.yaml")], TranscoderError, revision, local_only)
+    if not found:
+        return None
+    config_file = found[name("config.yaml")]
+    config = yaml.safe_load(config_file.read_text()) or {}
+    if config.get("model_kind") != "cross_layer_transcoder":
+        return None
+    layer = 0
+    while hub.find(repo, [name(f"W_enc_{layer}.safetensors")], TranscoderError, revision, local_only):
+        hub.fetch(repo, name(f"W_dec_{layer}.safetensors"), TranscoderError, revision, local_only)
+        layer += 1
+    from .clt import load_directory
+
+    config["scan"] = f"{repo}//{folder}" if folder else repo  # as circuit-tracer names a hub set
+    return load_directory(config_file.parent, config, lazy=lazy)
 
 
 def _is_set(path: Path) -> bool:
@@ -112,14 +151,18 @@ def _is_set(path: Path) -> bool:
         (path / "cfg.json").is_file() and (path / "sae_weights.safetensors").is_file())
 
 
-def _load_directory(path: Path) -> TranscoderSet:
+def _load_directory(path: Path, lazy: bool = True) -> TranscoderSet:
+    from . import clt
+
     if not path.is_dir():
         raise TranscoderError(f"{str(path)!r} is not a directory: transcoders load from a directory in "
                               "mechnb's, SAELens 6's or circuit-tracer's layout")
     if (path / "transcoders.json").is_file():
         return _load_mechnb(path)
     if (path / "config.yaml").is_file():
-        return _load_circuit_tracer(path)
+        return _load_circuit_tracer(path, lazy)
+    if clt.is_clt(path, None):
+        return clt.load_directory(path, None, lazy=lazy)
     if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file() or (path / "params.npz").is_file() \
             or (path / "params.safetensors").is_file():
         return _one_per_layer([(path.name, path, {})], str(path))
@@ -326,13 +369,17 @@ def _load_saelens(path: Path) -> TranscoderSet:
                          meta={"format": "saelens", "source": str(path), "notes": notes})
 
 
-def _load_circuit_tracer(path: Path) -> TranscoderSet:
+def _load_circuit_tracer(path: Path, lazy: bool = True) -> TranscoderSet:
     import yaml
 
+    from . import clt
+
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if clt.is_clt(path, config):
+        return clt.load_directory(path, config, lazy=lazy)
     if config.get("model_kind", "transcoder_set") != "transcoder_set":
         raise TranscoderError(f"{path / 'config.yaml'}: model_kind {config.get('model_kind')!r}: mechnb reads "
-                              "per-layer transcoder sets, not cross-layer transcoders")
+                              "transcoder_set and cross_layer_transcoder")
     reads = _reads(str(config.get("feature_input_hook")), path / "config.yaml")
     _writes(str(config.get("feature_output_hook")), path / "config.yaml")
     listed = config.get("transcoders")

@@ -45,11 +45,13 @@ class Transcoder(torch.nn.Module):
         kind: one of `KINDS`; `k` the active features per token for topk.
         skip: add a linear skip connection `W_skip` (`d_out d_in`).
         layer: the layer whose MLP it replaces.
+        decoder: False for a cross-layer transcoder's layer, whose decoders the
+            `CrossLayerTranscoder` holds (`W_dec` is then None).
     """
 
     def __init__(self, d_in: int, width: int, d_out: int | None = None, kind: str = "topk",
                  k: int | None = None, skip: bool = False, layer: int | None = None,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, decoder: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise TranscoderError(f"unknown transcoder kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -61,7 +63,7 @@ class Transcoder(torch.nn.Module):
         factory = dict(dtype=dtype, device=device)
         self.W_enc = torch.nn.Parameter(torch.zeros(d_in, width, **factory))
         self.b_enc = torch.nn.Parameter(torch.zeros(width, **factory))
-        self.W_dec = torch.nn.Parameter(torch.zeros(width, d_out, **factory))
+        self.W_dec = torch.nn.Parameter(torch.zeros(width, d_out, **factory)) if decoder else None
         self.b_dec = torch.nn.Parameter(torch.zeros(d_out, **factory))
         self.threshold = torch.nn.Parameter(torch.zeros(width, **factory), requires_grad=kind == "jumprelu")
         self.W_skip = torch.nn.Parameter(torch.zeros(d_out, d_in, **factory)) if skip else None
@@ -92,6 +94,9 @@ class Transcoder(torch.nn.Module):
 
     def decode(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The predicted MLP output; the skip connection needs the input `x`."""
+        if self.W_dec is None:
+            raise TranscoderError(f"layer {self.layer}'s features decode into several layers: decode them with "
+                                  "their CrossLayerTranscoder (decode_layer)")
         out = features @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             if x is None:
@@ -131,7 +136,12 @@ class TranscoderSet:
         name: names its feature sites (`tc.NAME.L.F`).
 
     Indexing by layer gives that layer's `Transcoder`; `layers` lists the covered layers.
+    A cross-layer transcoder (`mechnb.transcoders.clt`) is a set whose features write to
+    several layers: `targets(layer)` and `rows(layer, ids)` say where and what each layer's
+    features write, for both kinds.
     """
+
+    cross_layer = False
 
     def __init__(self, transcoders: dict, reads: str = "mlp_in", model: dict | None = None,
                  name: str = "tc", meta: dict | None = None):
@@ -185,6 +195,22 @@ class TranscoderSet:
 
     def __len__(self) -> int:
         return len(self.transcoders)
+
+    def targets(self, layer: int) -> list[int]:
+        """The layers whose MLP outputs the features of `layer` write to (here its own)."""
+        return [layer]
+
+    def rows(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder rows of features `ids` of `layer`, `len(ids) targets d_out` float32, one
+        per layer of `targets(layer)`."""
+        tc = self[layer]
+        return tc.W_dec.detach()[ids.to(tc.W_dec.device)].float()[:, None]
+
+    def decode_layer(self, layer: int, features: dict, x: torch.Tensor | None = None,
+                     cache: dict | None = None) -> torch.Tensor:
+        """What the set writes at `layer`'s MLP output from the features (`{layer: ... width}`) and
+        `x`, what that MLP reads; a cross-layer transcoder sums its earlier layers' features too."""
+        return self[layer].decode(features[layer], x)
 
     def to(self, device=None, dtype=None) -> "TranscoderSet":
         for tc in self:

@@ -15,6 +15,11 @@ what `tc.L.F` reads.
     >>> model.cache(prompt, "tc.14.*")["tc.14.*"]  # batch pos width
     >>> model.detach(tcs)
 
+A cross-layer transcoder (`mechnb.transcoders.clt`) is spliced in the same way, one
+`CrossLayerSplice` per layer: its features are `tc.L.F` sites too (named by the layer they
+read, as graph nodes are; `tc.NAME.L.F` by its name), and an edit of a feature changes every
+MLP output it writes to. A per-layer set and a CLT on the same layers are refused.
+
 This module's `attach` also takes SAEs, for `Model.attach`: it hands them to
 `mechnb.sae.attach`.
 """
@@ -59,6 +64,41 @@ class TranscoderSplice(Intervention):
         return f"{self.tcs.name}: {tc.kind}{k}, {tc.width} features (tc.{self.site.layer}.F)"
 
 
+@dataclass(eq=False, repr=False)
+class CrossLayerSplice(TranscoderSplice):
+    """One layer of a cross-layer transcoder spliced in: the MLP's output `y` plus what the edits of
+    this layer's and earlier layers' features write here (their change times their decoders at this
+    layer). With no edit that is `y` itself, exactly. `state` (shared by the CLT's layers) holds
+    each edited layer's change during one forward; the first layer clears it."""
+
+    state: dict = None
+
+    def replacement(self, part):
+        clt, layer, tc = self.tcs, self.site.layer, self.transcoder
+        x = getattr(self, "x", None)
+        if x is None or x.shape[:-1] != part.shape[:-1]:
+            raise TranscoderError(f"the transcoder at {self.site} did not see this forward's MLP input")
+        if layer == clt.layers[0]:
+            self.state.clear()  # a new forward
+        clean = tc.encode(x.to(tc.W_enc.dtype))
+        change = (tc.hook_features(clean) - clean).reshape(-1, tc.width)
+        ids = (change != 0).any(0).nonzero().squeeze(-1)
+        if len(ids):
+            self.state[layer] = (part.shape[:-1], change[:, ids].float(), clt.rows(layer, ids))
+        out = part
+        for source, (shape, values, rows) in self.state.items():
+            if shape == part.shape[:-1] and layer in clt.targets(source):
+                written = values @ rows[:, layer - source].to(values.device)
+                out = out + written.view(*part.shape[:-1], -1).to(part.dtype)
+        return out
+
+    def detail(self) -> str:
+        tc = self.transcoder
+        k = f", k={tc.k}" if tc.k else ""
+        return (f"{self.tcs.name}: cross-layer, {tc.kind}{k}, {tc.width} features writing to layers "
+                f"{self.site.layer}-{self.tcs.targets(self.site.layer)[-1]} (tc.{self.site.layer}.F)")
+
+
 @local_only
 def attach(model, what, site=None, name: str | None = None):
     """Splice in an SAE (see `mechnb.sae.attach`) or a `TranscoderSet`: their features become
@@ -92,12 +132,25 @@ def attach(model, what, site=None, name: str | None = None):
         raise TranscoderError(f"the transcoder set {tcs.name!r} is already attached")
     if any(other.name == tcs.name for other in model.transcoder_sets):
         raise TranscoderError(f"a transcoder set named {tcs.name!r} is already attached: attach(tcs, name='another')")
+    for other in model.transcoder_sets:
+        shared = sorted(set(other.layers) & set(tcs.layers))
+        if shared and (other.cross_layer or tcs.cross_layer):
+            from .model import layer_ranges
+
+            raise TranscoderError(f"layers {layer_ranges(shared)} already have the "
+                                  f"{'cross-layer' if other.cross_layer else 'per-layer'} set {other.name!r} attached: "
+                                  "a per-layer set and a cross-layer transcoder would both rewrite those MLP outputs; "
+                                  "detach one first")
     tcs.module_name = f"mechnb_tc_{tcs.name}"
     layers = submodule(model.hf, model.arch.layers)
     for layer, tc in tcs.transcoders.items():
         tc.to(device=execution_device(layers[layer]) or model.device)  # its layer's device (device_map)
         tc.requires_grad_(False)
     model.attach_modules([(f"{model.arch.layers}.{layer}", tcs.module_name, tc) for layer, tc in tcs.transcoders.items()])
+    if tcs.cross_layer:
+        state: dict = {}
+        return model.add([CrossLayerSplice(Site("mlp_out", layer), tcs=tcs, transcoder=tc, state=state)
+                          for layer, tc in tcs.transcoders.items()])
     return model.add([TranscoderSplice(Site("mlp_out", layer), tcs=tcs, transcoder=tc)
                       for layer, tc in tcs.transcoders.items()])
 
