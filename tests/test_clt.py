@@ -189,3 +189,56 @@ def test_a_clt_loads_by_hub_id_from_the_cache_offline(tiny_factory, tmp_path, mo
     assert torch.equal(loaded.decoder(0), clt.decoder(0)) and loaded.meta["scan"] == "org/tiny-clt//clt"
     with pytest.raises(TranscoderError, match="not in the Hugging Face cache|no SAE or transcoder files"):
         load("org/tiny-clt", "elsewhere")
+
+
+def test_clt_training_learns_writes_later_layers_and_resumes_exactly(tiny_factory, tmp_path, monkeypatch):
+    import sys
+
+    from mechnb.transcoders import train
+    from test_transcoders import TRAIN, texts
+
+    module = sys.modules["mechnb.transcoders.train"]
+    model = tiny_factory("llama")
+    forwards = []
+    original = module.mlp_values
+
+    def counting(*args, **kwargs):
+        forwards.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "mlp_values", counting)
+    clt = train(model, texts(), cross_layer=True, **TRAIN)
+    assert isinstance(clt, CrossLayerTranscoder) and len(forwards) == clt.history.step.iloc[-1] == 13
+    assert clt.history.l0.iloc[-1] <= 4 and clt.meta["forward_seconds"] < clt.meta["seconds"]
+    # Cross-layer blocks start at zero and learn: layer 0's features write to layer 2.
+    assert clt.decoder(0)[:, 2].norm() > 0.01 * clt.decoder(0)[:, 0].norm()
+    fvu = clt.history.fvu  # it learns: the last three steps' FVU well below the first three's
+    assert fvu.iloc[-3:].mean() < fvu.iloc[:3].mean() - 0.04, fvu.tolist()
+    held_out = clt.evaluate(model, texts(50)[40:], n_tokens=300, context=40)
+    assert (held_out.layers.fvu < 0.9).all() and 0 <= held_out.summary["agreement"] <= 1
+    graph = model.graph(PARIS, clt)
+    assert graph.completeness_error() < 1e-4 and graph.verify(n=5).max_error.max() < 1e-3
+    # Stopped by Ctrl-C at the 6th batch, then resumed: the same CLT as one run.
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "mlp_values", interrupted)
+    first = train(model, texts(), cross_layer=True, checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
+    assert first.meta["interrupted"] and first.meta["steps"] == 5
+    monkeypatch.setattr(module, "mlp_values", original)
+    resumed = train(model, texts(), cross_layer=True, checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
+    for layer in clt.layers:
+        assert torch.allclose(resumed.decoder(layer), clt.decoder(layer), atol=1e-6)
+        assert torch.allclose(resumed[layer].W_enc, clt[layer].W_enc, atol=1e-6)
+    windowed = train(model, texts(10), cross_layer=True, window=2, kind="jumprelu", skip=True,
+                     **{**TRAIN, "n_tokens": 2000})
+    assert windowed.window == 2 and windowed.kind == "jumprelu" and len(windowed.targets(0)) == 2
+    with pytest.raises(TranscoderError, match="window is how many layers"):
+        train(model, texts(), cross_layer=True, window=0, **TRAIN)
+    with pytest.raises(TranscoderError, match="covers every layer"):
+        train(model, texts(), cross_layer=True, layers=[0, 1], **TRAIN)

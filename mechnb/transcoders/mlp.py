@@ -35,10 +35,12 @@ def write_module(model, layer: int):
 
 
 def mlp_values(model, layers: list[int], reads: str, ids: torch.Tensor, mask: torch.Tensor,
-               stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               stop: bool = True, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What the MLPs of `layers` read and write on a padded batch, at the real positions after
     each window's first: `(inputs, outputs)`, each `layer tokens d` float32 on the model's device.
-    With `stop`, the forward ends after the last of those MLPs."""
+    With `stop`, the forward ends after the last of those MLPs; with `autocast`, the forward runs
+    in bfloat16 (torch.autocast: matrix products in bf16, norms and the values kept in float32)."""
+    import contextlib
     from ..core.engine import run
 
     keep_rows = mask.bool().clone()
@@ -61,8 +63,10 @@ def mlp_values(model, layers: list[int], reads: str, ids: torch.Tensor, mask: to
         for i, layer in enumerate(layers):
             forward.hook(read_module(model, layer, reads), "input", keep(inputs, i))
             forward.hook(write_module(model, layer), "output", keep(outputs, i, layer == last))
+        mixed = torch.autocast(model.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         try:
-            model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+            with mixed:
+                model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
         except _Stop:
             pass
     return inputs, outputs

@@ -178,7 +178,8 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
           skip: bool = False, reads: str = "mlp_in", layers=None, n_tokens: int = 200_000,
           batch_size: int = 4096, context: int = 128, lr: float | None = None, l0: float = 0.1,
           seed: int = 0, dead_tokens: int | None = None, checkpoint=None, save_every: int = 25,
-          log_every: int = 5, progress: bool = True, name: str = "tc", strategy: str | None = None) -> TranscoderSet:
+          log_every: int = 5, progress: bool = True, name: str = "tc", strategy: str | None = None,
+          cross_layer: bool = False, window: int | None = None, autocast: bool = False) -> TranscoderSet:
     """Transcoders for `layers` (default all) of `model`, trained on `texts`; see the module doc.
 
     Args:
@@ -203,6 +204,12 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
             own layers on all of them (sparsify's distribute_modules); `features` gathers
             them too and holds a shard of every layer's features (top-k thresholds gathered,
             the decoders' outputs summed), for widths one device cannot hold.
+        cross_layer: train a cross-layer transcoder (`mechnb.transcoders.clt`): each layer's
+            features write to its own and every later layer's MLP output (`window`: at most
+            that many layers, its own included), trained as one model on every layer at once
+            (`mechnb.transcoders.train_clt`); it covers every layer and trains over ranks with ddp.
+        autocast: run the model's forward in bfloat16 (about 2x on CPUs with bf16 and GPUs; the
+            values the transcoders learn from then differ from float32's by ~1 % of their norm).
 
     Returns:
         A `TranscoderSet` (whole, on every rank), with `.history` (DataFrame: step, tokens,
@@ -219,6 +226,15 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
 
     d = model.d_model
     width = width or 4 * d
+    if cross_layer:
+        _check(kind, width, k, reads, n_tokens, batch_size, context, save_every, log_every, l0, lr)
+        from .train_clt import train_clt
+
+        return train_clt(model, texts, width, k, kind, skip, reads, layers, n_tokens, batch_size, context, lr, l0,
+                         seed, dead_tokens, checkpoint, save_every, log_every, progress, name, strategy, window,
+                         bool(autocast))
+    if window is not None:
+        raise TranscoderError("window is the reach of a cross-layer transcoder's decoders: train with cross_layer=True")
     layers = _layers(model, layers)
     _check(kind, width, k, reads, n_tokens, batch_size, context, save_every, log_every, l0, lr)
     if strategy is not None and strategy not in STRATEGIES:
@@ -235,7 +251,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     dead_tokens = dead_tokens or min(1_000_000, max(steps * per_step * (context - 1) // 4, batch_size))
     settings = {"width": width, "k": k, "kind": kind, "skip": skip, "reads": reads, "layers": layers,
                 "n_tokens": n_tokens, "batch_size": batch_size, "context": context, "lr": lr, "l0": l0,
-                "seed": seed, "model": model.name}
+                "seed": seed, "model": model.name, **({"autocast": True} if autocast else {})}
     torch.manual_seed(seed)
     parts = torch.nn.ModuleList(_Layer(d, plan.width, kind, k if kind == "topk" else None, skip, device)
                                 for _ in plan.mine)
@@ -265,7 +281,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
             rows = [w for _, w in zip(range(per_step), windows)]
             if not rows:
                 break
-            inputs, outputs = plan.values(model, layers, reads, rows[world.slice(len(rows))], padded)
+            inputs, outputs = plan.values(model, layers, reads, rows[world.slice(len(rows))], padded, autocast)
             state["windows"] += len(rows)  # counted once read: an interrupted read is read again on resuming
             if scales is None:
                 scales = plan.scales(inputs, outputs, d)
@@ -400,11 +416,11 @@ class _Plan:
         self.features = world.slice(width) if self.sharded else slice(0, width)
         self.width = self.features.stop - self.features.start
 
-    def values(self, model, layers, reads, rows, padded):
+    def values(self, model, layers, reads, rows, padded, autocast: bool = False):
         """What the MLPs read and write on this rank's windows; gathered into the global batch's
         when this rank trains on all of it (layers, features)."""
         ids, mask = padded(model, rows)
-        inputs, outputs = mlp_values(model, layers, reads, ids, mask)
+        inputs, outputs = mlp_values(model, layers, reads, ids, mask, autocast=autocast)
         if self.by_layer or self.sharded:
             gather = self.world.gather_uneven
             inputs = gather(inputs.transpose(0, 1).contiguous()).transpose(0, 1)
