@@ -1,18 +1,26 @@
-"""Transcoders for every layer of the embedded model, and the attribution graphs they give.
+"""Per-layer transcoders against a cross-layer transcoder (CLT) on the embedded model, and the
+attribution graphs they give.
 
     .venv/bin/python bench/transcoders.py DIR [--tokens 200000] [--width 2304] [-k 32]
+        [--clt-width 512] [--clt-k 16] [--window W] [--only per-layer|clt]
 
-Trains topk transcoders (width 2304, k 32) on all 30 layers of SmolLM2-135M from Python's
-documentation, one forward per batch of 4,064 tokens, checkpointed in DIR (run it again
-after an interruption and it goes on), then prints:
-- training: tokens/s, and the seconds of one step spent in the model's forward against
-  the transcoders' updates (measured on one extra batch);
-- per layer on held-out text: FVU of the MLP output, cosine, L0, dead features;
+Trains, on Python's documentation, one forward per batch of 4,064 tokens, checkpointed in DIR
+(run it again after an interruption and it goes on; a finished set is loaded), both
+- a per-layer topk set (width `--width`, k `-k`, all 30 layers), and
+- a topk CLT (width `--clt-width` per layer, k `--clt-k`, each feature writing to its own
+  and every later layer, or the next `--window`),
+on the same tokens, then prints for each, side by side:
+- parameters, and training tokens/s split into the model's forward and the updates;
+- per-layer FVU of the MLP outputs on held-out text (mean, worst, each layer);
 - the replacement model (every MLP replaced) on held-out text: loss against the clean
-  model's and against all MLPs zeroed, top-1 agreement;
-- graph replacement and completeness scores on three prompts.
-The issue's goals: FVU < 0.3 on every layer, top-1 agreement > 50 %, replacement score
-> 0.5 on the Eiffel prompt.
+  model's and all MLPs zeroed, top-1 agreement;
+- graph replacement and completeness on three prompts (a special token first, position 0
+  left out, as circuit-tracer), and the graph's features and seconds;
+- how much bfloat16 autocast changes what the MLPs read and write (relative difference on a
+  batch), and the forward's time with and without it.
+The parameter count of a CLT of width w is n w d + w d n (n + 1) / 2 (encoders and decoder
+blocks, n layers, width d), against 2 n w d per-layer: at equal parameters a CLT is about
+2 / 16.5 as wide on this 30-layer model.
 """
 
 import argparse
@@ -34,60 +42,96 @@ def corpus():
         yield from python_docs("train")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("directory")
-    parser.add_argument("--tokens", type=int, default=240_000)
-    parser.add_argument("--width", type=int, default=2304)
-    parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--eval-tokens", type=int, default=10_000)
-    args = parser.parse_args()
-    model = mechnb.load()
-    folder = Path(args.directory)
+def parameters(tcs) -> int:
+    if tcs.cross_layer:
+        return sum(tc.W_enc.numel() + tc.b_enc.numel() + tc.b_dec.numel() for tc in tcs) + sum(
+            tcs.width * len(tcs.targets(layer)) * tcs.d_model for layer in tcs.layers)
+    return sum(sum(p.numel() for p in tc.parameters() if p is not None) for tc in tcs)
+
+
+def trained(model, folder: Path, label: str, tokens: int, **options):
+    """A set trained on `tokens` tokens (checkpointed in folder/label), or loaded when finished."""
+    done = folder / label / "set"
+    if done.is_dir():
+        tcs = mechnb.transcoders.load(done, lazy=False)
+        print(f"{label}: loaded from {done}")
+        return tcs, None
     start = time.perf_counter()
-    tcs = mechnb.transcoders.train(model, corpus(), width=args.width, k=args.k, n_tokens=args.tokens,
-                                   checkpoint=folder / "checkpoint")
+    tcs = mechnb.transcoders.train(model, corpus(), n_tokens=tokens, checkpoint=folder / label / "checkpoint",
+                                   **options)
     seconds = time.perf_counter() - start
-    tcs.save(folder / "transcoders")
-    print(f"trained {len(tcs)} layers, width {args.width}, k {args.k}: {tcs.meta['tokens']} tokens in "
-          f"{tcs.meta['seconds']:.0f} s of training ({tcs.meta['tokens'] / tcs.meta['seconds']:.0f} tokens/s; "
-          f"this run {seconds:.0f} s)")
-    split_of_a_step(model, tcs)
-    print(tcs.history.tail(3).to_string(index=False))
-    start = time.perf_counter()
-    evaluation = tcs.evaluate(model, python_docs("eval"), n_tokens=args.eval_tokens)
-    print(f"\nheld-out evaluation ({time.perf_counter() - start:.0f} s):")
-    print(evaluation)
-    fvu = evaluation.layers.fvu
-    print(f"FVU: mean {fvu.mean():.3f}, worst {fvu.max():.3f} (layer {int(evaluation.layers.layer[fvu.idxmax()])}); "
-          f"layers under 0.3: {(fvu < 0.3).sum()} of {len(fvu)}")
-    for prompt in PROMPTS:
-        start = time.perf_counter()
-        graph = model.graph(prompt, tcs)
-        scores = graph.scores
-        top = model.tokenizer.decode([graph.logit_ids[0]])
-        print(f"graph of {prompt!r}: replacement {scores['replacement']:.3f}, completeness "
-              f"{scores['completeness']:.3f}, {graph.n_features} features ({time.perf_counter() - start:.1f} s) {top!r}")
+    tcs.save(done)
+    meta = tcs.meta
+    forward = meta["forward_seconds"]
+    print(f"{label}: {meta['tokens']} tokens, this run {seconds:.0f} s for {meta['tokens'] / meta['seconds']:.0f} tokens/s "
+          f"overall; of this run, the model's forward {forward:.0f} s ({forward / seconds:.0%}) and the updates "
+          f"{seconds - forward:.0f} s")
+    return tcs, seconds
 
 
-def split_of_a_step(model, tcs):
-    """Seconds of one training step alone, and of its model forward: a two-step run on held-out
-    text (the second step's time), and one more forward of the same size."""
+def autocast_change(model):
+    """Relative difference of the MLP values under bfloat16 autocast, and both forwards' seconds."""
     from mechnb.sae.store import padded
     from mechnb.transcoders.mlp import mlp_values
     from mechnb.transcoders.train import token_windows
 
-    first = tcs[tcs.layers[0]]
-    probe = mechnb.transcoders.train(model, python_docs("eval"), width=first.width, k=first.k, n_tokens=2 * 4064,
-                                     log_every=1, progress=False)
-    step = float(probe.history.seconds.diff().iloc[-1])
     windows = token_windows(model, python_docs("eval"), 128)
-    ids, mask = padded(model, [next(windows) for _ in range(32)])
-    start = time.perf_counter()
-    inputs, _ = mlp_values(model, tcs.layers, tcs.reads, ids, mask)
-    forward = time.perf_counter() - start
-    print(f"one step of {inputs.shape[1]} tokens alone: {step:.1f} s ({inputs.shape[1] / step:.0f} tokens/s), of "
-          f"which the model's forward {forward:.1f} s and the {len(tcs)} transcoders' updates {step - forward:.1f} s")
+    ids, mask = padded(model, [next(windows) for _ in range(16)])
+    figures = {}
+    for autocast in (False, True):
+        mlp_values(model, list(range(model.n_layers)), "mlp_in", ids[:2], mask[:2], autocast=autocast)  # warm
+        start = time.perf_counter()
+        figures[autocast] = (*mlp_values(model, list(range(model.n_layers)), "mlp_in", ids, mask, autocast=autocast),
+                             time.perf_counter() - start)
+    (x, y, t), (xb, yb, tb) = figures[False], figures[True]
+    rel = lambda a, b: float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).mean())
+    print(f"bfloat16 autocast: MLP inputs differ by {rel(xb, x):.2%} and outputs by {rel(yb, y):.2%} of their norm "
+          f"(mean over {x.shape[1]} tokens and 30 layers); forward {t:.2f} s in float32, {tb:.2f} s autocast "
+          f"(x{t / tb:.2f}; this CPU has {'no ' if tb > t else ''}fast bf16)")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("directory")
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=2304)
+    parser.add_argument("-k", type=int, default=32)
+    parser.add_argument("--clt-width", type=int, default=512)
+    parser.add_argument("--clt-k", type=int, default=16)
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--only", choices=["per-layer", "clt"], default=None)
+    parser.add_argument("--eval-tokens", type=int, default=10_000)
+    args = parser.parse_args()
+    model = mechnb.load()
+    folder = Path(args.directory)
+    sets = {}
+    if args.only != "clt":
+        sets[f"per-layer w{args.width} k{args.k}"] = trained(model, folder, f"per-layer-{args.width}-{args.k}",
+                                                             args.tokens, width=args.width, k=args.k)
+    if args.only != "per-layer":
+        label = f"clt-{args.clt_width}-{args.clt_k}" + (f"-window{args.window}" if args.window else "")
+        sets[f"CLT w{args.clt_width} k{args.clt_k}" + (f" window {args.window}" if args.window else "")] = trained(
+            model, folder, label, args.tokens, width=args.clt_width, k=args.clt_k, cross_layer=True,
+            window=args.window)
+    for name, (tcs, _) in sets.items():
+        print(f"\n== {name}: {parameters(tcs) / 1e6:.1f} M parameters, {tcs.meta.get('tokens')} tokens ==")
+        start = time.perf_counter()
+        evaluation = tcs.evaluate(model, python_docs("eval"), n_tokens=args.eval_tokens)
+        fvu = evaluation.layers.fvu
+        s = evaluation.summary
+        print(f"held-out ({time.perf_counter() - start:.0f} s): FVU mean {fvu.mean():.3f}, worst {fvu.max():.3f} "
+              f"(layer {int(evaluation.layers.layer[fvu.idxmax()])}); loss clean {s['loss_clean']:.3f}, replaced "
+              f"{s['loss_replaced']:.3f}, zeroed {s['loss_zero']:.3f} (recovered {s['loss_recovered']:.3f}); "
+              f"top-1 agreement {s['agreement']:.1%}")
+        print("FVU per layer: " + " ".join(f"{v:.2f}" for v in fvu))
+        for prompt in PROMPTS:
+            start = time.perf_counter()
+            graph = model.graph(prompt, tcs)
+            scores = graph.scores
+            top = model.tokenizer.decode([graph.logit_ids[0]])
+            print(f"graph of {prompt!r} -> {top!r}: replacement {scores['replacement']:.3f}, completeness "
+                  f"{scores['completeness']:.3f}, {graph.n_features} features ({time.perf_counter() - start:.1f} s)")
+    autocast_change(model)
 
 
 if __name__ == "__main__":

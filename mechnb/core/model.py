@@ -426,8 +426,9 @@ class ModelBase:
         return cache(self, prompts, sites, batch_size=batch_size)
 
     def top(self, prompt: str, k: int = 10):
-        """The k most likely next tokens after `prompt` (for an image classifier: the k most
-        likely classes of one image, `prompt` an image).
+        """The k most likely next tokens after `prompt` (a string, or its token ids `1 pos`, such as
+        a graph's `input_ids`; for an image classifier: the k most likely classes of one image,
+        `prompt` an image).
 
         Returns:
             A DataFrame with columns `rank` (1 = most likely), `token`, `token_id`,
@@ -445,8 +446,8 @@ class ModelBase:
             from .images import top_classes
 
             return top_classes(self, prompt, k)
-        if not isinstance(prompt, str):
-            raise PromptError(f"top takes one prompt string, got {type(prompt).__name__}")
+        if not isinstance(prompt, str) and not (torch.is_tensor(prompt) and prompt.ndim == 2 and len(prompt) == 1):
+            raise PromptError(f"top takes one prompt string (or its token ids, 1 x pos), got {type(prompt).__name__}")
         if not is_int(k) or k < 1:
             raise ArgumentError(f"k, the tokens listed, must be a positive int, got {k!r}")
         k = min(k, self.vocab_size)

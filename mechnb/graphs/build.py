@@ -133,6 +133,13 @@ def build(model, prompt: str, tcs, max_logits: int = 10, logit_prob: float = 0.9
     finally:
         for tc, dtype in dtypes.items():
             tc.to(dtype=dtype)
+    if sink and notes and "was put first" in notes[0]:  # how much the added token changes the answer
+        with torch.no_grad():
+            alone = torch.softmax(model.hf(input_ids=input_ids[:, 1:].to(model.device), use_cache=False).logits[0, -1]
+                                  .float(), -1)
+        top = graph["logit_ids"][0]
+        notes[0] += (f"; p({model.tokenizer.decode([top])!r}) is {float(rec.probabilities[top]):.2f} with it, "
+                     f"{float(alone[top]):.2f} without (start the prompt with another special token to choose it)")
     graph["notes"] = notes + graph["notes"]
     graph_obj = AttributionGraph(model=model, prompt=prompt, tokens=tokens, tcs=tcs, rep=rep, **graph)
     timings["total"] = time.perf_counter() - started
@@ -153,8 +160,10 @@ def _tokens(model, prompt: str, sink: bool):
     tokenizer = model.tokenizer
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     if int(ids[0, 0]) not in special:
-        candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(special)]
-        first = next((c for c in candidates if c is not None), None)
+        # circuit-tracer's choice (its filter(None, ...) passes over an id of 0), then 0 itself.
+        candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                      *getattr(tokenizer, "all_special_ids", [])]
+        first = next((c for c in candidates if c), next((c for c in candidates if c is not None), None))
         if first is None:
             raise GraphError(f"{model.name}'s tokenizer has no special token to put first: build the graph with "
                              "sink=False (position 0 then holds the prompt's first token, and its features)")
@@ -219,6 +228,8 @@ def _edges(model, rep, tcs, rec, max_logits, logit_prob, max_feature_nodes, batc
         by_layer[target] = (nodes.to(rep.device), pos.to(rep.device), slot.to(rep.device), padded)
         del vectors
     writes.clear()
+    timings["decoders"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     errors = rep.errors
     resid0 = rec.resid0
 

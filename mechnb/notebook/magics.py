@@ -409,15 +409,18 @@ class MechnbMagics(Magics):
     @line_magic
     def graph(self, line: str):
         """`%graph PROMPT --transcoders TCS [--target T] [--max-feature-nodes N] [--max-logits N]
-        [--batch-size N] [--widget] [-o NAME]`: the attribution graph of a prompt (`--widget`:
-        drawn live, its selection ablated or scaled on the model)."""
+        [--batch-size N] [--no-sink] [--widget] [-o NAME]`: the attribution graph of a prompt over
+        transcoders or a cross-layer transcoder (`--no-sink`: no special token put first, position
+        0 kept; `--widget`: drawn live, its selection ablated or scaled on the model)."""
         prompt, options = self._prompt(line, {"--transcoders": object, "--target": object,
                                               "--max-feature-nodes": int, "--max-logits": int, "--batch-size": int,
-                                              "--widget": bool, "-o": str}, "%graph")
+                                              "--no-sink": bool, "--widget": bool, "-o": str}, "%graph")
         from ..transcoders import TranscoderSet
 
         output = options.pop("o", None)
         live = options.pop("widget", False)
+        if options.pop("no_sink", False):
+            options["sink"] = False
         model = self.session.require()
         tcs = self._named(options.pop("transcoders", None), model.transcoder_sets, TranscoderSet,
                           "%graph needs --transcoders naming a TranscoderSet")

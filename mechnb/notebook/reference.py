@@ -80,13 +80,14 @@ ENTRIES = [
           "SAE features as sites sae.L.F, the top features per token, dashboards"),
     Entry("", "sae.record_contexts(model, texts), sae.label(features, labeler)",
           "feature labels from top contexts, scored by simulation"),
-    Entry("", "mechnb.transcoders.train(model, texts, width, k), tcs.evaluate(model, texts), "
+    Entry("", "mechnb.transcoders.train(model, texts, width, k, cross_layer=False), tcs.evaluate(model, texts), "
           "mechnb.transcoders.load(dir), model.attach(tcs)",
-          "transcoders for every layer from one pass; their features as sites tc.L.F"),
+          "transcoders for every layer, or a cross-layer transcoder, from one pass; their features as sites tc.L.F"),
     Entry("%graph PROMPT --transcoders TCS [--target T] [--max-feature-nodes N] [--max-logits N] "
-          "[--batch-size N] [--widget] [-o NAME]",
+          "[--batch-size N] [--no-sink] [--widget] [-o NAME]",
           "model.graph(prompt, tcs) -> AttributionGraph (.scores, .df, .top(), .plot(), .widget(), .save())",
-          "attribution graphs over transcoders; the live graph ablates its selection on the real model"),
+          "attribution graphs over transcoders or a CLT, the attention sink left out; the live graph ablates "
+          "its selection on the real model"),
     Entry("%attribute PROMPT [--method gim|gradient|grad_x_input|integrated_gradients] [--target T] "
           "[--steps N] [-o NAME]",
           "model.attribute(prompt, target, method, steps, baseline, sites), with model.gim():",

@@ -276,12 +276,15 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     start = time.perf_counter() - state["seconds"]
     interrupted = False
     scales = state["scales"]
+    forward_seconds = 0.0  # this run's time in the model's forward (the rest: the transcoders' updates)
     try:
         while state["step"] < steps:
             rows = [w for _, w in zip(range(per_step), windows)]
             if not rows:
                 break
+            tick = time.perf_counter()
             inputs, outputs = plan.values(model, layers, reads, rows[world.slice(len(rows))], padded, autocast)
+            forward_seconds += time.perf_counter() - tick
             state["windows"] += len(rows)  # counted once read: an interrupted read is read again on resuming
             if scales is None:
                 scales = plan.scales(inputs, outputs, d)
@@ -349,7 +352,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     transcoders = {layer: _folded(part, scales[i], d, width, kind, k, skip) for i, (layer, part)
                    in enumerate(zip(layers, every))}
     meta = {"tokens": state["tokens"], "steps": state["step"], "seconds": time.perf_counter() - start,
-            "interrupted": interrupted, "fvu_layers": dict(zip(layers, state.get("fvu_layers", []))),
+            "forward_seconds": forward_seconds, "interrupted": interrupted, "fvu_layers": dict(zip(layers, state.get("fvu_layers", []))),
             "strategy": plan.strategy, "ranks": world.size,
             **{key: settings[key] for key in ("lr", "seed", "batch_size", "context")},
             **({"l0_coefficient": l0} if kind == "jumprelu" else {})}

@@ -14,8 +14,8 @@ end; `b_dec` the geometric median of the first batch's outputs; features start a
 that batch, with their own layer's decoder block the token's output and the blocks for later
 layers zero (the CLT starts as a per-layer set and learns to write further), the encoder
 scaled to fit; each feature's decoder (all its blocks together) kept at unit norm; topk with
-the auxiliary-k loss for dead features (their top pre-activations explaining the residual
-error of every layer they write to), or jumprelu with a straight-through L0 penalty. Each
+the auxiliary-k loss for dead features (their top pre-activations, written where they write,
+together explaining the residual error), or jumprelu with a straight-through L0 penalty. Each
 layer's decoders are one `width (targets d)` matrix read sparsely: a step costs the encoders'
 dense products and, per token, k decoder rows per layer.
 
@@ -36,6 +36,25 @@ import torch
 from ..core.errors import TranscoderError
 from .clt import CrossLayerTranscoder, check_window
 from .model import Transcoder
+
+
+WARMUP = None  # steps of linear learning-rate warm-up (None: a tenth of the run, at most 100)
+
+
+class _AddInto(torch.autograd.Function):
+    """`buffer[:, start:start + t] += written`, in place, its backward a view of the gradient: the
+    writes of every layer summed into one prediction without autograd copying it per layer."""
+
+    @staticmethod
+    def forward(ctx, buffer, written, start: int):
+        buffer[:, start:start + written.shape[1]].add_(written)
+        ctx.mark_dirty(buffer)
+        ctx.start, ctx.count = start, written.shape[1]
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad[:, ctx.start:ctx.start + ctx.count], None
 
 
 class _CrossLayer(torch.nn.Module):
@@ -83,27 +102,29 @@ class _CrossLayer(torch.nn.Module):
             float(len(rows))
 
     def write(self, layer: int, indices, values, offsets, n: int) -> torch.Tensor:
-        """`targets n d`: what one layer's features write to each of its target layers."""
+        """`n targets d`: what one layer's features write to each of its target layers (each
+        token's active features' decoder rows, gathered: n k targets d, not n width targets d)."""
         if offsets is None:  # topk: k per token
             out = torch.nn.functional.embedding_bag(indices, self.W_dec[layer], per_sample_weights=values, mode="sum")
         else:
             out = torch.nn.functional.embedding_bag(indices, self.W_dec[layer], offsets, per_sample_weights=values,
                                                     mode="sum")
-        return out.view(n, -1, self.d).transpose(0, 1)
+        return out.view(n, -1, self.d)
 
     def forward(self, x: torch.Tensor, dead: torch.Tensor | None = None):
-        """`(prediction layer n d, fired layer width, extras, l0 per layer)` for scaled inputs `x`
-        (`layer n d`); `dead` (`layer width` bools) turns on the auxiliary loss (topk)."""
+        """`(prediction n layer d, fired layer width, extras, l0 per layer)` for scaled inputs `x`
+        (`layer n d`); `dead` (`layer width` bools) turns on the auxiliary loss (topk). The
+        prediction is token-major: each layer's writes add into it in place, no copy of the whole."""
         n = x.shape[1]
-        prediction = self.b_dec[:, None, :].expand(self.n, n, self.d)
+        prediction = self.b_dec[None].expand(n, self.n, self.d).clone()
         if self.W_skip is not None:
-            prediction = prediction + torch.stack([x[m] @ self.W_skip[m].T for m in range(self.n)])
+            prediction = prediction + torch.stack([x[m] @ self.W_skip[m].T for m in range(self.n)], 1)
         fired, extras, l0 = [], [], []
         for layer in range(self.n):
             indices, values, offsets, on, extra, count = self.encode(
                 layer, x[layer], dead[layer] if dead is not None and dead[layer].any() else None)
-            targets = torch.arange(layer, layer + len(self.targets(layer)), device=x.device)
-            prediction = prediction.index_add(0, targets, self.write(layer, indices, values, offsets, n))
+            targets = self.targets(layer)
+            prediction = _AddInto.apply(prediction, self.write(layer, indices, values, offsets, n), targets.start)
             fired.append(on)
             extras.append(extra)
             l0.append(count)
@@ -162,6 +183,9 @@ def train_clt(model, texts, width, k, kind, skip, reads, layers, n_tokens, batch
         bar = tqdm(total=steps, initial=state["step"], desc=f"training a {n}-layer cross-layer transcoder",
                    unit="step", delay=2)
     decay_from = int(0.8 * steps)
+    # Adam's first steps move every weight by about lr: on the later-layer blocks, which start at
+    # zero, that is noise written to every later layer; a short warm-up keeps it small.
+    warmup = WARMUP if WARMUP is not None else max(1, min(steps // 10, 100))
     start = time.perf_counter() - state["seconds"]
     interrupted = False
     scales = state["scales"]
@@ -178,13 +202,13 @@ def train_clt(model, texts, width, k, kind, skip, reads, layers, n_tokens, batch
             if scales is None:
                 scales = plan.scales(inputs, outputs, d)
                 _initialise(clt, *plan.first(inputs, outputs), scales, seed, geometric_median)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (steps - state["step"]) / max(1, steps - decay_from))
+            for group in optimizer.param_groups:  # warm up, hold, decay over the last fifth
+                group["lr"] = lr * min(1.0, (state["step"] + 1) / warmup, (steps - state["step"]) / max(1, steps - decay_from))
             optimizer.zero_grad(set_to_none=True)
             count = plan.count(inputs.shape[1])
             s_in = torch.tensor([s[0] for s in scales], device=device)[:, None, None]
             s_out = torch.tensor([s[1] for s in scales], device=device)[:, None, None]
-            x, y = inputs * s_in, outputs * s_out
+            x, y = inputs * s_in, (outputs * s_out).transpose(0, 1).contiguous()   # y token-major
             del inputs, outputs
             dead = last_fired >= dead_tokens
             figures = _step(clt, x, y, dead, plan, count, kind, l0)
@@ -254,29 +278,33 @@ def _step(clt, x, y, dead, plan, count: int, kind: str, l0: float) -> dict:
     """One step's loss and backward over every layer; per-layer FVU and L0, the loss, what fired."""
     world = plan.world
     prediction, fired, extras, l0_counts = clt(x, dead)
-    error = prediction - y
+    error = prediction - y                                            # n layer d (y token-major)
     mse = error.pow(2).sum() / count
     loss = mse
     if kind == "jumprelu":
         loss = loss + l0 * sum(e for e in extras if e is not None) / count
     else:
-        residual = -error.detach()                                    # what the prediction misses
-        aux_terms = []
+        # Auxiliary-k: the dead features' top pre-activations, writing where they write, explain
+        # what the prediction misses (summed into one buffer, as the prediction is).
+        residual = -error.detach()
+        aux, used = None, False
         for layer, extra in enumerate(extras):
             if extra is None:
                 continue
+            if aux is None:
+                aux = torch.zeros_like(residual)
             indices, values = extra
-            written = clt.write(layer, indices, values, None, x.shape[1])
-            aux_terms.append((written - residual[list(clt.targets(layer))]).pow(2).sum())
-        if aux_terms:
+            aux = _AddInto.apply(aux, clt.write(layer, indices, values, None, x.shape[1]), clt.targets(layer).start)
+            used = True
+        if used:
             scale = plan.total_rows(residual.pow(2).sum().reshape(1))[0] / count
-            loss = loss + sum(aux_terms) / count / scale.clamp_min(1e-8) / 32
+            loss = loss + (aux - residual).pow(2).sum() / count / scale.clamp_min(1e-8) / 32
     loss.backward()
     if plan.data_parallel:
         fired = world.max_(fired.to(torch.int32)).bool()
     with torch.no_grad():
-        errors = error.pow(2).sum((1, 2))
-        means, squares = y.sum(1), y.pow(2).sum((1, 2))
+        errors = error.pow(2).sum((0, 2))
+        means, squares = y.sum(0), y.pow(2).sum((0, 2))
         if plan.data_parallel:
             errors, means, squares = (world.sum_(t.detach().clone()) for t in (errors, means, squares))
         variance = squares - means.pow(2).sum(-1) / count
@@ -312,7 +340,7 @@ def _initialise(clt: _CrossLayer, inputs, outputs, scales, seed: int, geometric_
             if clt.kind == "jumprelu":
                 clt.threshold[layer].fill_(0.001)
             indices, values, offsets, *_ = clt.encode(layer, x, None)
-            predicted = clt.write(layer, indices, values, offsets, len(x))[0]
+            predicted = clt.write(layer, indices, values, offsets, len(x))[:, 0]
             target = y - clt.b_dec[layer]
             fit = float((predicted * target).sum() / predicted.pow(2).sum().clamp_min(1e-12))
             clt.W_enc[layer].mul_(max(fit, 1e-3))
