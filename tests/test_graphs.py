@@ -186,7 +186,7 @@ def test_live_widget_selects_groups_and_intervenes_on_the_real_model(tiny_factor
     assert figures["sites"] == chosen and figures["skipped"] == ["error.1@2"]
     model.attach(tcs)
     with model.ablated(chosen):
-        by_hand = torch.softmax(model.cache(PARIS, "logits@-1")["logits@-1"][0], -1)
+        by_hand = torch.softmax(model.cache(graph.input_ids, "logits@-1")["logits@-1"][0], -1)
     model.detach(tcs)
     target = graph.logit_ids[0]
     assert figures["p_after"] == pytest.approx(float(by_hand[target]), rel=1e-5)

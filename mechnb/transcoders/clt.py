@@ -35,13 +35,12 @@ cuts it to 0.33 MB per feature. `memory(n_layers, d_model, width, window)` compu
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ..core.errors import TranscoderError
-from .model import Transcoder, TranscoderSet, layer_ranges
+from .model import TranscoderSet, layer_ranges
 
 FORMAT = "mechnb-clt"
 _HOOKS_IN = {"mlp_in": "mlp.hook_in", "resid_mid": "hook_resid_mid"}
@@ -254,83 +253,3 @@ class CrossLayerTranscoder(TranscoderSet):
         window = f", window {self.window}" if self.window else ""
         return (f"<mechnb CrossLayerTranscoder {self.name}: {self.n_layers} layers, {tc.kind}{k}, width "
                 f"{self.width}{window}, reads {self.reads}{', lazy decoders' if self.lazy else ''}>")
-
-
-def is_clt(path: Path, config: dict | None) -> bool:
-    """Whether a directory holds a CLT in circuit-tracer's layout."""
-    if config is not None:
-        return config.get("model_kind") == "cross_layer_transcoder"
-    return (path / "W_enc_0.safetensors").is_file()
-
-
-def load_directory(path: Path, config: dict | None = None, lazy: bool = True) -> CrossLayerTranscoder:
-    """A CLT from a directory in circuit-tracer's layout (`config` from its config.yaml, if any).
-    Encoders are read whole; decoders lazily (`lazy=False`: read into memory)."""
-    from safetensors import safe_open
-
-    from .files import _reads, _tensors, _writes
-
-    config = config or {}
-    where = path / "config.yaml"
-    reads = _reads(str(config.get("feature_input_hook", "hook_resid_mid")), where)
-    _writes(str(config.get("feature_output_hook", "hook_mlp_out")), where)
-    found = {}
-    for file in path.iterdir():
-        match = re.fullmatch(r"W_(enc|dec)_(\d+)\.safetensors", file.name)
-        if match:
-            found.setdefault(match[1], set()).add(int(match[2]))
-    every = found.get("enc", set()) | found.get("dec", set())
-    if not every:
-        raise TranscoderError(f"{path} holds no W_enc_L.safetensors: a cross-layer transcoder has an encoder "
-                              "and a decoder file per layer")
-    n = max(every) + 1
-    for kind in ("enc", "dec"):
-        missing = sorted(set(range(n)) - found.get(kind, set()))
-        if missing:
-            raise TranscoderError(f"{path}: W_{kind}_{missing[0]}.safetensors is missing (layers 0-{n - 1} have "
-                                  "files): a cross-layer transcoder has W_enc_L and W_dec_L for every layer")
-    facts = config.get("mechnb") or {}
-    encoders, decoders = {}, {}
-    for layer in range(n):
-        file = path / f"W_enc_{layer}.safetensors"
-        tensors = _tensors(file)
-        for key in (f"W_enc_{layer}", f"b_enc_{layer}", f"b_dec_{layer}"):
-            if key not in tensors:
-                raise TranscoderError(f"{file} has no {key}: its keys are {sorted(tensors)}")
-        W_enc = tensors[f"W_enc_{layer}"]
-        width, d = W_enc.shape
-        kind = facts.get("kind") or ("jumprelu" if f"threshold_{layer}" in tensors else "relu")
-        skip = f"W_skip_{layer}" in tensors
-        tc = Transcoder(d, width, kind=kind, k=facts.get("k") if kind == "topk" else None, skip=skip,
-                        dtype=W_enc.dtype, decoder=False)
-        with torch.no_grad():
-            tc.W_enc.copy_(W_enc.T)
-            tc.b_enc.copy_(tensors[f"b_enc_{layer}"])
-            tc.b_dec.copy_(tensors[f"b_dec_{layer}"])
-            if kind == "jumprelu":
-                tc.threshold.copy_(tensors[f"threshold_{layer}"])
-            if skip:
-                tc.W_skip.copy_(tensors[f"W_skip_{layer}"])
-        tc.requires_grad_(False)
-        encoders[layer] = tc
-        file = path / f"W_dec_{layer}.safetensors"
-        key = f"W_dec_{layer}"
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                if key not in handle.keys():
-                    raise TranscoderError(f"{file} has no {key}: its keys are {sorted(handle.keys())}")
-                shape = tuple(handle.get_slice(key).get_shape())
-        except TranscoderError:
-            raise
-        except Exception as error:
-            raise TranscoderError(f"cannot read {file}: {type(error).__name__}: {error}") from None
-        if len(shape) != 3:
-            raise TranscoderError(f"{file}: {key} is {shape}; a CLT decoder is (features, layers written, d_model)")
-        decoder = _Decoder(file=file, key=key, shape=shape)
-        decoders[layer] = decoder if lazy else _Decoder(decoder.whole(shape[1], "cpu"))
-    model = facts.get("model") or ({"name": config["model_name"]} if config.get("model_name") else None)
-    meta = dict(facts.get("meta") or {})
-    meta.update(format="circuit-tracer clt" if not facts else "mechnb clt", source=str(path),
-                scan=config.get("scan", path.name))
-    return CrossLayerTranscoder(encoders, decoders, reads=reads, model=model, name=facts.get("name", "tc"),
-                                meta=meta, window=facts.get("window"))

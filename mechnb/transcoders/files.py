@@ -140,10 +140,8 @@ def _clt_from_hub(repo: str, folder: str, revision, local_only: bool, lazy: bool
     while hub.find(repo, [name(f"W_enc_{layer}.safetensors")], TranscoderError, revision, local_only):
         hub.fetch(repo, name(f"W_dec_{layer}.safetensors"), TranscoderError, revision, local_only)
         layer += 1
-    from .clt import load_directory
-
     config["scan"] = f"{repo}//{folder}" if folder else repo  # as circuit-tracer names a hub set
-    return load_directory(config_file.parent, config, lazy=lazy)
+    return _load_clt(config_file.parent, config, lazy=lazy)
 
 
 def _is_set(path: Path) -> bool:
@@ -152,8 +150,6 @@ def _is_set(path: Path) -> bool:
 
 
 def _load_directory(path: Path, lazy: bool = True) -> TranscoderSet:
-    from . import clt
-
     if not path.is_dir():
         raise TranscoderError(f"{str(path)!r} is not a directory: transcoders load from a directory in "
                               "mechnb's, SAELens 6's or circuit-tracer's layout")
@@ -161,8 +157,8 @@ def _load_directory(path: Path, lazy: bool = True) -> TranscoderSet:
         return _load_mechnb(path)
     if (path / "config.yaml").is_file():
         return _load_circuit_tracer(path, lazy)
-    if clt.is_clt(path, None):
-        return clt.load_directory(path, None, lazy=lazy)
+    if _is_clt(path, None):
+        return _load_clt(path, None, lazy=lazy)
     if (path / "cfg.json").is_file() and (path / "sae.safetensors").is_file() or (path / "params.npz").is_file() \
             or (path / "params.safetensors").is_file():
         return _one_per_layer([(path.name, path, {})], str(path))
@@ -372,11 +368,9 @@ def _load_saelens(path: Path) -> TranscoderSet:
 def _load_circuit_tracer(path: Path, lazy: bool = True) -> TranscoderSet:
     import yaml
 
-    from . import clt
-
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    if clt.is_clt(path, config):
-        return clt.load_directory(path, config, lazy=lazy)
+    if _is_clt(path, config):
+        return _load_clt(path, config, lazy=lazy)
     if config.get("model_kind", "transcoder_set") != "transcoder_set":
         raise TranscoderError(f"{path / 'config.yaml'}: model_kind {config.get('model_kind')!r}: mechnb reads "
                               "transcoder_set and cross_layer_transcoder")
@@ -413,3 +407,83 @@ def _load_circuit_tracer(path: Path, lazy: bool = True) -> TranscoderSet:
     return TranscoderSet(made, reads=reads, model={"name": config.get("model_name")} if config.get("model_name") else None,
                          name="tc", meta={"format": "circuit-tracer", "scan": config.get("scan", path.name),
                                           "source": str(path), "notes": notes})
+
+
+def _is_clt(path: Path, config: dict | None) -> bool:
+    """Whether a directory holds a CLT in circuit-tracer's layout."""
+    if config is not None:
+        return config.get("model_kind") == "cross_layer_transcoder"
+    return (path / "W_enc_0.safetensors").is_file()
+
+
+def _load_clt(path: Path, config: dict | None = None, lazy: bool = True):
+    """A CLT from a directory in circuit-tracer's layout (`config` from its config.yaml, if any).
+    Encoders are read whole; decoders lazily (`lazy=False`: read into memory)."""
+    from safetensors import safe_open
+
+    from .clt import CrossLayerTranscoder, _Decoder
+
+    config = config or {}
+    where = path / "config.yaml"
+    reads = _reads(str(config.get("feature_input_hook", "hook_resid_mid")), where)
+    _writes(str(config.get("feature_output_hook", "hook_mlp_out")), where)
+    found = {}
+    for file in path.iterdir():
+        match = re.fullmatch(r"W_(enc|dec)_(\d+)\.safetensors", file.name)
+        if match:
+            found.setdefault(match[1], set()).add(int(match[2]))
+    every = found.get("enc", set()) | found.get("dec", set())
+    if not every:
+        raise TranscoderError(f"{path} holds no W_enc_L.safetensors: a cross-layer transcoder has an encoder "
+                              "and a decoder file per layer")
+    n = max(every) + 1
+    for kind in ("enc", "dec"):
+        missing = sorted(set(range(n)) - found.get(kind, set()))
+        if missing:
+            raise TranscoderError(f"{path}: W_{kind}_{missing[0]}.safetensors is missing (layers 0-{n - 1} have "
+                                  "files): a cross-layer transcoder has W_enc_L and W_dec_L for every layer")
+    facts = config.get("mechnb") or {}
+    encoders, decoders = {}, {}
+    for layer in range(n):
+        file = path / f"W_enc_{layer}.safetensors"
+        tensors = _tensors(file)
+        for key in (f"W_enc_{layer}", f"b_enc_{layer}", f"b_dec_{layer}"):
+            if key not in tensors:
+                raise TranscoderError(f"{file} has no {key}: its keys are {sorted(tensors)}")
+        W_enc = tensors[f"W_enc_{layer}"]
+        width, d = W_enc.shape
+        kind = facts.get("kind") or ("jumprelu" if f"threshold_{layer}" in tensors else "relu")
+        skip = f"W_skip_{layer}" in tensors
+        tc = Transcoder(d, width, kind=kind, k=facts.get("k") if kind == "topk" else None, skip=skip,
+                        dtype=W_enc.dtype, decoder=False)
+        with torch.no_grad():
+            tc.W_enc.copy_(W_enc.T)
+            tc.b_enc.copy_(tensors[f"b_enc_{layer}"])
+            tc.b_dec.copy_(tensors[f"b_dec_{layer}"])
+            if kind == "jumprelu":
+                tc.threshold.copy_(tensors[f"threshold_{layer}"])
+            if skip:
+                tc.W_skip.copy_(tensors[f"W_skip_{layer}"])
+        tc.requires_grad_(False)
+        encoders[layer] = tc
+        file = path / f"W_dec_{layer}.safetensors"
+        key = f"W_dec_{layer}"
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                if key not in handle.keys():
+                    raise TranscoderError(f"{file} has no {key}: its keys are {sorted(handle.keys())}")
+                shape = tuple(handle.get_slice(key).get_shape())
+        except TranscoderError:
+            raise
+        except Exception as error:
+            raise TranscoderError(f"cannot read {file}: {type(error).__name__}: {error}") from None
+        if len(shape) != 3:
+            raise TranscoderError(f"{file}: {key} is {shape}; a CLT decoder is (features, layers written, d_model)")
+        decoder = _Decoder(file=file, key=key, shape=shape)
+        decoders[layer] = decoder if lazy else _Decoder(decoder.whole(shape[1], "cpu"))
+    model = facts.get("model") or ({"name": config["model_name"]} if config.get("model_name") else None)
+    meta = dict(facts.get("meta") or {})
+    meta.update(format="circuit-tracer clt" if not facts else "mechnb clt", source=str(path),
+                scan=config.get("scan", path.name))
+    return CrossLayerTranscoder(encoders, decoders, reads=reads, model=model, name=facts.get("name", "tc"),
+                                meta=meta, window=facts.get("window"))
