@@ -192,21 +192,11 @@ def test_a_clt_loads_by_hub_id_from_the_cache_offline(tiny_factory, tmp_path, mo
 
 
 def test_clt_training_learns_writes_later_layers_and_resumes_exactly(tiny_factory, tmp_path, monkeypatch):
-    import sys
-
     from mechnb.transcoders import train
-    from test_transcoders import TRAIN, texts
+    from test_transcoders import TRAIN, count_forwards, stop_at_batch, texts
 
-    module = sys.modules["mechnb.transcoders.train"]
     model = tiny_factory("llama")
-    forwards = []
-    original = module.mlp_values
-
-    def counting(*args, **kwargs):
-        forwards.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "mlp_values", counting)
+    forwards = count_forwards(monkeypatch)
     clt = train(model, texts(), cross_layer=True, **TRAIN)
     assert isinstance(clt, CrossLayerTranscoder) and len(forwards) == clt.history.step.iloc[-1] == 13
     assert clt.history.l0.iloc[-1] <= 4 and clt.meta["forward_seconds"] < clt.meta["seconds"]
@@ -219,18 +209,10 @@ def test_clt_training_learns_writes_later_layers_and_resumes_exactly(tiny_factor
     graph = model.graph(PARIS, clt)
     assert graph.completeness_error() < 1e-4 and graph.verify(n=5).max_error.max() < 1e-3
     # Stopped by Ctrl-C at the 6th batch, then resumed: the same CLT as one run.
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "mlp_values", interrupted)
+    undo = stop_at_batch(monkeypatch, 6)
     first = train(model, texts(), cross_layer=True, checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
     assert first.meta["interrupted"] and first.meta["steps"] == 5
-    monkeypatch.setattr(module, "mlp_values", original)
+    undo()
     resumed = train(model, texts(), cross_layer=True, checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
     for layer in clt.layers:
         assert torch.allclose(resumed.decoder(layer), clt.decoder(layer), atol=1e-6)

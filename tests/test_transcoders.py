@@ -121,22 +121,44 @@ def texts(n=40):
 TRAIN = dict(width=64, k=4, n_tokens=12_000, batch_size=1000, context=40, progress=False, log_every=1)
 
 
-def test_training_runs_one_forward_per_batch_for_every_layer_and_resumes_exactly(tiny_factory, tmp_path,
-                                                                                  monkeypatch):
+def count_forwards(monkeypatch) -> list:
+    """The layers of every forward the trainer runs (its `mlp_values` calls), from now on."""
     import sys
 
-    from mechnb.transcoders import train
-
     module = sys.modules["mechnb.transcoders.train"]
-    model = tiny_factory("llama")
-    forwards = []
-    original = module.mlp_values
+    forwards, original = [], module.mlp_values
 
     def counting(*args, **kwargs):
         forwards.append(args[1])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "mlp_values", counting)
+    return forwards
+
+
+def stop_at_batch(monkeypatch, batch: int):
+    """Ctrl-C at the trainer's `batch`-th forward; returns what undoes it."""
+    import sys
+
+    module = sys.modules["mechnb.transcoders.train"]
+    calls, original = [], module.mlp_values
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == batch:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "mlp_values", interrupted)
+    return lambda: monkeypatch.setattr(module, "mlp_values", original)
+
+
+def test_training_runs_one_forward_per_batch_for_every_layer_and_resumes_exactly(tiny_factory, tmp_path,
+                                                                                  monkeypatch):
+    from mechnb.transcoders import train
+
+    model = tiny_factory("llama")
+    forwards = count_forwards(monkeypatch)
     tcs = train(model, texts(), **TRAIN)
     history = tcs.history
     assert len(forwards) == history.step.iloc[-1] == 13 and all(layers == [0, 1, 2] for layers in forwards)
@@ -150,18 +172,10 @@ def test_training_runs_one_forward_per_batch_for_every_layer_and_resumes_exactly
         norms = tc.W_dec.norm(dim=-1)
         assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4)
     # Stopped by Ctrl-C at the 6th batch, then resumed: the same transcoders as one run.
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "mlp_values", interrupted)
+    undo = stop_at_batch(monkeypatch, 6)
     first = train(model, texts(), checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
     assert first.meta["interrupted"] and first.meta["steps"] == 5
-    monkeypatch.setattr(module, "mlp_values", original)
+    undo()
     resumed = train(model, texts(), checkpoint=tmp_path / "ck", save_every=2, **TRAIN)
     assert not resumed.meta["interrupted"] and resumed.meta["tokens"] == tcs.meta["tokens"]
     same(tcs, resumed)

@@ -322,13 +322,7 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
                        "fvu_max": max(per_layer["fvu"]), "l0": sum(per_layer["l0"]) / len(layers),
                        "dead": sum(per_layer["dead"]) / len(layers),
                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
-                state["history"].append(row)
-                state["fvu_layers"] = per_layer["fvu"]
-                if bar is not None:
-                    bar.set_postfix(fvu=f"{row['fvu']:.3f}", worst=f"{row['fvu_max']:.3f}", l0=f"{row['l0']:.1f}",
-                                    dead=f"{row['dead']:.2f}")
-                distributed.report(world, step=state["step"], steps=steps, tokens=state["tokens"], loss=row["loss"],
-                                   fvu=row["fvu"], dead=row["dead"])
+                _log(state, row, per_layer["fvu"], bar, world, steps)
             if bar is not None:
                 bar.update(1)
             if folder is not None and state["step"] % save_every == 0:
@@ -338,15 +332,9 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     finally:
         if bar is not None:
             bar.close()
-    if scales is None:
-        raise TranscoderError("the texts gave no full window to train on: pass more text, or a shorter context")
+    _ended(state, steps, scales, interrupted)
     if folder is not None:
         _save(folder, settings, parts, optimizer, state, scales, last_fired, start, plan)
-    if state["step"] < steps and not interrupted:
-        import warnings
-
-        warnings.warn(f"the texts ran out after {state['tokens']} tokens, {state['step']} of {steps} steps: "
-                      "pass more text (or the same text again) for the n_tokens asked")
     every = plan.whole(parts)
     transcoders = {layer: _folded(part, scales[i], d, width, kind, k, skip) for i, (layer, part)
                    in enumerate(zip(layers, every))}
@@ -361,6 +349,30 @@ def train(model, texts, width: int | None = None, k: int | None = 32, kind: str 
     del parts, optimizer, every
     return_to_system()  # the training state (Adam's moments, gradients) is freed: hand it back
     return tcs
+
+
+def _log(state: dict, row: dict, fvu_layers: list, bar, world, steps: int) -> None:
+    """One row of the history: kept, shown on the bar, and reported for a launched job's view."""
+    from ..core import distributed
+
+    state["history"].append(row)
+    state["fvu_layers"] = fvu_layers
+    if bar is not None:
+        bar.set_postfix(fvu=f"{row['fvu']:.3f}", worst=f"{row['fvu_max']:.3f}", l0=f"{row['l0']:.1f}",
+                        dead=f"{row['dead']:.2f}")
+    distributed.report(world, step=state["step"], steps=steps, tokens=state["tokens"], loss=row["loss"],
+                       fvu=row["fvu"], dead=row["dead"])
+
+
+def _ended(state: dict, steps: int, scales, interrupted: bool) -> None:
+    """An error when nothing was trained; a warning when the texts ran out early."""
+    if scales is None:
+        raise TranscoderError("the texts gave no full window to train on: pass more text, or a shorter context")
+    if state["step"] < steps and not interrupted:
+        import warnings
+
+        warnings.warn(f"the texts ran out after {state['tokens']} tokens, {state['step']} of {steps} steps: "
+                      "pass more text (or the same text again) for the n_tokens asked")
 
 
 def _layer_step(part, x, y, dead, plan, n: int, kind: str, l0: float) -> dict:
@@ -924,13 +936,7 @@ def train_clt(model, texts, width, k, kind, skip, reads, layers, n_tokens, batch
                        "fvu": sum(fvu) / n, "fvu_max": max(fvu), "l0": sum(figures["l0"]) / n,
                        "dead": float(dead.float().mean()), "lr": optimizer.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - start}
-                state["history"].append(row)
-                state["fvu_layers"] = fvu
-                if bar is not None:
-                    bar.set_postfix(fvu=f"{row['fvu']:.3f}", worst=f"{row['fvu_max']:.3f}", l0=f"{row['l0']:.1f}",
-                                    dead=f"{row['dead']:.2f}")
-                distributed.report(world, step=state["step"], steps=steps, tokens=state["tokens"], loss=row["loss"],
-                                   fvu=row["fvu"], dead=row["dead"])
+                _log(state, row, fvu, bar, world, steps)
             if bar is not None:
                 bar.update(1)
             if folder is not None and state["step"] % save_every == 0:
@@ -940,15 +946,9 @@ def train_clt(model, texts, width, k, kind, skip, reads, layers, n_tokens, batch
     finally:
         if bar is not None:
             bar.close()
-    if scales is None:
-        raise TranscoderError("the texts gave no full window to train on: pass more text, or a shorter context")
+    _ended(state, steps, scales, interrupted)
     if folder is not None:
         _clt_save(folder, settings, clt, optimizer, state, scales, last_fired, start, plan)
-    if state["step"] < steps and not interrupted:
-        import warnings
-
-        warnings.warn(f"the texts ran out after {state['tokens']} tokens, {state['step']} of {steps} steps: "
-                      "pass more text (or the same text again) for the n_tokens asked")
     seconds = time.perf_counter() - start
     meta = {"tokens": state["tokens"], "steps": state["step"], "seconds": seconds,
             "forward_seconds": state["forward_seconds"], "interrupted": interrupted,
