@@ -2,6 +2,10 @@
 the same files, in one run.
 
     .venv/bin/python bench/clt_graphs.py [DIR] [--width 512] [--active 4800] [--threads 2]
+        [--clt CLT_DIR] [--peer-out OUT_DIR]
+
+(`--clt`: an existing CLT in circuit-tracer's layout instead of a new random one; `--peer-out`: a
+circuit-tracer result already made by `bench/circuit_tracer_peer.py` on it, not run again.)
 
 A random jumprelu CLT of width `--width` for SmolLM2-135M (30 layers, each feature writing to
 its own and every later layer), its thresholds set so that about `--active` features are
@@ -102,12 +106,14 @@ def main():
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--active", type=int, default=4800)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clt", default=None)
+    parser.add_argument("--peer-out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = Path(args.directory or tempfile.mkdtemp(prefix="mechnb-clt-bench-"))
     model = mechnb.load()
-    clt_dir = folder / f"clt-{args.width}"
-    if not (clt_dir / "config.yaml").is_file():
+    clt_dir = Path(args.clt) if args.clt else folder / f"clt-{args.width}"
+    if not (clt_dir / "W_enc_0.safetensors").is_file():
         random_clt(model, args.width, args.active).save(clt_dir)
     clt = mechnb.transcoders.load(clt_dir)
     print(f"{clt!r} in {clt_dir}")
@@ -122,12 +128,16 @@ def main():
 
     from mechnb.core.embedded import converted
 
-    result = run_peer(converted(), clt_dir, PROMPT, folder / "circuit-tracer", max_feature_nodes=4096,
-                      batch_size=256, threads=args.threads, quiet=True)
+    peer = Path(args.peer_out) if args.peer_out else folder / "circuit-tracer"
+    if args.peer_out:
+        result = json.loads((peer / "result.json").read_text())
+    else:
+        result = run_peer(converted(), clt_dir, PROMPT, peer, max_feature_nodes=4096, batch_size=256,
+                          threads=args.threads, quiet=True)
     print(f"circuit-tracer {result.get('version', '0.5.0')}: {result['seconds']:.1f} s; {result['n_active']} active "
           f"features, {result['n_selected']} rows")
     print(f"mechnb is x{result['seconds'] / ours:.1f} faster on this graph")
-    compare(graph, folder / "circuit-tracer", result)
+    compare(graph, peer, result)
     print(json.dumps({"mechnb_seconds": ours, "circuit_tracer_seconds": result["seconds"]}))
 
 
