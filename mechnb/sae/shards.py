@@ -62,27 +62,8 @@ def open_store(path) -> ActivationStore:
 
 
 def windows_of(model, texts, context: int):
-    """Token windows as `collect` cuts them: documents packed into one stream with EOS between
-    them, `context` tokens a window (BOS first where the tokenizer adds one), the rest of the
-    stream last; a document given as token ids is a window of its own."""
-    tokenizer = model.tokenizer
-    documents_of = stores.documents_of
-    bos = tokenizer.bos_token_id
-    adds_bos = bool(tokenizer("a")["input_ids"][:1] == [bos]) if bos is not None else False
-    prefix = [bos] if adds_bos else []
-    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    window = context - len(prefix)
-    stream: list[int] = []
-    for document in documents_of(texts):
-        if isinstance(document, list):
-            yield document
-            continue
-        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + separator
-        while len(stream) >= window:
-            yield prefix + stream[:window]
-            stream = stream[window:]
-    if stream:
-        yield prefix + stream
+    """Token windows as `collect` cuts them (`store.packed_windows`, the stream's rest last)."""
+    return stores.packed_windows(model, texts, context, remainder=True)
 
 
 def collect_shards(model, site, texts, n_tokens: int, batch_size: int, context: int, store, progress: bool,

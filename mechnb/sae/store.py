@@ -442,3 +442,26 @@ def open_store(path) -> ActivationStore:
     state = json.loads(progress_file.read_text())
     data = np.memmap(path / "acts.f32", dtype=np.float32, mode="r", shape=(state["n_tokens"], state["width"]))
     return ActivationStore(data, state["written"], site=state["site"], meta=state)
+
+
+def packed_windows(model, texts, context: int, remainder: bool = False):
+    """Windows of `context` token ids cut from `texts` packed into one stream with EOS between
+    documents (BOS first where the tokenizer adds one); a document given as token ids is a window
+    of its own. `remainder`: the stream's last, shorter window too (else full windows only)."""
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    prefix = [bos] if adds_bos else []
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    window = context - len(prefix)
+    stream: list[int] = []
+    for document in documents_of(texts):
+        if isinstance(document, list):
+            yield document
+            continue
+        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + separator
+        while len(stream) >= window:
+            yield prefix + stream[:window]
+            stream = stream[window:]
+    if remainder and stream:
+        yield prefix + stream

@@ -51,23 +51,9 @@ TRAIN_KINDS = ("topk", "jumprelu")
 def token_windows(model, texts, context: int):
     """Windows of `context` token ids (BOS first where the tokenizer adds one) cut from
     `texts` packed into one stream with EOS between documents; full windows only."""
-    from ..sae.store import documents_of
+    from ..sae.store import packed_windows
 
-    tokenizer = model.tokenizer
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    prefix = [bos] if adds_bos else []
-    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    window = context - len(prefix)
-    stream: list[int] = []
-    for document in documents_of(texts):
-        if isinstance(document, list):
-            yield document
-            continue
-        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + separator
-        while len(stream) >= window:
-            yield prefix + stream[:window]
-            stream = stream[window:]
+    return packed_windows(model, texts, context)
 
 
 class _TopK(torch.autograd.Function):
