@@ -224,3 +224,18 @@ def test_clt_training_learns_writes_later_layers_and_resumes_exactly(tiny_factor
         train(model, texts(), cross_layer=True, window=0, **TRAIN)
     with pytest.raises(TranscoderError, match="covers every layer"):
         train(model, texts(), cross_layer=True, layers=[0, 1], **TRAIN)
+
+
+def test_a_clt_decoders_learning_rate_is_scaled_by_its_blocks():
+    """A decoder row is unit over its T blocks, its weights about 1/sqrt(T d): Adam's step, about
+    lr a weight, is scaled by 1/sqrt(T) so that it moves each layer's decoders by the same fraction."""
+    from mechnb.transcoders.train import _clt_groups, _CrossLayer
+
+    clt = _CrossLayer(4, 8, 6, "topk", 2, False, None, "cpu")
+    groups = _clt_groups(clt, 0.01)
+    by_parameter = {id(p): group["lr"] for group in groups for p in group["params"]}
+    assert [by_parameter[id(W)] for W in clt.W_dec] == pytest.approx([0.01 / 2, 0.01 / 3 ** 0.5, 0.01 / 2 ** 0.5, 0.01])
+    assert by_parameter[id(clt.W_enc[0])] == by_parameter[id(clt.b_dec)] == 0.01
+    assert sum(len(group["params"]) for group in groups) == sum(1 for p in clt.parameters() if p.requires_grad)
+    windowed = _CrossLayer(4, 8, 6, "topk", 2, False, 2, "cpu")
+    assert [group["lr"] for group in _clt_groups(windowed, 0.01)[1:]] == pytest.approx([0.01 / 2 ** 0.5] * 3 + [0.01])
