@@ -17,7 +17,8 @@ on the same tokens, then prints for each, side by side:
 - the replacement model (every MLP replaced) on held-out text: loss against the clean
   model's and all MLPs zeroed, top-1 agreement;
 - graph replacement and completeness on three prompts (a special token first, position 0
-  left out, as circuit-tracer), and the graph's features and seconds;
+  left out, as circuit-tracer), the graph's features and seconds, and where the replacement
+  score goes: each layer's error nodes' share of the influence;
 - how much bfloat16 autocast changes what the MLPs read and write (relative difference on a
   batch), and the forward's time with and without it.
 The parameter count of a CLT of width w is n w d + w d n (n + 1) / 2 (encoders and decoder
@@ -69,6 +70,21 @@ def trained(model, folder: Path, label: str, tokens: int, **options):
           f"overall; of this run, the model's forward {forward:.0f} s ({forward / seconds:.0%}) and the updates "
           f"{seconds - forward:.0f} s")
     return tcs, seconds
+
+
+def error_shares(graph) -> str:
+    """Where the replacement score goes: each layer's error nodes' share of the influence that
+    reaches tokens or errors (the score is the tokens' share), the largest first."""
+    from mechnb.graphs import prune
+
+    features, errors, tokens, _ = graph.kind_masks()
+    reach = prune.influence(prune.normalised(graph.adjacency), graph.weights)
+    total = float(reach[tokens].sum() + reach[errors].sum())
+    table = graph.node_table()
+    layers = table[table.kind == "error"].assign(share=(reach[errors] / total).numpy()).groupby("layer").share.sum()
+    largest = layers.sort_values(ascending=False).head(5)
+    return (f"error share {layers.sum():.3f}: " + ", ".join(f"layer {layer} {share:.3f}" for layer, share in largest.items())
+            + f"; layers 0-9 {layers.loc[:9].sum():.3f}, 10-19 {layers.loc[10:19].sum():.3f}, 20+ {layers.loc[20:].sum():.3f}")
 
 
 def autocast_change(model):
@@ -137,6 +153,7 @@ def main():
             top = model.tokenizer.decode([graph.logit_ids[0]])
             print(f"graph of {prompt!r} -> {top!r}: replacement {scores['replacement']:.3f}, completeness "
                   f"{scores['completeness']:.3f}, {graph.n_features} features ({time.perf_counter() - start:.1f} s)")
+            print("  " + error_shares(graph))
     autocast_change(model)
 
 
