@@ -7,8 +7,13 @@ paths proven without a GPU.
 `work` must be a module-level function (the processes import it by name); it receives the
 rank's `mechnb.core.distributed.World` and returns a dict of tensors, numbers and strings,
 which comes back through a file written with `torch.save` and read with
-`torch.load(weights_only=True)`. One spawn per test: gloo can abort at teardown when several
-jobs share a process.
+`torch.load(weights_only=True)`. One job per test, each in new processes: gloo can abort at
+teardown when several jobs share a process.
+
+The ranks are forked from a multiprocessing fork server that has imported torch, transformers,
+nnsight and mechnb once (`PRELOAD`): each rank is a new process with its own gloo group, as a
+spawned one is, without importing the same modules again (2-5 s of a core for every rank of
+every test otherwise). The server itself is single-threaded, so forking it is safe.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+
+PRELOAD = ["torch", "transformers", "nnsight", "mechnb.model", "mechnb.core.distributed", "mechnb.sae.train",
+           "mechnb.transcoders", "ranks"]
 
 
 def free_port() -> int:
@@ -61,10 +70,13 @@ def spawn(work, size: int = 2, *args, timeout: float = 60, expect_failure: bool 
     failed give `{"error": text}` when `expect_failure`, else the first failure is raised)."""
     import time
 
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts: the first job
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
         context = mp.start_processes(_rank, args=(size, port, folder, work, args, timeout), nprocs=size,
-                                     join=False, start_method="spawn")
+                                     join=False, start_method="forkserver")
         # Wait for every rank, however the others end: a rank that dies must not take the
         # survivors with it before they have reported how they stopped.
         deadline = time.monotonic() + 3 * timeout + 60

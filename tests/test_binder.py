@@ -100,7 +100,7 @@ def test_postbuild_runs_in_a_fresh_venv(tmp_path):
     """requirements.txt, then postBuild, in a new venv and a copy of the repository; then a prompt."""
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache", "artifacts"))
+        ".venv*", ".git", "*.egg-info", "__pycache__", ".pytest_cache", "artifacts"))
     venv = tmp_path / "venv"
     # pip installed into it by this one (venv's ensurepip would take 7 s for an older pip)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

@@ -1,6 +1,7 @@
 """The process group (`mechnb.core.distributed`): what ranks agree on, proven with two gloo
-processes on CPU (each test its own spawn: `ranks.spawn`), and the world of one that every
-call without torchrun sees."""
+processes on CPU (each test its own ranks: `ranks.spawn`), and the world of one that every
+call without torchrun sees. Under `make test` the file runs on one worker, whose fork server
+imports torch, transformers and mechnb once for every rank of every test."""
 
 import time
 
@@ -9,6 +10,8 @@ import torch
 
 from mechnb.core import distributed
 from ranks import spawn
+
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def test_a_world_of_one_is_the_identity():
