@@ -15,7 +15,7 @@ The public names: `load` and `Model` (`mechnb.model`), `launch` (a job over seve
 processes, `mechnb.notebook.launch`), `Site` and `parse_site`, `Batch`,
 `Result`, `Circuit`, every error class (`mechnb.SiteError`, `mechnb.PatchError`, ...),
 and the subpackages `mechnb.sae`, `mechnb.circuits`, `mechnb.transcoders`, `mechnb.graphs`,
-`mechnb.vision`, `mechnb.causal` and `mechnb.datasets`. The layout
+`mechnb.vision`, `mechnb.causal`, `mechnb.datasets` and `mechnb.agent` (the MCP server's tools). The layout
 of the package is in `docs/architecture.md`.
 
 `import mechnb` stays fast: torch, transformers and nnsight load on first use, when one
@@ -36,7 +36,7 @@ _LAZY = {
     "parse_site": "mechnb.core.sites", "Batch": "mechnb.core.batch", "Result": "mechnb.display.results",
     "Circuit": "mechnb.circuits",
 }
-_SUBPACKAGES = ("sae", "circuits", "transcoders", "graphs", "vision", "causal", "datasets")
+_SUBPACKAGES = ("sae", "circuits", "transcoders", "graphs", "vision", "causal", "datasets", "agent")
 
 __all__ = [*_LAZY, *_SUBPACKAGES, *_errors, "load_ipython_extension", "unload_ipython_extension"]
 

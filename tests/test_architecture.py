@@ -2,7 +2,8 @@
 and `docs/architecture.md` names only what exists.
 
 Layers, lowest first (see docs/architecture.md): the core (and `datasets`), the display,
-the methods (`methods/`, `sae/`, `circuits/`, `transcoders/`, `graphs/`), the API (`mechnb.model`), the notebook, and
+the methods (`methods/`, `sae/`, `circuits/`, `transcoders/`, `graphs/`), the API (`mechnb.model`), the agent
+(`agent/`: the model's experiments as tools, the MCP server), the notebook, and
 the package itself (its public names and the IPython extension's entry). Every import counts, those inside functions too: a lazy import
 that points upward is still a dependency, and a cycle of lazy imports is still a cycle.
 """
@@ -14,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "mechnb"
 LAYERS = {"core": 0, "datasets": 0, "display": 1, "methods": 2, "sae": 2, "circuits": 2, "transcoders": 2,
-          "graphs": 2, "vision": 2, "causal": 2, "model": 3, "notebook": 4,
-          "__main__": 5, "": 5}  # "": the package itself, whose names are the public API and the extension's entry
+          "graphs": 2, "vision": 2, "causal": 2, "model": 3, "agent": 4, "notebook": 5,
+          "__main__": 6, "mcp": 6, "": 6}  # "": the package itself, whose names are the public API and the extension's entry
 
 
 def modules() -> dict[str, Path]:

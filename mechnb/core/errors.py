@@ -159,6 +159,16 @@ class CounterfactualWarning(UserWarning):
     them measures nothing but the base's own answer."""
 
 
+class TimeBudgetError(MechnbError, TimeoutError):
+    """A sweep that ran past the time it was given (`mechnb.core.memory.time_budget`): it stops
+    between chunks, the model as before it."""
+
+
+class AgentError(MechnbError, ValueError):
+    """A tool call, server setting, language model endpoint or report that the MCP server or
+    the investigation loop (`mechnb.agent`) cannot use."""
+
+
 class MagicError(MechnbError, ValueError):
     """Arguments to a magic that do not parse."""
 

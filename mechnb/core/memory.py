@@ -31,15 +31,18 @@ call stays halved for the next.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import gc
+import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .checks import is_int
-from .errors import ArgumentError, MechnbError, MemoryBudgetError, OutOfMemoryWarning
+from .errors import ArgumentError, MechnbError, MemoryBudgetError, OutOfMemoryWarning, TimeBudgetError
 
 # What allocators say when they cannot get memory: CUDA, the CPU allocator, Windows, MPS.
 _MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
@@ -112,6 +115,30 @@ class frozen_weights:
         self.changed = []
 
 
+# (deadline, what) of the innermost `time_budget`, or None: read by every sweep between chunks.
+_DEADLINE: contextvars.ContextVar = contextvars.ContextVar("mechnb_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float, what: str = "this call"):
+    """`with time_budget(60, "the patch tool's call"):` sweeps (`Chunks.run`) started inside stop
+    with a `TimeBudgetError` at the first chunk that begins after `seconds`. A chunk is never
+    cut short: the model is left as a finished chunk leaves it (MCP tool calls are bounded so)."""
+    token = _DEADLINE.set((time.monotonic() + seconds, seconds, what))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_time_budget() -> None:
+    """Raise `TimeBudgetError` if the innermost `time_budget` has run out."""
+    budget = _DEADLINE.get()
+    if budget is not None and time.monotonic() > budget[0]:
+        raise TimeBudgetError(f"{budget[2]} ran past its {budget[1]:.0f} s: ask for fewer sites, prompts or "
+                              "steps, or give it more time")
+
+
 class Chunks:
     """How many items a sweep runs at once, halved whenever a chunk runs out of memory.
 
@@ -161,6 +188,7 @@ class Chunks:
         size = self.size or default or max(len(items), 1)
         begin = 0
         while begin < len(items):
+            check_time_budget()
             if self.limit is not None:
                 size = min(size, self.limit)
             chunk = items[begin:begin + size]

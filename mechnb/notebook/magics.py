@@ -40,6 +40,7 @@ class Session:
 
     def __init__(self):
         self.model = None
+        self.server = None  # the MCP server `%mechnb serve` started, if any
 
     def require(self):
         """The current model, or a `ModelError` that says how to get one."""
@@ -109,6 +110,36 @@ class MechnbMagics(Magics):
             raise MagicError(f"%mechnb unload takes no arguments, got {words}")
         self.session.model = None
         print("model unloaded")
+
+    def _cmd_serve(self, words):
+        """`%mechnb serve [--port N] [--allow-exec]`: the session's model as an MCP server over HTTP
+        on 127.0.0.1, with the client settings and a live log of the calls; `--stop` ends it."""
+        from IPython.display import HTML, display
+
+        from ..agent.server import CallLog, HTTPServer
+        from ..agent.tools import Toolbox
+
+        positional, options = parse_options(words, {"--port": int, "--allow-exec": bool, "--stop": bool},
+                                            "%mechnb serve")
+        if positional:
+            raise MagicError(f"%mechnb serve takes only options (--port N, --allow-exec, --stop), got {positional}")
+        if options.get("stop"):
+            if self.session.server is None:
+                raise MagicError("no MCP server is running: %mechnb serve starts one")
+            self.session.server.stop()
+            print(f"stopped {self.session.server!r}")
+            self.session.server = None
+            return None
+        if self.session.server is not None:
+            raise MagicError(f"an MCP server is running already ({self.session.server.url}): "
+                             "%mechnb serve --stop ends it")
+        log = CallLog()
+        toolbox = Toolbox(self.session.require(), allow_exec=options.get("allow_exec", False), on_call=log.add)
+        server = HTTPServer(toolbox, port=options.get("port", 0))
+        self.session.server = server
+        display(HTML(server.html()))
+        log.handle = display(HTML(log.html()), display_id=True)
+        return None
 
     def _cmd_info(self, words):
         import pandas as pd

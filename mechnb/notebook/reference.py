@@ -39,6 +39,8 @@ ENTRIES = [
     Entry("%mechnb top PROMPT [-k K]", "model.top(prompt, k=10)",
           "next-token table: rank, token, token_id, prob, logit"),
     Entry("%mechnb unload", "", "drop the session's model"),
+    Entry("%mechnb serve [--port N] [--allow-exec] [--stop]", "mechnb.agent.server.HTTPServer(Toolbox(model))",
+          "the model's experiments as an MCP server (HTTP, 127.0.0.1, a token), with a live log of calls"),
     Entry("%mechnb help", "", "this reference"),
     Entry("%%trace PROMPT [--grad]", "with model.trace(prompts):",
           "run once: model[site] reads a site (.save() keeps it), model[site] = value writes one"),
