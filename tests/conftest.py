@@ -235,6 +235,7 @@ LONGEST = {
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[04": 77,
     "test_binder.py::test_postbuild_runs_in_a_fresh_venv": 65,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[02": 27,
+    "test_notebooks.py::test_tutorial_runs_in_jupyterlab[11": 26,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[03": 25,
     "test_notebooks.py::test_tutorial_runs_in_jupyterlab[01": 22,
     "test_notebooks.py::test_views_and_widgets_render_in_notebook_7": 15,

@@ -25,14 +25,37 @@ def llama(tiny_factory):
     return tiny_factory("llama")
 
 
+def run(coroutine):
+    """Run `coroutine` to its end in a thread of its own: the worker's main thread may hold an
+    event loop left by an earlier test (IPython's shell)."""
+    import threading
+
+    found = {}
+
+    def main():
+        try:
+            found["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            found["error"] = error
+
+    thread = threading.Thread(target=main)
+    thread.start()
+    thread.join(300)
+    if "error" in found:
+        raise found["error"]
+    return found["value"]
+
+
 def client_for(server, token="yes"):
     """An SDK client of the HTTP server, with its token (or `token=None`: none, or a wrong one)."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    headers = {"Authorization": f"Bearer {server.token if token == 'yes' else token}"} if token else {}
-    return Client(streamable_http_client(server.url, http_client=httpx2.AsyncClient(headers=headers)))
+    if token == "yes":
+        return server.client()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Client(streamable_http_client(server.url, http_client=httpx2.AsyncClient(headers=headers, timeout=60)))
 
 
 def test_every_tool_schema_is_its_methods_signature_and_docstring(llama):
@@ -138,7 +161,7 @@ def test_the_http_server_answers_a_real_client_with_the_apis_numbers(llama):
             return names, patched, wrong, figures, png
 
     try:
-        names, patched, wrong, figures, png = asyncio.run(session())
+        names, patched, wrong, figures, png = run(session())
         api = llama.patch(CLEAN, CORRUPT, "head.*.*", answer=" Mary", wrong=" John", progress=False)
         assert names[:3] == ["top", "cache_stats", "patch"] and "exec" not in names
         assert not patched.is_error
@@ -174,7 +197,7 @@ def test_the_http_server_wants_its_token_and_127_0_0_1(llama):
                 await client.list_tools()
 
         with pytest.raises(BaseException):
-            asyncio.run(without_token())
+            run(without_token())
         assert server.toolbox.log == []
         # Bound to 127.0.0.1: the machine's other addresses do not answer on the port.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -197,15 +220,15 @@ def test_the_http_server_wants_its_token_and_127_0_0_1(llama):
         raise AssertionError("a request from outside reached the server")
 
     scope = {"type": "http", "client": ("10.1.2.3", 5555), "headers": [(b"authorization", b"Bearer t")]}
-    asyncio.run(_Guard(app, "t")(scope, None, send))
+    run(_Guard(app, "t")(scope, None, send))
     assert sent[0]["status"] == 403 and b"127.0.0.1 only" in sent[1]["body"]
 
 
 @pytest.mark.slow
 def test_the_stdio_server_of_python_m_mechnb_mcp_answers_a_real_client(saved):
-    from mcp import Client, StdioServerParameters
-
     import mechnb
+    import mechnb.agent  # before the SDK: see mechnb.agent.server.prepare_anyio
+    from mcp import Client, StdioServerParameters
 
     parameters = StdioServerParameters(command=sys.executable, args=["-m", "mechnb.mcp", "--model", str(saved)])
 
@@ -216,7 +239,7 @@ def test_the_stdio_server_of_python_m_mechnb_mcp_answers_a_real_client(saved):
             code = await client.call_tool("exec", {"code": "model.n_layers"})
             return names, top, code
 
-    names, top, code = asyncio.run(session())
+    names, top, code = run(session())
     model = mechnb.load(saved)
     assert "patch" in names and "exec" not in names
     assert [r["prob"] for r in top.structured_content["table"]] == model.top(PROMPT, k=5).prob.tolist()
@@ -246,7 +269,7 @@ def test_mechnb_serve_starts_a_server_whose_calls_the_notebook_logs(shell, llama
             async with client_for(server) as client:
                 return await client.call_tool("top", {"prompt": "<b>bold</b>", "k": 2})
 
-        assert not asyncio.run(call()).is_error
+        assert not run(call()).is_error
         log = server.toolbox.on_call.__self__
         assert [c.tool for c in log.calls] == ["top"]
         assert "<b>top</b>" in log.html() and "&lt;b&gt;bold&lt;/b&gt;" in log.html() and "<b>bold" not in log.html()

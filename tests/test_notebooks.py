@@ -260,6 +260,19 @@ def check_causal(notebook, text, rendered):
     assert len(images(notebook)) >= 5  # two sweeps' heatmaps, the training curve, the probes, the IOI heatmaps
 
 
+def check_agents(notebook, text, rendered):
+    """The MCP client's answer equals the API's, the scripted investigation names head 23.3 (the
+    head DLA and patching rank first on this prompt), and verify reproduces every claim."""
+    assert "top token over MCP:  Paris | from the API:  Paris" in text
+    assert re.search(r"tools: top, cache_stats, patch, path_patch, ablate, steer_generate, dla", text)
+    summary = re.search(r"^  Heads ([\d.]+(?:, [\d.]+)*) move the indirect object", text, re.M)
+    assert summary and "23.3" in summary.group(1).split(", "), text[-2000:]
+    reproduced = re.search(r"claims reproduced: (\d+) of (\d+)", text)
+    assert reproduced and reproduced.group(1) == reproduced.group(2) and int(reproduced.group(2)) >= 2
+    assert "verified again: True" in text and "stopped <mechnb MCP server on http://127.0.0.1:" in text
+    assert '"command": ' in text and '"args": ["-m", "mechnb.mcp"]' in text
+
+
 CHECKS = {
     "00_quickstart.ipynb": check_quickstart,
     "01_attention_and_lens.ipynb": check_attention,
@@ -272,6 +285,7 @@ CHECKS = {
     "08_attribution_graphs.ipynb": check_graphs,
     "09_vision_concepts.ipynb": check_vision,
     "10_causal_abstraction.ipynb": check_causal,
+    "11_agents.ipynb": check_agents,
 }
 
 

@@ -33,11 +33,13 @@ from .tools import Toolbox
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def _import_anyio() -> None:
+def prepare_anyio() -> None:
     """Import the anyio modules whose classes check their own attributes, with nnsight's `.save`
     taken off every object meanwhile. nnsight mounts `save` on `object` (so that `x.save()`
     works in traces); anyio's `TypedAttributeSet` refuses a subclass with a public attribute it
-    did not annotate, and would see `save` on the classes the MCP SDK's transports import."""
+    did not annotate, and would see `save` on the classes the MCP SDK's transports import.
+    `import mechnb.agent` runs it; code that imports `mcp` itself after nnsight should import
+    `mechnb.agent` first."""
     import importlib
     import sys
 
@@ -60,7 +62,7 @@ def _import_anyio() -> None:
 
 def build(toolbox: Toolbox, name: str = "mechnb"):
     """The MCP SDK's low-level `Server` over `toolbox`."""
-    _import_anyio()
+    prepare_anyio()
     import anyio
     from mcp.server.lowlevel import Server
     from mcp_types import (BlobResourceContents, CallToolResult, ListResourcesResult, ListToolsResult,
@@ -109,7 +111,7 @@ def _version() -> str:
 
 def serve_stdio(toolbox: Toolbox) -> None:
     """Serve over this process's stdin and stdout until the client closes them."""
-    _import_anyio()
+    prepare_anyio()
     import anyio
     from mcp.server.stdio import stdio_server
 
@@ -176,6 +178,18 @@ class HTTPServer:
         """What an MCP client's settings hold to reach this server (Claude Code's `.mcp.json`, ...)."""
         return {"mcpServers": {name: {"type": "http", "url": self.url,
                                       "headers": {"Authorization": f"Bearer {self.token}"}}}}
+
+    def client(self):
+        """The MCP SDK's client of this server, with the token: `async with server.client() as c:`
+        (in a notebook cell, top-level `await` works). Reads wait up to 300 s, as the SDK's own
+        default client does: a first call that imports and warms up takes seconds."""
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {self.token}"},
+                                  timeout=httpx2.Timeout(30.0, read=300.0))
+        return Client(streamable_http_client(self.url, http_client=http))
 
     def stop(self) -> None:
         self._server.should_exit = True

@@ -232,12 +232,19 @@ def _table(df, top: int, by: str | None = "value") -> list[dict]:
 
 def result_json(result, top: int = 20, rows=None) -> dict:
     """A `Result` as JSON: its values exactly, its axes and labels, its largest rows (of
-    `rows(result.df)` when given), its meta."""
+    `rows(result.df)` when given), its meta. A patching result that is not normalized ranks its
+    rows by `effect`, the value minus the unpatched run's metric (a value near that metric is no
+    effect, however large it is)."""
     meta = {k: v for k, v in result.meta.items() if k not in ("labels", "axes", "title") and _json_safe(_plain(v))}
+    df, by = (rows(result.df), None) if rows else (result.df, "value")
+    if by and "value" in df.columns and not result.meta.get("normalize") \
+            and {"clean_metric", "corrupt_metric"} <= set(result.meta):
+        noising = result.meta.get("direction") == "noising"
+        baseline = result.meta["clean_metric" if noising else "corrupt_metric"]
+        df, by = df.assign(effect=df["value"] - baseline), "effect"
     return {"title": result.meta.get("title", ""), "axes": result.meta.get("axes", []),
             "shape": list(result.values.shape), "labels": _plain(result.meta.get("labels", {})),
-            "values": _plain(result.values.float()),
-            "table": _table(rows(result.df) if rows else result.df, top, by=None if rows else "value"), "meta": _plain(meta),
+            "values": _plain(result.values.float()), "table": _table(df, top, by=by), "meta": _plain(meta),
             "summary": result.summary()}
 
 
@@ -387,13 +394,14 @@ TOOLS = [
          _result_tool("patch", "clean", "corrupt", "sites", "answer", "wrong", "metric", "per_position", "method",
                       "normalize", "direction"),
          extra={"top": ({"type": "integer"}, 20), "figure": ({"type": "boolean"}, False)},
-         returns="values (the Result's, exactly), axes, labels, the largest rows and meta."),
+         returns="values (the Result's, exactly), axes, labels, the rows of largest effect (value minus the "
+                 "unpatched run's metric, unless normalized) and meta (the clean and corrupt metrics)."),
     Tool("path_patch", "path_patch", (*_PAIRS[:2], "senders", "receivers", *_PAIRS[2:], "metric", "normalize",
                                       "freeze", "direction"),
          _result_tool("path_patch", "clean", "corrupt", "senders", "receivers", "answer", "wrong", "metric",
                       "normalize", "freeze", "direction"),
          extra={"top": ({"type": "integer"}, 20), "figure": ({"type": "boolean"}, False)},
-         returns="values, axes, labels, the largest rows and meta."),
+         returns="values, axes, labels, the rows of largest effect (as for patch) and meta."),
     Tool("ablate", "ablate", ("sites", "mode", "ref", "positions", "seed"), _ablate,
          extra={"measure": ({"type": "string", "minLength": 1}, inspect.Parameter.empty),
                 "k": ({"type": "integer"}, 10), "persistent": ({"type": "boolean"}, False)},

@@ -113,7 +113,8 @@ class MechnbMagics(Magics):
 
     def _cmd_serve(self, words):
         """`%mechnb serve [--port N] [--allow-exec]`: the session's model as an MCP server over HTTP
-        on 127.0.0.1, with the client settings and a live log of the calls; `--stop` ends it."""
+        on 127.0.0.1, with the client settings and a live log of the calls (`server = %mechnb serve`
+        keeps the server: `.url`, `.token`, `.config()`); `--stop` ends it."""
         from IPython.display import HTML, display
 
         from ..agent.server import CallLog, HTTPServer
@@ -139,7 +140,7 @@ class MechnbMagics(Magics):
         self.session.server = server
         display(HTML(server.html()))
         log.handle = display(HTML(log.html()), display_id=True)
-        return None
+        return server
 
     def _cmd_info(self, words):
         import pandas as pd
