@@ -28,21 +28,30 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token", default=None, help="the HTTP token (default: a new random one, printed)")
     parser.add_argument("--allow-exec", action="store_true", help="offer a tool that runs Python in this process")
+    parser.add_argument("--sae", action="append", default=[], help="an SAE directory (or hub release/id) for the "
+                                                                   "features tool; may repeat")
+    parser.add_argument("--transcoders", default=None, help="a transcoder set directory (or hub id) for the graph tool")
     args = parser.parse_args(argv)
 
-    from . import AgentError, load
+    from . import MechnbError, load
     from .agent.server import HTTPServer, serve_stdio
     from .agent.tools import Toolbox
 
     try:
         model = load(args.model) if args.model else load()
-        toolbox = Toolbox(model, allow_exec=args.allow_exec)
+        saes = [_sae(spec) for spec in args.sae]
+        transcoders = None
+        if args.transcoders:
+            from .transcoders import load as load_transcoders
+
+            transcoders = load_transcoders(args.transcoders)
+        toolbox = Toolbox(model, allow_exec=args.allow_exec, saes=saes, transcoders=transcoders)
         if not args.http:
             print(f"mechnb MCP server on {model.name} over stdio", file=sys.stderr)
             serve_stdio(toolbox)
             return 0
         server = HTTPServer(toolbox, host=args.host, port=args.port, token=args.token)
-    except AgentError as error:
+    except MechnbError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"mechnb MCP server on {model.name}: {server.url}", file=sys.stderr)
@@ -53,6 +62,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         server.stop()
     return 0
+
+
+def _sae(spec: str):
+    """An SAE from a directory, or from the hub as `release/sae_id`."""
+    from pathlib import Path
+
+    from .sae import load
+
+    if Path(spec).exists():
+        return load(spec)
+    release, _, sae_id = spec.partition("/")
+    return load(release, sae_id)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def test_the_budget_stops_a_run_that_does_not_end(llama):
     with json_server(scripted([{"content": "again", "tool_calls": [tool_call("top", {"prompt": PROMPT})]}])) as url:
         report = investigate("Loop.", llama, llm=url, budget={"tokens": 250}, show=False)
     assert len(report.calls) == 3 and "tokens ran out (300 used)" in report.transcript[-1]["reason"]
+    report = investigate("Loop.", llama, llm=lambda messages, tools: {"content": "x"}, budget={"minutes": 0},
+                         show=False)
+    assert report.transcript == [{"kind": "stop", "reason": "the budget of 0 minutes ran out"}]
     with pytest.raises(AgentError, match="budget takes steps, tokens and minutes"):
         investigate("x", llama, llm=url, budget={"hours": 1})
 

@@ -105,7 +105,7 @@ def test_bad_calls_are_one_line_and_leave_the_model_clean(llama):
         ("top", {"prompt": "word " * 60}, "a prompt of 61 tokens is longer than the limit of 40"),
         ("patch", {"clean": CLEAN, "corrupt": "Mary", "sites": "resid_pre.*", "answer": " Mary"}, "patch:"),
         ("ablate", {"sites": "head.1.1", "mode": "mean", "measure": CLEAN}, "ablate:"),
-        ("graph", {"prompt": "x"}, "tool graph is not available: no transcoder set is attached"),
+        ("graph", {"prompt": "x"}, "tool graph is not available: no transcoder set was given to the server or is attached"),
     ]
     for name, arguments, text in cases:
         with pytest.raises(AgentError) as raised:
@@ -140,7 +140,9 @@ def test_interventions_end_with_the_call_unless_persistent(llama):
     kept = toolbox.call("ablate", {"sites": "mlp_out.1", "measure": PROMPT, "k": 3, "persistent": True})
     assert len(llama.interventions) == 1 and len(kept["persistent"]) == 1
     assert toolbox.call("top", {"prompt": PROMPT, "k": 3})["table"] == kept["after"]
-    assert toolbox.clear() == 1 and llama.interventions == []
+    mine = llama.ablate("head.0.1")  # the notebook's own intervention: clear leaves it
+    assert toolbox.call("clear", {}) == {"removed": 1} and llama.interventions == mine
+    llama.remove(mine)
 
 
 def test_the_http_server_answers_a_real_client_with_the_apis_numbers(llama):
@@ -278,3 +280,39 @@ def test_mechnb_serve_starts_a_server_whose_calls_the_notebook_logs(shell, llama
         assert shell.run_cell("%mechnb serve --stop").success
     assert session.server is None and not server._thread.is_alive()
     assert isinstance(llama, Model)
+
+
+def test_features_and_graph_tools_read_the_saes_and_transcoders_given_or_attached(llama):
+    from mechnb.agent.tools import Toolbox
+    from mechnb.sae import SAE
+    from test_graphs import random_set
+
+    torch.manual_seed(0)
+    sae = SAE(llama.d_model, 32, kind="relu", site="resid_post.1")
+    sae.labels = {f: f"feature {f}" for f in range(32)}
+    got = Toolbox(llama, saes=[sae]).call("features", {"prompt": PROMPT, "k": 2})
+    api = llama.features(PROMPT, sae, k=2).df
+    assert [r["activation"] for r in got["table"]] == api.activation.tolist() and got["site"] == "resid_post.1"
+    assert [r["label"] for r in got["table"]] == [f"feature {f}" for f in api.feature]
+    with _attached(llama, sae):
+        assert "features" in Toolbox(llama).tools()  # attached: offered without being given
+    with pytest.raises(AgentError, match=r"features: site must be one of the SAEs' sites \(resid_post.1\)"):
+        Toolbox(llama, saes=[sae]).call("features", {"prompt": PROMPT, "site": "resid_post.2"})
+
+    transcoders = random_set(llama)
+    graph = Toolbox(llama, transcoders=transcoders).call("graph", {"prompt": PROMPT, "top": 5})
+    expected = llama.graph(PROMPT, transcoders)
+    assert [r["influence"] for r in graph["top"]] == expected.top(5).influence.tolist()
+    assert graph["scores"] == pytest.approx(expected.scores)
+    assert llama.interventions == []
+
+
+class _attached:
+    def __init__(self, model, sae):
+        self.model, self.sae = model, sae
+
+    def __enter__(self):
+        self.model.attach(self.sae)
+
+    def __exit__(self, *exc):
+        self.model.detach(self.sae)

@@ -269,7 +269,7 @@ def check_agents(notebook, text, rendered):
     assert summary and "23.3" in summary.group(1).split(", "), text[-2000:]
     reproduced = re.search(r"claims reproduced: (\d+) of (\d+)", text)
     assert reproduced and reproduced.group(1) == reproduced.group(2) and int(reproduced.group(2)) >= 2
-    assert "verified again: True" in text and "stopped <mechnb MCP server on http://127.0.0.1:" in text
+    assert "the same report: True" in text and "stopped <mechnb MCP server on http://127.0.0.1:" in text
     assert '"command": ' in text and '"args": ["-m", "mechnb.mcp"]' in text
 
 

@@ -158,7 +158,8 @@ class Tool:
     extra: dict = field(default_factory=dict)
     returns: str = ""
     schema_names: dict = field(default_factory=dict)  # argument -> its TYPES entry when not its own name
-    available: Callable | None = None  # model -> None, or why the tool is not offered
+    available: Callable | None = None  # toolbox -> None, or why the tool is not offered
+    description: str = ""  # instead of the method's summary, for a tool that is not one method
 
     def schema(self, model_class) -> dict:
         """`{"name", "description", "input_schema"}` from the method's signature and docstring."""
@@ -187,7 +188,7 @@ class Tool:
             self._bound(name, entry)
             entry["description"] = ABOUT.get(name, "")
             properties[name] = entry
-        description = _summary(fn) + (f" Returns {self.returns}" if self.returns else "")
+        description = (self.description or _summary(fn)) + (f" Returns {self.returns}" if self.returns else "")
         return {"name": self.name, "description": description,
                 "input_schema": {"type": "object", "properties": properties, "required": required,
                                  "additionalProperties": False}}
@@ -334,19 +335,18 @@ def _circuit(model, a):
                                                                            if _json_safe(_plain(v))})}
 
 
-def _graph(model, a):
-    transcoders = model.transcoder_sets[0]
+def _graph(model, a, transcoders):
     graph = model.graph(a["prompt"], transcoders)
-    return {"top": _plain(graph.top(a.get("top", 20)).to_dict("records")), "scores": _plain(graph.scores()),
+    return {"top": _plain(graph.top(a.get("top", 20)).to_dict("records")), "scores": _plain(graph.scores),
             "summary": graph.summary()}
 
 
-def _features(model, a):
-    saes = model.saes
-    sae = saes[0] if len(saes) == 1 else next((s for s in saes if str(s.site) == a.get("site")), None)
+def _features(model, a, saes):
+    sae = saes[0] if len(saes) == 1 and a.get("site") is None else \
+        next((s for s in saes if str(s.site) == a.get("site")), None)
     if sae is None:
-        raise AgentError(f"features: several SAEs are attached ({', '.join(str(s.site) for s in saes)}): "
-                         "say which with site")
+        raise AgentError(f"features: site must be one of the SAEs' sites ({', '.join(str(s.site) for s in saes)}), "
+                         f"got {a.get('site')!r}")
     result = model.features(a["prompt"], sae, k=a.get("k", 5))
     labels = getattr(sae, "labels", None) or {}
     table = _plain(result.df.to_dict("records"))[: LIMITS["table_rows"] * 4]
@@ -381,7 +381,9 @@ def _exec(model, a):
 
 
 def _needs(attribute: str, what: str):
-    return lambda model: None if getattr(model, attribute) else f"no {what} is attached to the model"
+    """Offered only when the toolbox has a `what` (given to it, or attached to the model)."""
+    return lambda toolbox: None if getattr(toolbox, attribute) else \
+        f"no {what} was given to the server or is attached to the model"
 
 
 _PAIRS = ("clean", "corrupt", "answer", "wrong")
@@ -426,7 +428,7 @@ TOOLS = [
          extra={"top": ({"type": "integer"}, 20)}, schema_names={"metric": "circuit_metric"},
          returns="the highest-scoring edges (or nodes) and how many were scored."),
     Tool("graph", "graph", ("prompt",), _graph, extra={"top": ({"type": "integer"}, 20)},
-         available=_needs("transcoder_sets", "transcoder set"),
+         available=_needs("transcoders", "transcoder set"),
          returns="the features of most influence on the logits and the graph's replacement and completeness."),
     Tool("features", "features", ("prompt", "k"), _features,
          extra={"site": ({"type": ["string", "null"]}, None)}, available=_needs("saes", "SAE"),
@@ -436,6 +438,10 @@ TOOLS = [
                 "n": ({"type": "integer"}, 64), "seed": ({"type": "integer"}, 0), "top": ({"type": "integer"}, 20)},
          returns="interchange intervention accuracy per site, exactly as the API gives it."),
 ]
+TOOLS.append(Tool("clear", "clear", (), lambda model, a, toolbox: {"removed": toolbox.clear()},
+                  description="Remove the interventions earlier calls of this client kept (persistent=true); "
+                              "nothing else on the model is touched.",
+                  returns="how many were removed."))
 EXEC = Tool("exec", "trace", (), _exec, extra={"code": ({"type": "string", "minLength": 1}, inspect.Parameter.empty)},
             returns="the value of the code's last expression (as JSON, or its repr).")
 
@@ -462,10 +468,13 @@ class Toolbox:
     leaves the model as it found it unless it asked for `persistent` interventions. `log` holds
     every call; `on_call(call)`, if given, sees each as it ends (the notebook's live log)."""
 
-    def __init__(self, model, allow_exec: bool = False, limits: dict | None = None, on_call=None):
+    def __init__(self, model, allow_exec: bool = False, limits: dict | None = None, on_call=None,
+                 saes=(), transcoders=None):
         from ..model import Model
 
         self.model, self.allow_exec = model, allow_exec
+        self._saes, self._transcoders = list(saes), transcoders
+        self.persistent: list = []  # the interventions persistent calls kept, which `clear` removes
         self.limits = {**LIMITS, **(limits or {})}
         self.lock = threading.RLock()
         self.log: list[Call] = []
@@ -474,10 +483,20 @@ class Toolbox:
         self._class = Model
         self._tools = {tool.name: tool for tool in TOOLS + ([EXEC] if allow_exec else [])}
 
+    @property
+    def saes(self) -> list:
+        """The SAEs `features` reads: those given, then those attached to the model."""
+        return self._saes + [s for s in self.model.saes if all(s is not t for t in self._saes)]
+
+    @property
+    def transcoders(self):
+        """The transcoder set `graph` builds on: the one given, else the first attached."""
+        return self._transcoders if self._transcoders is not None else next(iter(self.model.transcoder_sets), None)
+
     def tools(self) -> dict[str, Tool]:
-        """The tools this model offers now (graph and features need a transcoder set or an SAE)."""
+        """The tools on offer now (graph needs a transcoder set, features an SAE)."""
         return {name: tool for name, tool in self._tools.items()
-                if tool.available is None or tool.available(self.model) is None}
+                if tool.available is None or tool.available(self) is None}
 
     def schemas(self) -> list[dict]:
         return [tool.schema(self._class) for tool in self.tools().values()]
@@ -514,17 +533,19 @@ class Toolbox:
                 self.on_call(record)
 
     def clear(self) -> int:
-        """Remove every intervention (persistent ones included); how many there were."""
+        """Remove the interventions persistent calls kept (the notebook's own stay); how many."""
         with self.lock:
-            count = len(self.model.interventions)
-            self.model.clear()
-            return count
+            active = [i for i in self.persistent if any(i is j for j in self.model.interventions)]
+            if active:
+                self.model.remove(active)
+            self.persistent = []
+            return len(active)
 
     # -- inside a call ---------------------------------------------------------------------------
 
     def _tool(self, name) -> Tool:
         if name in self._tools and name not in self.tools():
-            raise AgentError(f"tool {name} is not available: {self._tools[name].available(self.model)}")
+            raise AgentError(f"tool {name} is not available: {self._tools[name].available(self)}")
         if name not in self._tools:
             hint = " (exec is off: start the server with --allow-exec to run code)" if name == "exec" else ""
             raise AgentError(f"no tool named {name!r}{hint}; the tools are {', '.join(sorted(self.tools()))}")
@@ -601,9 +622,9 @@ class Toolbox:
                     with time_budget(self.limits["seconds"], f"the {name} tool's call"):
                         yield
                 except BaseException:
-                    for added in [i for i in self.model.interventions if i not in interventions]:
+                    for added in [i for i in self.model.interventions if all(i is not j for j in interventions)]:
                         self.model.remove(added)
-                    for edit in [e for e in self.model.edits if e not in edits]:
+                    for edit in [e for e in self.model.edits if all(e is not f for f in edits)]:
                         edit.revert()
                     raise
             finally:
@@ -614,13 +635,18 @@ class Toolbox:
     def _run(self, tool: Tool, arguments: dict) -> tuple[dict, bytes | None]:
         """The tool's JSON, and its Result's figure as PNG bytes when `figure` was asked for."""
         interventions = list(self.model.interventions)
-        result = tool.run(self.model, {k: v for k, v in arguments.items() if k != "figure"})
+        drawn = arguments.get("figure", False)
+        arguments = {k: v for k, v in arguments.items() if k != "figure"}
+        reads = {"graph": (self.transcoders,), "features": (self.saes,), "clear": (self,)}.get(tool.name, ())
+        result = tool.run(self.model, arguments, *reads)
         result, shown = result if isinstance(result, tuple) else (result, None)
-        if not arguments.get("persistent"):
-            stray = [i for i in self.model.interventions if i not in interventions]
+        stray = [i for i in self.model.interventions if all(i is not j for j in interventions)]
+        if arguments.get("persistent"):
+            self.persistent += stray
+        else:
             for added in stray:  # a tool that is not persistent leaves nothing behind
                 self.model.remove(added)
-        png = shown.png() if arguments.get("figure") and shown is not None else None
+        png = shown.png() if drawn and shown is not None else None
         return result, png
 
     def _keep(self, png: bytes, name: str, number: int) -> str:
