@@ -486,14 +486,18 @@ def test_sampling_is_seeded_per_prompt_and_streams(tiny_factory):
         assert torch.equal(batch.values[0], first.values[0])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=""), "non-empty"), (dict(prompts=PROMPT, max_new_tokens=0), "max_new_tokens"),
-    (dict(prompts=PROMPT, do_sample=True, temperature=0), "temperature"),
-    (dict(prompts=PROMPT, top_p=1.5), "top_p"), (dict(prompts=PROMPT, cache="yes"), "cache must be True"),
-    (dict(prompts=PROMPT, batch_size=0), "batch_size")])
-def test_bad_generation_settings_get_clear_errors(tiny_factory, kwargs, message):
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(prompts=""), "GenerationError", "non-empty"),
+    (dict(prompts=PROMPT, max_new_tokens=0), "GenerationError", "max_new_tokens"),
+    (dict(prompts=PROMPT, do_sample=True, temperature=0), "GenerationError", "temperature"),
+    (dict(prompts=PROMPT, top_p=1.5), "GenerationError", "top_p"),
+    (dict(prompts=PROMPT, cache="yes"), "GenerationError", "cache must be True"),
+    (dict(prompts=PROMPT, batch_size=0), "ArgumentError", "batch_size")])
+def test_bad_generation_settings_get_clear_errors(tiny_factory, kwargs, error, message):
+    import mechnb
+
     model = tiny_factory("llama")
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(getattr(mechnb, error), match=message):
         model.generate(**kwargs)
 
 

@@ -6,6 +6,7 @@ import torch
 from conftest import PROMPT
 from mechnb.core.arch import submodule
 from mechnb.core.hookpoints import ATTN_IMPLEMENTATION
+from mechnb import AttributionError
 
 NEUTRAL = dict(freeze_norm=False, softmax_temperature=1.0, q_scale=1.0, k_scale=1.0, v_scale=1.0,
                gate_scale=1.0, up_scale=1.0)
@@ -197,7 +198,7 @@ def test_integrated_gradients_complete(tiny_factory):
                          ).logits[0, -1, mary]
     # Completeness: the attributions add up to the logit's change from the baseline.
     assert abs(result.values.sum().item() - (full - empty).item()) < 0.05 * abs((full - empty).item()) + 1e-3
-    with pytest.raises(Exception, match="unknown attribution method"):
+    with pytest.raises(AttributionError, match="unknown attribution method"):
         model.attribute(PROMPT, method="lime")
 
 
@@ -221,7 +222,7 @@ def test_component_attribution(tiny_factory):
     assert abs(heads.values[2, 1].item() - expected.item()) < 1e-5
     mlps = model.attribute(PROMPT, method="gim", sites=["mlp_out.*"])
     assert mlps.values.shape == (3,)
-    with pytest.raises(Exception, match="integrated gradients attribute to input tokens"):
+    with pytest.raises(AttributionError, match="integrated gradients attribute to input tokens"):
         model.attribute(PROMPT, method="integrated_gradients", sites="head.*.*")
     assert all(p.grad is None for p in model.hf.parameters())
 

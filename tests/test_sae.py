@@ -201,9 +201,11 @@ def test_features_are_sites_for_traces_ablation_and_patching(attached):
         model[f"sae.1.{feature}"] = 0
         found.append(model["logits"].save())
     assert torch.allclose(found[0], cache[f"sae.1.{feature}"])
+    intact = clean_logits(model)  # the SAE spliced in, the feature as it is
     model.ablate(f"sae.1.{feature}")
     assert torch.allclose(clean_logits(model), found[1], atol=1e-4)
-    assert not torch.allclose(clean_logits(model), model.cache(PROMPT, "logits")["logits"] * 0 + found[1] + 1)
+    # Zeroing the feature moved the output: the check above compares with a changed forward.
+    assert (intact - found[1]).abs().max() > 1e-3
     model.clear()  # removes the splice too
     model.attach(sae, name="first")
     corrupt = "When Mary and John went to the store, Mary gave a drink to"
