@@ -51,6 +51,35 @@ def test_logit_lens_decodes_each_layer(tiny_factory):
     assert result.df["top_token"].iloc[-1] == model.tokenizer.decode([last.argmax().item()])
 
 
+@pytest.mark.parametrize("name, layers, norm", [("gpt2", "transformer.h", "transformer.ln_f"),
+                                                ("llama", "model.layers", "model.norm")])
+def test_the_logit_lens_at_every_layer_is_the_residual_through_the_final_norm_and_unembedding(
+        tiny_factory, name, layers, norm):
+    """By hand, without mechnb: each decoder layer's output (a torch forward hook), the final
+    norm, the unembedding, softmax; the probability of the next prompt token (the model's own
+    prediction at the last position), at every layer and position."""
+    model = tiny_factory(name)
+    result = model.logit_lens(PROMPT)
+    hf = model.hf
+    outputs = []
+    handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+               for block in hf.get_submodule(layers)]
+    try:
+        ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits[0]
+            final_norm = hf.get_submodule(norm)
+            probs = torch.stack([torch.softmax(hf.get_output_embeddings()(final_norm(h))[0], -1) for h in outputs])
+    finally:
+        for handle in handles:
+            handle.remove()
+    targets = torch.cat([ids[0, 1:], logits[-1].argmax()[None]])
+    expected = probs[:, torch.arange(len(targets)), targets]  # layer pos
+    assert result.values.shape == expected.shape == (model.n_layers, len(targets))
+    # Relative: a random tiny model spreads its probability near 1/vocab (2e-5) everywhere.
+    assert torch.allclose(result.values.float(), expected, rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "gemma2", "qwen2"])
 def test_dla_parts_sum_to_the_logit_difference(tiny_factory, name):
     model = tiny_factory(name)
