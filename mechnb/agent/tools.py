@@ -296,13 +296,13 @@ def _ablate(model, a):
     kwargs = {n: a[n] for n in ("sites", "mode", "ref", "positions", "seed") if n in a}
     prompt, k = a["measure"], a.get("k", 10)
     before = _top_table(model, prompt, k)
-    if a.get("persistent"):
-        added = model.ablate(**kwargs)
-        after = _top_table(model, prompt, k)
-        return {"before": before, "after": after, "persistent": [repr(i) for i in added]}
-    with model.ablated(**kwargs):
-        after = _top_table(model, prompt, k)
-    return {"before": before, "after": after, "persistent": []}
+    added = model.ablate(**kwargs)  # the toolbox removes it after the call unless `persistent`
+    return {"before": before, "after": _top_table(model, prompt, k), "persistent": _kept(a, added)}
+
+
+def _kept(a: dict, added: list) -> list[str]:
+    """What a call leaves on the model: its interventions when `persistent`, else nothing."""
+    return [repr(i) for i in added] if a.get("persistent") else []
 
 
 def _continuation(model, prompt: str, settings: dict) -> str:
@@ -316,14 +316,9 @@ def _steer_generate(model, a):
         kwargs["positions"] = a["positions"]
     settings = {"max_new_tokens": a.get("max_new_tokens", 20)}
     plain = _continuation(model, a["prompt"], settings)
-    if a.get("persistent"):
-        added = model.steer(**kwargs)
-        steered = _continuation(model, a["prompt"], settings)
-        return {"plain": plain, "steered": steered, "vector_norm": vector.norm().item(),
-                "persistent": [repr(i) for i in added]}
-    with model.steered(**kwargs):
-        steered = _continuation(model, a["prompt"], settings)
-    return {"plain": plain, "steered": steered, "vector_norm": vector.norm().item(), "persistent": []}
+    added = model.steer(**kwargs)  # removed after the call unless `persistent`
+    return {"plain": plain, "steered": _continuation(model, a["prompt"], settings),
+            "vector_norm": vector.norm().item(), "persistent": _kept(a, added)}
 
 
 def _circuit(model, a):
@@ -475,6 +470,7 @@ class Toolbox:
         self.model, self.allow_exec = model, allow_exec
         self._saes, self._transcoders = list(saes), transcoders
         self.persistent: list = []  # the interventions persistent calls kept, which `clear` removes
+        self._schemas: dict[str, dict] = {}
         self.limits = {**LIMITS, **(limits or {})}
         self.lock = threading.RLock()
         self.log: list[Call] = []
@@ -499,7 +495,13 @@ class Toolbox:
                 if tool.available is None or tool.available(self) is None}
 
     def schemas(self) -> list[dict]:
-        return [tool.schema(self._class) for tool in self.tools().values()]
+        return [self._schema(tool) for tool in self.tools().values()]
+
+    def _schema(self, tool: Tool) -> dict:
+        """A tool's schema, read from its method's signature and docstring once per toolbox."""
+        if tool.name not in self._schemas:
+            self._schemas[tool.name] = tool.schema(self._class)
+        return self._schemas[tool.name]
 
     def call(self, name: str, arguments: dict | None = None) -> dict:
         """Run tool `name`; its JSON result. Raises `AgentError` (one line) on any failure."""
@@ -554,7 +556,7 @@ class Toolbox:
     def _validate(self, tool: Tool, arguments: dict) -> dict:
         import jsonschema
 
-        schema = tool.schema(self._class)["input_schema"]
+        schema = self._schema(tool)["input_schema"]
         try:
             jsonschema.validate(arguments, schema)
         except jsonschema.ValidationError as error:
