@@ -142,9 +142,11 @@ def test_endpoints_that_fail_are_one_line_and_leave_the_model_clean(llama):
     from mechnb.agent import investigate
 
     before = clean_logits(llama)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
+    # A bound socket that never listens refuses connections, and holds its port while the test
+    # runs (a closed one's port could go to one of the servers below).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
 
     class Raw(http.server.BaseHTTPRequestHandler):
         body, delay = b"", 0.0
@@ -182,6 +184,7 @@ def test_endpoints_that_fail_are_one_line_and_leave_the_model_clean(llama):
         if not isinstance(endpoint, str):
             endpoint.shutdown()
             endpoint.server_close()
+    silent.close()
     with pytest.raises(AgentError, match="llm must be an http"):
         investigate("x", llama, llm="localhost:8000")
     assert torch.equal(clean_logits(llama), before) and llama.interventions == []
