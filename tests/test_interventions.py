@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import PROMPT, clean_logits
+from torchref import Reference
 from mechnb import InterventionError, SiteError
 from mechnb.core.interventions import Ablate, Hook
 
@@ -21,9 +22,10 @@ def traced_logits(model, writes=()):
 
 @pytest.mark.parametrize("site", ["head.1.2", "neuron.1.5", "attn_out.1", "mlp_out.0",
                                   "resid_pre.1", "resid_mid.2", "resid_post.0", "embed"])
-def test_zero_ablation_equals_writing_zero_in_a_trace(tiny_factory, site):
+def test_zero_ablation_equals_zero_written_by_a_torch_hook(tiny_factory, site):
     model = tiny_factory("llama")
-    expected = traced_logits(model, [(site, 0.0)])
+    # The reference: a fresh transformers copy with a torch hook zeroing the site.
+    expected = Reference(model.hf, "llama", tokenizer=model.tokenizer).logits(PROMPT, {site: torch.zeros_like})
     model.ablate(site)
     assert torch.allclose(clean_logits(model), expected, atol=1e-5)  # plain HF forward too
     assert torch.allclose(traced_logits(model), expected, atol=1e-5)
@@ -33,7 +35,10 @@ def test_zero_ablation_equals_writing_zero_in_a_trace(tiny_factory, site):
 
 def test_ablation_at_positions_only(tiny_factory):
     model = tiny_factory("llama")
-    expected = traced_logits(model, [("head.1.0@3:5", 0.0)])
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    expected = reference.logits(PROMPT, {"head.1.0@3:5": torch.zeros_like})
+    assert (expected[0, :3] == reference.logits(PROMPT)[0, :3]).all()
+    assert (expected[0, 3:] - reference.logits(PROMPT)[0, 3:]).abs().max() > 1e-4
     model.ablate("head.1.0", positions="3:5")
     assert torch.allclose(traced_logits(model), expected, atol=1e-5)
     model.clear()
@@ -52,11 +57,15 @@ def traced_logits_clear(model, site):
 
 def test_mean_ablation_uses_the_mean_over_reference_tokens(tiny_factory):
     model = tiny_factory("llama")
-    cache = model.cache(REFS, "head.1")
-    values = cache["head.1.2"][cache.attention_mask.bool()]
-    mean = values.mean(0)
+    # The reference: each prompt alone (no padding) through a fresh transformers copy, the head's
+    # output read by a torch hook at every token.
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    mean = torch.cat([reference.read(prompt, "head.1.2")[0] for prompt in REFS]).mean(0)
     (ablation,) = model.ablate("head.1.2", mode="mean", ref=REFS)
     assert torch.allclose(ablation.pool.mean(0), mean, atol=1e-6)
+    ablated = reference.logits(PROMPT, {"head.1.2": lambda part: mean})
+    assert (ablated - reference.logits(PROMPT)).abs().max() > 1e-3
+    assert torch.allclose(clean_logits(model), ablated, atol=1e-5)
     found = []
     with model.trace(PROMPT):
         found.append(model["head.1"].save())
@@ -75,6 +84,10 @@ def test_resample_ablation_is_seeded_and_draws_reference_values(tiny_factory):
     pool = model.interventions[0].pool
     for vector in found[0][0]:
         assert (pool - vector).abs().sum(-1).min() < 1e-5
+    # The pool is the MLP's outputs at the reference prompts' tokens, read by a torch hook.
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    rows = torch.cat([reference.read(prompt, "mlp_out.1")[0] for prompt in REFS])
+    assert pool.shape == rows.shape and torch.cdist(pool, rows).min(1).values.max() < 1e-5
     model.clear()
     model.ablate("mlp_out.1", mode="resample", ref=REFS, seed=4)
     assert not torch.equal(traced_logits(model), first)

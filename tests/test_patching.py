@@ -1,9 +1,12 @@
 """Activation, attribution and path patching: exact against one trace per patch."""
 
+import weakref
+
 import pytest
 import torch
 
 from conftest import PROMPT
+from torchref import Reference
 from mechnb.core.arch import submodule
 from mechnb import MechnbError, PatchError
 
@@ -17,16 +20,18 @@ def logit_diff(model, logits):
     return (logits[..., mary] - logits[..., john]).item()
 
 
-def naive(model, source, target, site):
-    """The reference: one nnsight trace per patch, writing the source value at `site`."""
-    base = site.split("@")[0].split(".")
-    base = ".".join(base[:2]) if base[0] not in ("embed",) else base[0]
-    value = model.cache(source, base)[site]
-    found = []
-    with model.trace(target):
-        model[site] = value
-        found.append(model["logits@-1"].save())
-    return logit_diff(model, found[0][0])
+def naive(model, source, target, site, family="llama", ablated=()):
+    """The reference: one forward of a fresh transformers copy per patch, a torch hook writing
+    the source run's value at `site` (`torchref`, no mechnb in the path); `ablated` sites are
+    zeroed in every run."""
+    if model.hf not in REFERENCES:
+        REFERENCES[model.hf] = Reference(model.hf, family, eager=True, tokenizer=model.tokenizer)
+    reference = REFERENCES[model.hf]
+    reference.always = [(site, torch.zeros_like) for site in ablated]
+    return logit_diff(model, reference.patched(source, target, site)[0, -1])
+
+
+REFERENCES = weakref.WeakKeyDictionary()
 
 
 def cell_sites(result):
@@ -45,6 +50,11 @@ def cell_sites(result):
         yield name, row.value
 
 
+# The references agree to about 1e-7; a tiny random model's effects run from 3e-5 (a pattern)
+# to 2e-2 (the residual stream), so the tolerance is absolute and small (8 times the largest
+# difference measured, 1.2e-7).
+TOL = 1e-6
+
 CASES = [
     ("resid_pre.*", True), ("resid_post.*", True), ("attn_out.*", True), ("mlp_out.*", False),
     ("head.*.*", False), ("head.1:3.0:2", True), ("pattern.2.*", False), ("neuron.1.0:3", True),
@@ -61,9 +71,12 @@ def test_exact_patching_equals_one_trace_per_patch(tiny_factory, sites, per_posi
     source, target = (CLEAN, CORRUPT) if direction == "denoising" else (CORRUPT, CLEAN)
     checked = 0
     for site, value in cell_sites(result):
-        assert abs(naive(model, source, target, site) - value) < 1e-4, site
+        assert abs(naive(model, source, target, site) - value) < TOL, site
         checked += 1
     assert checked == result.values.numel() > 0
+    # The largest effect is well above the tolerance, so a patch written wrong shows.
+    assert (result.values - result.meta["corrupt_metric" if direction == "denoising" else "clean_metric"]
+            ).abs().max() > 10 * TOL
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "gemma2", "qwen2"])
@@ -73,7 +86,7 @@ def test_exact_patching_on_other_architectures(tiny_factory, name):
         result = model.patch(CLEAN, CORRUPT, sites, answer=" Mary", wrong=" John",
                              per_position=per_position)
         for site, value in list(cell_sites(result))[::5]:
-            assert abs(naive(model, CLEAN, CORRUPT, site) - value) < 1e-4, (name, site)
+            assert abs(naive(model, CLEAN, CORRUPT, site, name) - value) < TOL, (name, site)
 
 
 def test_result_shapes_and_tidy_frame(tiny_factory):
@@ -230,7 +243,7 @@ def test_patching_runs_under_persistent_interventions(tiny_factory):
     model.ablate("head.1.0")
     result = model.patch(CLEAN, CORRUPT, "resid_pre.*", answer=" Mary", wrong=" John")
     for site, value in list(cell_sites(result))[::4]:
-        assert abs(naive(model, CLEAN, CORRUPT, site) - value) < 1e-4, site
+        assert abs(naive(model, CLEAN, CORRUPT, site, ablated=["head.1.0"]) - value) < TOL, site
     model.clear()
     plain = model.patch(CLEAN, CORRUPT, "resid_pre.*", answer=" Mary", wrong=" John")
     assert (plain.values - result.values).abs().max() > 1e-4
