@@ -5,14 +5,16 @@ import torch
 
 from conftest import PARIS, PROMPT
 from mechnb import HeadError, ViewError
+from torchref import Reference
 
 
 def test_attention_values_are_the_patterns(tiny_factory):
     model = tiny_factory("llama")
     result = model.attention(PROMPT, layers="1:3", heads=[0, 2])
-    cache = model.cache(PROMPT, ["pattern.1", "pattern.2"])
+    # transformers' eager attention weights of a fresh copy (`output_attentions`).
+    attentions = Reference(model.hf, "llama", eager=True, tokenizer=model.tokenizer).attentions(PROMPT)
     assert result.values.shape == (2, 2, 14, 14)
-    assert torch.allclose(result.values[1, 1], cache["pattern.2.2"][0])
+    assert torch.allclose(result.values, attentions[1:3, 0][:, [0, 2]], atol=1e-6)
     assert set(result.df.columns) >= {"layer", "head", "pos_q", "pos_k", "value"}
     html = result.html()
     assert html.count("window.CircuitsVis.AttentionHeads") == 2 and "Layer 2" in html and "L2H2" in html
@@ -24,14 +26,16 @@ def test_activations_of_a_neuron_a_head_and_a_direction(tiny_factory):
     model = tiny_factory("llama")
     prompts = [PROMPT, "Hello there"]
     neuron = model.activations("neuron.1.5", prompts)
-    cache = model.cache(prompts, ["neuron.1", "head.1", "resid_post.1"])
-    assert torch.allclose(neuron.values[0, :14], cache["neuron.1.5"][0])
+    # Read by torch hooks on a fresh transformers copy, each prompt alone.
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    assert torch.allclose(neuron.values[0, :14], reference.read(PROMPT, "neuron.1.5")[0], atol=1e-6)
+    assert torch.allclose(neuron.values[1, :2], reference.read("Hello there", "neuron.1.5")[0], atol=1e-6)
     assert neuron.values[1, 2:].abs().max() == 0  # padding
     head = model.activations("head.1.2", PROMPT)
-    assert torch.allclose(head.values[0], cache["head.1.2"][0].norm(dim=-1))
+    assert torch.allclose(head.values[0], reference.read(PROMPT, "head.1.2")[0].norm(dim=-1), atol=1e-6)
     direction = torch.randn(model.d_model)
     projected = model.activations(direction, PROMPT, site="resid_post.1")
-    assert torch.allclose(projected.values[0], cache["resid_post.1"][0] @ direction, atol=1e-5)
+    assert torch.allclose(projected.values[0], reference.read(PROMPT, "resid_post.1")[0] @ direction, atol=1e-5)
     assert "ColoredTokens" in projected.html() and "TextNeuronActivations" in neuron.html()
     with pytest.raises(ViewError, match="d_model"):
         model.activations(torch.randn(3), PROMPT, site="resid_post.1")
@@ -114,18 +118,44 @@ def test_head_detectors_score_in_unit_interval(tiny_factory):
         model.detect_heads("copying")
 
 
-def test_previous_token_score_reads_the_subdiagonal(tiny_factory):
+def test_head_scores_read_the_diagonals_of_transformers_attention(tiny_factory):
     model = tiny_factory("llama")
-    result = model.detect_heads("previous_token", n_samples=1, seq_len=5, seed=1)
+    kinds = ["previous_token", "duplicate_token", "induction"]
+    result = model.detect_heads(kinds, n_samples=2, seq_len=5, seed=1)
     from mechnb.methods.heads import random_repeated_tokens
 
-    tokens = random_repeated_tokens(model, 1, 5, 1)
-    found = []
-    with model.trace(tokens):
-        found.append(model["pattern.1"].save())
-    pattern = found[0][0]
-    q = torch.arange(1, 10)
-    assert torch.allclose(result.values[1], pattern[:, q, q - 1].mean(-1), atol=1e-6)
+    tokens = random_repeated_tokens(model, 2, 5, 1)
+    reference = Reference(model.hf, "llama", eager=True)
+    with torch.no_grad():
+        attentions = reference.hf(tokens, output_attentions=True).attentions
+    # By hand, position by position: query i attends to i-1, to i-5 (the same token in the
+    # first half) and to i-4 (the token after it).
+    for layer, pattern in enumerate(attentions):
+        expected = torch.zeros(3, 4)
+        for head in range(4):
+            expected[0, head] = sum(pattern[:, head, i, i - 1].mean() for i in range(1, 10)) / 9
+            expected[1, head] = sum(pattern[:, head, i, i - 5].mean() for i in range(5, 10)) / 5
+            expected[2, head] = sum(pattern[:, head, i, i - 4].mean() for i in range(5, 10)) / 5
+        assert torch.allclose(result.values[:, layer], expected, atol=1e-6), layer
+
+
+def test_head_scores_of_hand_built_patterns():
+    from mechnb.methods.heads import attention_at
+
+    n = 4  # two halves of 4 tokens
+    pattern = torch.zeros(1, 4, 2 * n, 2 * n)
+    for i in range(2 * n):
+        pattern[0, 0, i, max(i - 1, 0)] = 1  # previous token
+        pattern[0, 1, i, i - n if i >= n else i] = 1  # duplicate token
+        pattern[0, 2, i, i - n + 1 if i >= n else i] = 1  # induction
+        pattern[0, 3, i, : i + 1] = 1 / (i + 1)  # uniform over what it may see
+    scores = {kind: attention_at(pattern, kind, n).mean((0, 2))
+              for kind in ("previous_token", "duplicate_token", "induction")}
+    uniform_second_half = sum(1 / (i + 1) for i in range(n, 2 * n)) / n
+    assert torch.allclose(scores["previous_token"],
+                          torch.tensor([1, 0, 0, sum(1 / (i + 1) for i in range(1, 2 * n)) / (2 * n - 1)]))
+    assert torch.allclose(scores["duplicate_token"], torch.tensor([0, 1, 0, uniform_second_half]))
+    assert torch.allclose(scores["induction"], torch.tensor([0, 0, 1, uniform_second_half]))
 
 
 @pytest.mark.slow

@@ -84,6 +84,19 @@ def detect_heads(model, kind=KINDS, n_samples: int = 8, seq_len: int = 24, seed:
     return Result(values, pd.DataFrame(rows), meta)
 
 
+def attention_at(pattern: torch.Tensor, kind: str, seq_len: int) -> torch.Tensor:
+    """The attention a `batch head q k` pattern of sequences repeated twice (halves of
+    `seq_len`) puts where behaviour `kind` predicts, `batch head q`: for previous_token every
+    query after the first, for the others each query of the second half. A head's score is
+    the mean over batch and queries."""
+    if kind == "previous_token":
+        q = torch.arange(1, 2 * seq_len)
+        return pattern[:, :, q, q - 1]
+    queries = torch.arange(seq_len, 2 * seq_len)
+    shift = seq_len if kind == "duplicate_token" else seq_len - 1
+    return pattern[:, :, queries, queries - shift]
+
+
 def _picked(model, tokens: torch.Tensor, kinds: list[str], seq_len: int):
     """One forward of some sequences: per kind, per layer, the attention each behaviour
     predicts (`batch head q`), and the next-token losses `batch pos`, all on CPU."""
@@ -92,17 +105,11 @@ def _picked(model, tokens: torch.Tensor, kinds: list[str], seq_len: int):
         for layer in range(model.n_layers):
             found[layer] = model[f"pattern.{layer}"].save()
         found["logits"] = model["logits"].save()
-    queries = torch.arange(seq_len, 2 * seq_len)
     picked = {name: [] for name in kinds}
     for layer in range(model.n_layers):
         pattern = found[layer].float().cpu()  # batch head q k
         for name in kinds:
-            if name == "previous_token":
-                q = torch.arange(1, 2 * seq_len)
-                picked[name].append(pattern[:, :, q, q - 1])
-            else:
-                shift = seq_len if name == "duplicate_token" else seq_len - 1
-                picked[name].append(pattern[:, :, queries, queries - shift])
+            picked[name].append(attention_at(pattern, name, seq_len))
     logits = found.pop("logits")
     targets = tokens[:, 1:].to(logits.device)
     # Row by row: a copy of all rows' logits (and softmax's own) would double the peak.
