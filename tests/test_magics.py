@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import PARIS, PROMPT, clean_logits
+from torchref import Reference
 from mechnb.notebook.magics import split_args
 from mechnb import MagicError
 
@@ -231,16 +232,30 @@ def test_patch_magic_errors_are_one_line(shell, llama, capsys):
 
 def test_view_magics(shell, llama):
     shell.user_ns["prompts"] = [PROMPT, "Hello there"]
+    # Each magic gives its API call's values (the API's are checked against transformers in
+    # test_views.py), and the explorer shows transformers' own numbers.
     attention = run(shell, f'%attention "{PROMPT}" --layers 1:3 -o att').result
     assert attention.values.shape == (2, 4, 14, 14) and shell.user_ns["att"] is attention
-    assert run(shell, "%activations neuron.1.5 {prompts}").result.values.shape == (2, 14)
-    assert run(shell, f'%lens "{PROMPT}"').result.values.shape == (3, 14)
+    assert torch.equal(attention.values, llama.attention(PROMPT, layers="1:3").values)
+    activations = run(shell, "%activations neuron.1.5 {prompts}").result
+    assert activations.values.shape == (2, 14)
+    assert torch.equal(activations.values, llama.activations("neuron.1.5", [PROMPT, "Hello there"]).values)
+    lens = run(shell, f'%lens "{PROMPT}"').result
+    assert lens.values.shape == (3, 14) and torch.equal(lens.values, llama.logit_lens(PROMPT).values)
     dla = run(shell, f'%dla "{PROMPT}" --answer " Mary" --wrong " John"').result
     assert abs(dla.meta["total"] - dla.meta["logit_diff"]) < 1e-3
+    assert torch.equal(dla.values, llama.dla(PROMPT, " Mary", " John").values)
     heads = run(shell, "%heads --detect induction previous_token --n-samples 2 --seq-len 5").result
     assert heads.values.shape == (2, 3, 4)
+    assert torch.equal(heads.values, llama.detect_heads(["induction", "previous_token"], n_samples=2, seq_len=5).values)
     explorer = run(shell, f'%explore "{PROMPT}" --answer " Mary" --wrong " John"').result
-    assert explorer.logit_diff is not None
+    logits = clean_logits(llama)[0, -1]
+    mary, john = (llama.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" Mary", " John"))
+    assert abs(explorer.logit_diff - (logits[mary] - logits[john]).item()) < 1e-5
+    assert explorer.table.equals(llama.top(PROMPT, k=explorer.k))
+    layer = llama.n_layers // 2
+    eager = Reference(llama.hf, "llama", eager=True, tokenizer=llama.tokenizer).attentions(PROMPT)
+    assert torch.allclose(explorer.pattern, eager[layer, 0, 0], atol=1e-6)
 
 
 def test_view_magic_errors_are_one_line(shell, llama, capsys):
@@ -257,12 +272,16 @@ def test_features_magic(shell, llama):
     shell.user_ns["my_sae"] = train(store, kind="topk", d_sae=32, k=3, batch_size=64, progress=False)
     table = run(shell, f'%features "{PROMPT}" --sae my_sae -k 2').result
     assert set(table.df["rank"]) <= {1, 2} and len(table.df) > 0
+    expected = llama.features(PROMPT, shell.user_ns["my_sae"], k=2)
+    assert table.df.equals(expected.df) and torch.equal(table.values, expected.values)
 
 
 def test_attribute_magic(shell, llama):
     result = run(shell, f'%attribute "{PROMPT}" --method grad_x_input --target " Mary" -o attr').result
     assert result.values.shape == (14,) and shell.user_ns["attr"] is result
     assert result.meta["target"] == " Mary"
+    expected = llama.attribute(PROMPT, method="grad_x_input", target=" Mary")
+    assert result.values.abs().max() > 0 and torch.equal(result.values, expected.values)
 
 
 def test_circuit_magic_shows_the_curve_and_returns_the_top_edges(shell, llama, capsys):
