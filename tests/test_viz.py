@@ -86,12 +86,37 @@ def test_composition_and_coactivation_group_their_ticks(llama):
           "probability")
 
 
-def test_circuit_figures_fit_a_column(llama):
+def test_circuit_figures_fit_a_column_and_draw_the_results_values(llama):
     circuit = llama.circuit(PROMPT, CORRUPT, " Mary", " John", method="eap")
-    check(circuit.top(20).plot(), "circuit_edges", prompt=PROMPT)
-    check(circuit.faithfulness([0.05, 0.5, 1.0], progress=False).plot(), "faithfulness", prompt=PROMPT)
+    top = circuit.top(20)
+    figure = top.plot()
+    # One line per kept edge, in the table's order: from the writer (head H of layer L at
+    # x=H, y=L) to logits (centre, top), width by |score|, dashed where negative.
+    drawn = [line for line in figure.axes[0].lines if len(line.get_xdata()) == 2]
+    assert len(drawn) == len(top.df) > 0
+    largest = top.df["score"].abs().max()
+    for line, row in zip(drawn, top.df.itertuples()):
+        assert line.get_linewidth() == pytest.approx(0.5 + 4 * abs(row.score) / largest)
+        assert line.get_linestyle() == ("--" if row.score < 0 else "-")
+        if row.upstream.startswith("head") and row.downstream == "logits":
+            layer, head = map(int, row.upstream.split(".")[1:])
+            assert list(line.get_xdata()) == [head, llama.n_heads / 2]
+            assert list(line.get_ydata()) == [layer, llama.n_layers]
+    check(figure, "circuit_edges", prompt=PROMPT)
+    curve = circuit.faithfulness([0.05, 0.5, 1.0], progress=False)
+    figure = curve.plot()
+    assert list(figure.axes[0].lines[0].get_ydata()) == curve.values.tolist()
+    check(figure, "faithfulness", prompt=PROMPT)
     nodes = llama.circuit(PROMPT, CORRUPT, " Mary", " John", method="eap", level="node")
-    check(nodes.plot(), "circuit_nodes", "signed", prompt=PROMPT)
+    figure = nodes.plot()
+    # The heatmap's cell (layer, head) is head L.H's score, the last column the MLP's.
+    grid = torch.tensor(figure.axes[0].get_images()[0].get_array().data)
+    assert grid.shape == (llama.n_layers, llama.n_heads + 1)
+    for row in nodes.df.itertuples():
+        kind, layer, *head = row.node.split(".")
+        column = int(head[0]) if kind == "head" else llama.n_heads
+        assert grid[int(layer), column].item() == pytest.approx(row.score, rel=1e-6), row.node
+    check(figure, "circuit_nodes", "signed", prompt=PROMPT)
 
 
 def test_a_grid_of_270_heads_is_labelled_by_layer():
