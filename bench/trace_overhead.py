@@ -46,6 +46,24 @@ def main():
         finally:
             model.hf.set_attn_implementation("mechnb")
 
+    def plain_without_carry():
+        # The same forward with the hooks that carry writes of resid_mid (mechnb.core.residual)
+        # lifted for the moment: what they cost a forward.
+        from mechnb.core import residual
+
+        tables = [table for module in model.hf.modules()
+                  for table in (module._forward_pre_hooks, module._forward_hooks)
+                  if any(hook in (residual._before, residual._add) for hook in table.values())]
+        saved = [dict(table) for table in tables]
+        for table in tables:
+            table.clear()
+        try:
+            with torch.no_grad():
+                model.hf(**inputs)
+        finally:
+            for table, hooks in zip(tables, saved):
+                table.update(hooks)
+
     def raw_nnsight():
         with torch.no_grad():
             with nn.trace(dict(inputs)):
@@ -76,6 +94,7 @@ def main():
     rows = [
         ("plain forward, stock sdpa attention", plain_sdpa),
         ("plain forward, mechnb hooked attention", plain_hooked),
+        ("the same without the resid_mid carry hooks", plain_without_carry),
         ("raw nnsight trace (read, write head, logits)", raw_nnsight),
         ("model.trace (same reads and write)", mechnb_trace),
         ("%%trace cell (same reads and write)", trace_magic),

@@ -115,6 +115,16 @@ def real():
     return mechnb.load()
 
 
+def hooks_left(model) -> int:
+    """Forward hooks and pre-hooks on the model's modules, besides the ones mechnb keeps for
+    good (`mechnb.core.residual`, which carries writes of resid_mid past the MLP)."""
+    from mechnb.core import residual
+
+    kept = (residual._before, residual._add)
+    return sum(hook not in kept for m in model.hf.modules()
+               for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
+
+
 def clean_logits(model, prompt=PROMPT):
     """Logits of a plain forward of the underlying HF model, no nnsight involved."""
     batch = model.tokenizer(prompt, return_tensors="pt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCH_NAMES, PROMPT
+from conftest import ARCH_NAMES, PROMPT, hooks_left
 
 from mechnb import CircuitError, ModelError
 from mechnb.circuits import Circuit, Graph
@@ -483,8 +483,8 @@ def _clean_state(model, before):
     with torch.no_grad():
         after = model.hf(**batch.inputs("cpu")).logits
     assert torch.equal(after, before)
+    assert hooks_left(model) == 0
     for module in model.hf.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
         assert not hasattr(module, "mechnb_split") and not hasattr(module, "mechnb_capture")
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import PROMPT
+from conftest import PROMPT, hooks_left
 from mechnb.core.arch import submodule
 from mechnb.core.hookpoints import ATTN_IMPLEMENTATION
 from mechnb import AttributionError
@@ -52,7 +52,7 @@ def test_forward_is_bit_identical_and_restored(tiny_factory):
     assert not torch.allclose(gim_grad, plain_grad)
     after_grad, after_logits, _ = input_gradient(model, target)
     assert torch.equal(after_grad, plain_grad) and torch.equal(after_logits, plain_logits)
-    assert sum(len(m._forward_hooks) for m in model.hf.modules()) == 0
+    assert hooks_left(model) == 0
     with pytest.raises(RuntimeError):
         with model.gim():
             raise RuntimeError("inside")

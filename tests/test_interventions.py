@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import PROMPT, clean_logits
+from conftest import PROMPT, clean_logits, hooks_left
 from torchref import Reference
 from mechnb import InterventionError, SiteError
 from mechnb.core.interventions import Ablate, Hook
@@ -102,7 +102,7 @@ def test_scoped_ablation_is_removed_even_after_an_error(tiny_factory):
             raise ValueError
     assert model.interventions == []
     assert torch.equal(clean_logits(model), clean)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules()) == 0
+    assert hooks_left(model) == 0
 
 
 def test_hook_runs_a_user_function_and_is_listed(tiny_factory):

@@ -254,7 +254,7 @@ def test_view_magics(shell, llama):
     assert abs(explorer.logit_diff - (logits[mary] - logits[john]).item()) < 1e-5
     assert explorer.table.equals(llama.top(PROMPT, k=explorer.k))
     layer = llama.n_layers // 2
-    eager = Reference(llama.hf, "llama", eager=True, tokenizer=llama.tokenizer).attentions(PROMPT)
+    eager = Reference(llama.hf, "llama", tokenizer=llama.tokenizer).attentions(PROMPT)
     assert torch.allclose(explorer.pattern, eager[layer, 0, 0], atol=1e-6)
 
 

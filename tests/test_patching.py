@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import PROMPT
+from conftest import PROMPT, hooks_left
 from torchref import Reference
 from mechnb.core.arch import submodule
 from mechnb import MechnbError, PatchError
@@ -25,7 +25,7 @@ def naive(model, source, target, site, family="llama", ablated=()):
     the source run's value at `site` (`torchref`, no mechnb in the path); `ablated` sites are
     zeroed in every run."""
     if model.hf not in REFERENCES:
-        REFERENCES[model.hf] = Reference(model.hf, family, eager=True, tokenizer=model.tokenizer)
+        REFERENCES[model.hf] = Reference(model.hf, family, tokenizer=model.tokenizer)
     reference = REFERENCES[model.hf]
     reference.always = [(site, torch.zeros_like) for site in ablated]
     return logit_diff(model, reference.patched(source, target, site)[0, -1])
@@ -204,10 +204,6 @@ def test_bad_input_is_refused_clearly(tiny_factory):
         model.patch("", "", "resid_pre.*", answer=" Mary", wrong=" John")
     with pytest.raises(MechnbError, match="token id 99999999 out of range"):
         model.patch(CLEAN, CORRUPT, "resid_pre.*", answer=99999999, wrong=" John")
-
-
-def hooks_left(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])

@@ -414,6 +414,12 @@ def test_a_failure_on_ndif_comes_back_as_one_line(on_ndif):
     text = one_line(error)
     assert "the trace failed on NDIF" in text and "head.1.2 is not available with remote=True" in text
     assert on_ndif._trace is None
+    # NDIF's stock model has no carry (mechnb.core.residual): a write there would not be the
+    # residual stream's.
+    with pytest.raises(RemoteError) as error:
+        with on_ndif.trace(PROMPT):
+            on_ndif["resid_mid.1"] = 0
+    assert "resid_mid.1 cannot be written with remote=True" in one_line(error) and on_ndif._trace is None
 
 
 # -- remote=False touches no network ------------------------------------------------------

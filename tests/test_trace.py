@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import PROMPT, clean_logits
+from torchref import Reference
 from mechnb.core.arch import submodule
 from mechnb import PromptError, SiteError, TraceError
 
@@ -114,6 +115,48 @@ def test_written_value_is_read_back(tiny_factory):
         found["pattern"] = model["pattern.2"].save()
     assert (found["neuron"][..., 5] == 3.0).all()
     assert found["pattern"][:, 0].abs().max() == 0 and found["pattern"][:, 1].sum() > 0
+
+
+SEQUENTIAL = ["llama", "gpt2", "gemma2", "gpt_neox_sequential"]
+
+
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_a_write_of_resid_mid_is_a_write_of_the_residual_stream(tiny_factory, name):
+    """Written in a trace, by steering or by an ablation, resid_mid changes what the MLP reads
+    and what the skip connection carries past it, as TransformerLens' hook_resid_mid does. The
+    reference changes attention's output by hand on a fresh transformers copy (`torchref`)."""
+    model = tiny_factory(name)
+    reference = Reference(model.hf, name, tokenizer=model.tokenizer)
+    vector = torch.randn(model.d_model)
+    edits = {"resid_mid.1@-1": lambda part: part + vector}
+    expected, read = reference.run(PROMPT, edits, reads=["resid_post.1"])
+    assert (expected.logits - clean_logits(model)).abs().max() > 1e-3
+    found = {}
+    with model.trace(PROMPT):
+        model["resid_mid.1@-1"] = model["resid_mid.1@-1"] + vector
+        found["post"] = model["resid_post.1"].save()
+        found["logits"] = model["logits"].save()
+    assert torch.allclose(found["logits"], expected.logits, atol=1e-5)
+    assert torch.allclose(found["post"], read["resid_post.1"], atol=1e-5)  # read after the write
+    with model.steered("resid_mid.1@-1", vector):
+        assert torch.allclose(clean_logits(model), expected.logits, atol=1e-5)
+    refs = ["The cat sat on the mat", "A dog ran home quickly today"]
+    mean = torch.cat([reference.read(ref, "resid_mid.2")[0] for ref in refs]).mean(0)
+    with model.ablated("resid_mid.2", mode="mean", ref=refs):
+        averaged = reference.logits(PROMPT, {"resid_mid.2": lambda part: mean})
+        assert torch.allclose(clean_logits(model), averaged, atol=1e-5)
+    # A later write of the layer's output replaces what the resid_mid write would carry.
+    clean_post = model.cache(PROMPT, "resid_post.1")["resid_post.1"]
+    with model.trace(PROMPT):
+        model["resid_mid.1"] = 0.0
+        model["resid_post.1"] = clean_post
+        found["replaced"] = model["logits"].save()
+    assert torch.allclose(found["replaced"], clean_logits(model), atol=1e-5)
+    # Patching the whole of resid_mid from the clean run restores the clean run.
+    corrupt = PROMPT.replace("John gave", "Mary gave")
+    patched = model.patch(PROMPT, corrupt, "resid_mid.1", answer=" Mary", wrong=" John", per_position=False)
+    assert abs(patched.values.item() - patched.meta["clean_metric"]) < 1e-5
+    assert abs(patched.meta["clean_metric"] - patched.meta["corrupt_metric"]) > 1e-3
 
 
 def test_batched_prompts_equal_their_solo_runs(tiny):

@@ -12,7 +12,7 @@ def test_attention_values_are_the_patterns(tiny_factory):
     model = tiny_factory("llama")
     result = model.attention(PROMPT, layers="1:3", heads=[0, 2])
     # transformers' eager attention weights of a fresh copy (`output_attentions`).
-    attentions = Reference(model.hf, "llama", eager=True, tokenizer=model.tokenizer).attentions(PROMPT)
+    attentions = Reference(model.hf, "llama", tokenizer=model.tokenizer).attentions(PROMPT)
     assert result.values.shape == (2, 2, 14, 14)
     assert torch.allclose(result.values, attentions[1:3, 0][:, [0, 2]], atol=1e-6)
     assert set(result.df.columns) >= {"layer", "head", "pos_q", "pos_k", "value"}
@@ -125,7 +125,7 @@ def test_head_scores_read_the_diagonals_of_transformers_attention(tiny_factory):
     from mechnb.methods.heads import random_repeated_tokens
 
     tokens = random_repeated_tokens(model, 2, 5, 1)
-    reference = Reference(model.hf, "llama", eager=True)
+    reference = Reference(model.hf, "llama")
     with torch.no_grad():
         attentions = reference.hf(tokens, output_attentions=True).attentions
     # By hand, position by position: query i attends to i-1, to i-5 (the same token in the

@@ -74,6 +74,21 @@ def test_top_lists_an_images_classes(vit, test_data):
     assert table["class"][0] == str(int(test_data.labels[0])) and table["prob"][0] > 0.5
 
 
+def test_an_ablated_resid_mid_leaves_only_the_mlps_output_in_the_residual(vit, test_data):
+    # resid_mid is the residual stream itself (`mechnb.core.residual`): zeroed, the layer's
+    # output is what the MLP adds to nothing.
+    images = test_data.images[:2]
+    found = {}
+    with vit.trace(images):
+        vit["resid_mid.1"] = 0
+        found["mlp"] = vit["mlp_out.1"].save()
+        found["post"] = vit["resid_post.1"].save()
+        found["next"] = vit["resid_pre.2"].save()
+    assert found["post"].abs().max() > 0.01
+    assert torch.allclose(found["post"], found["mlp"], atol=1e-5)
+    assert torch.allclose(found["next"], found["mlp"], atol=1e-5)
+
+
 def test_trace_ablate_hook_and_steer_change_predictions_and_leave_the_model_clean(vit, test_data):
     images = test_data.images[:8]
     base = _predictions(vit, images)

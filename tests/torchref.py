@@ -21,8 +21,10 @@ import torch
 
 # Per family: the decoder layers, then per layer what each kind of site is (the module, and
 # whether its input or output holds the value; a tuple output holds it in element 0).
-# `resid_mid` is the input of the MLP's norm: a write there reaches the MLP, not the skip
-# connection past it, which is what mechnb's writes do today (README, "Sites").
+# `resid_mid` is read at the input of the MLP's norm; it is written as TransformerLens'
+# `hook_resid_mid` is, as the residual stream itself: here by changing what attention adds
+# (the residual entering the layer plus attention's output is resid_mid), so that the MLP
+# and the skip connection past it both see the new value.
 _LLAMA = dict(layers="model.layers", attn_out=("self_attn", "output"), mlp_out=("mlp", "output"),
               head=("self_attn.o_proj", "input"), neuron=("mlp.down_proj", "input"),
               resid_mid=("post_attention_layernorm", "input"), v=("self_attn.v_proj", "output"))
@@ -40,6 +42,7 @@ MODULES = {
                      head=("attention.dense", "input"), neuron=("mlp.dense_4h_to_h", "input"),
                      resid_mid=None),
 }
+MODULES["gpt_neox_sequential"] = dict(MODULES["gpt_neox"], resid_mid=("post_attention_layernorm", "input"))
 
 
 def _parse(site: str):
@@ -83,13 +86,12 @@ def _edit(value, index, fn):
 
 
 class Reference:
-    """A fresh transformers copy of `hf` (same weights, transformers' attention), read and
-    edited with torch hooks. `eager=True` runs eager attention, whose weights
-    `output_attentions` returns."""
+    """A fresh transformers copy of `hf` (same weights, transformers' eager attention, whose
+    weights `output_attentions` returns), read and edited with torch hooks."""
 
-    def __init__(self, hf, family: str, eager: bool = False, tokenizer=None):
+    def __init__(self, hf, family: str, tokenizer=None):
         config = copy.deepcopy(hf.config)
-        config._attn_implementation = "eager" if eager else "sdpa"
+        config._attn_implementation = "eager"
         self.hf = type(hf)(config).eval()
         self.hf.load_state_dict({k: v for k, v in hf.state_dict().items()}, strict=False)
         missing = set(self.hf.state_dict()) - set(hf.state_dict())
@@ -135,11 +137,7 @@ class Reference:
         part}) applied and `reads` (sites) recorded: (outputs, {site: value})."""
         handles, seen = [], {}
         try:
-            for site, fn in [*self.always, *(edits or {}).items()]:
-                kind, layer, index = self.part(site)
-
-                handles.append(_hook(*self.point(kind, layer),
-                                     lambda value, fn=fn, index=index: _edit(value, index, fn)))
+            handles += self._edits([*self.always, *(edits or {}).items()])
             for site in reads:
                 kind, layer, index = self.part(site)
                 handles.append(_hook(*self.point(kind, layer),
@@ -150,6 +148,32 @@ class Reference:
             for handle in handles:
                 handle.remove()
         return out, seen
+
+    def _edits(self, edits) -> list:
+        """Hooks applying (site, fn) edits; their handles."""
+        handles = []
+        for site, fn in edits:
+            kind, layer, index = self.part(site)
+            if kind == "resid_mid":
+                handles += self._resid_mid(layer, index, fn)
+            else:
+                handles.append(_hook(*self.point(kind, layer),
+                                     lambda value, fn=fn, index=index: _edit(value, index, fn)))
+        return handles
+
+    def _resid_mid(self, layer: int, index, fn) -> list:
+        """Hooks writing resid_mid at `layer`: attention's output becomes what takes the
+        residual entering the layer to the edited value (unchanged where the edit is not)."""
+        entering = {}
+
+        def keep(value):
+            entering["value"] = value
+
+        def write(out):
+            mid = entering["value"] + out
+            return out + (_edit(mid, index, fn) - mid)
+
+        return [_hook(self.layer(layer), "input", keep), _hook(*self.point("attn_out", layer), write)]
 
     def logits(self, prompt, edits=None):
         return self.run(prompt, edits)[0].logits
@@ -165,7 +189,7 @@ class Reference:
         return self.logits(target, {site: lambda part: value})
 
     def attentions(self, prompt):
-        """transformers' attention weights, `layer batch head q k` (needs `eager=True`)."""
+        """transformers' attention weights, `layer batch head q k`."""
         return torch.stack(self.run(prompt, output_attentions=True)[0].attentions)
 
     def _pattern_patched(self, source, target, site: str):
@@ -190,9 +214,7 @@ class Reference:
             return z
 
         handles.append(_hook(*self.point("head", layer), write))
-        for site, fn in self.always:
-            kind, layer, index = self.part(site)
-            handles.append(_hook(*self.point(kind, layer), lambda value, fn=fn, index=index: _edit(value, index, fn)))
+        handles += self._edits(self.always)
         try:
             with torch.no_grad():
                 return self.hf(**self.inputs(target)).logits

@@ -12,7 +12,8 @@ fields, to one decoder layer (`self_attn.o_proj`). Conventions:
   module returns a tuple, such as attention's `(output, weights)`, element 0).
 - `resid_mid` is the input of the module that reads the residual after attention;
   `None` where attention and MLP run in parallel (GPT-NeoX with
-  `use_parallel_residual`), where no such point exists.
+  `use_parallel_residual`), where no such point exists. A write there reaches the skip
+  connection past the MLP too (`mechnb.core.residual`).
 - `neuron` values are the input of the MLP's output projection (after the activation
   and any gating), so `neuron.L.N` is what TransformerLens calls `hook_post`.
 - `attn_norm` / `mlp_norm` are the norms whose outputs attention and the MLP read

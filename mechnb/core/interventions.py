@@ -248,11 +248,12 @@ def install(model, intervention: Intervention):
     """Register the PyTorch hooks that apply `intervention` (and read what it needs); returns
     one handle that removes them all."""
     from .arch import hook_value, locate, submodule
+    from .residual import reporting
 
     handles = [hook_value(submodule(model.hf, path), io, fn) for path, io, fn in intervention.reads(model)]
     path, io, attr = locate(model, intervention.site)
-    handles.append(hook_value(submodule(model.hf, path), io,
-                              lambda value: apply(intervention, value, model.context or Context()), attr))
+    handles.append(hook_value(submodule(model.hf, path), io, reporting(
+        model, intervention.site, lambda value: apply(intervention, value, model.context or Context())), attr))
     return Handles(handles)
 
 

@@ -135,7 +135,10 @@ class ModelBase:
             # NDIF runs the stock model: no hook points, no attention function of ours.
             self.nn = wrap(hf_model, tokenizer)
         elif not plain:
+            from . import residual
+
             install(hf_model, self.arch)
+            residual.install(hf_model, self.arch, self.arch.resid_mid_for(hf_model.config))
         if self.arch.vision:
             from .images import ImageReader
 

@@ -49,6 +49,7 @@ from .arch import locate, submodule
 from .engine import run, unembed
 from .interventions import Context, apply
 from .memory import return_to_system
+from .residual import reporting
 from .sites import Site, assign_part, read_part
 
 _SEQ_KWARGS = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
@@ -464,7 +465,7 @@ def _run_chunk(model, target: TargetRun, rows: list[Row], offset: int, record=()
     end = max(target.lengths[row.base] for row in rows) if target.several else None
     with run(model, token_rows, offset, grad=grad) as forward:
         for (path, io), entries in inner.items():
-            forward.hook(path, io, _edit(entries, offset))
+            forward.hook(path, io, reporting(model, entries[0][1].site, _edit(entries, offset)))
         for site in record:
             path, io, _ = locate(model, site)
             forward.hook(path, io, _record(site, rows))
@@ -492,7 +493,7 @@ def _run_whole(model, target: TargetRun, rows: list[Row], offset: int, record=()
     token_rows = None if target.token_rows is None else [target.token_rows[row.base] for row in rows]
     with run(model, token_rows, grad=grad) as forward:
         for (path, io), entries in inner.items():
-            forward.hook(path, io, _edit(entries, 0))
+            forward.hook(path, io, reporting(model, entries[0][1].site, _edit(entries, 0)))
         for site in record:
             path, io, _ = locate(model, site)
             forward.hook(path, io, _record(site, rows))

@@ -6,7 +6,7 @@ A site string names a value the model computes. The same strings work in
     embed                   token embeddings                 batch pos d_model
     resid_pre.5             residual stream entering layer 5 batch pos d_model
     resid_mid.5             after attention, before the MLP  batch pos d_model
-                            (a write reaches the MLP's input, not the skip path)
+                            (a write reaches the MLP and the skip connection)
     resid_post.5            leaving layer 5                  batch pos d_model
     attn_out.5, mlp_out.5   what attention / the MLP adds    batch pos d_model
     head.9                  every head's output z            batch pos head d_head
