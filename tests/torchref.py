@@ -5,8 +5,8 @@ here imports mechnb: the module paths below are transformers' own names, written
 rather than read from `mechnb.core.arch`, and the copy runs transformers' own attention
 (mechnb registers its own attention function on the models it loads).
 
-A site here is mechnb's spelling (`head.1.2@3`, `neuron.1.0`, `resid_mid.2`), read by
-`value_at`: the module and hook point holding its whole value, and the index of its part.
+A site here is mechnb's spelling (`head.1.2@3`, `neuron.1.0`, `resid_mid.2`): `Reference.point`
+finds the module and hook point holding its whole value, `Reference.part` the index of its part.
 
 Example:
     >>> ref = Reference(model.hf, "llama")
