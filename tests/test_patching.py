@@ -269,6 +269,32 @@ def naive_path(model, source, target, sender, receiver):
     return logit_diff(model, found[0][0])
 
 
+def test_attribution_of_resid_mid_takes_the_gradient_of_the_whole_residual(tiny_factory):
+    """(clean - corrupt) . dmetric/dresid_mid, the gradient through the MLP and the skip
+    connection both, by autograd on the torch reference."""
+    model = tiny_factory("llama")
+    result = model.patch(CLEAN, CORRUPT, "resid_mid.*", answer=" Mary", wrong=" John", per_position=False,
+                         method="attribution")
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    mary, john = (model.tokenizer.encode(word)[0] for word in (" Mary", " John"))
+    for layer in range(model.n_layers):
+        kept = {}
+
+        def keep(module, args):
+            args[0].retain_grad()
+            kept["mid"] = args[0]
+
+        handle = reference.layer(layer).post_attention_layernorm.register_forward_pre_hook(keep)
+        try:
+            logits = reference.hf(**model.tokenizer(CORRUPT, return_tensors="pt")).logits[0, -1]
+            (logits[mary] - logits[john]).backward()
+        finally:
+            handle.remove()
+        change = reference.read(CLEAN, f"resid_mid.{layer}") - kept["mid"].detach()
+        expected = result.meta["corrupt_metric"] + (change * kept["mid"].grad).sum().item()
+        assert abs(result.values[layer].item() - expected) < 1e-5, layer
+
+
 def test_path_patching_equals_the_hand_made_reference(tiny_factory):
     model = tiny_factory("llama")
     result = model.path_patch(CLEAN, CORRUPT, "head.0:2.*", "head.2.1", answer=" Mary", wrong=" John")
