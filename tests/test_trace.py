@@ -159,6 +159,23 @@ def test_a_write_of_resid_mid_is_a_write_of_the_residual_stream(tiny_factory, na
     assert abs(patched.meta["clean_metric"] - patched.meta["corrupt_metric"]) > 1e-3
 
 
+def test_the_clean_resid_mid_written_into_the_corrupt_run_gives_the_clean_answer(tiny):
+    """Every architecture: resid_mid is the whole residual stream after attention, so the clean
+    value written there (by a trace, and by patching) leaves nothing of the corrupt run."""
+    if tiny.parallel_attn_mlp:
+        pytest.skip("attention and MLP read the same residual: no resid_mid")
+    corrupt = PROMPT.replace("John gave", "Mary gave")
+    patched = tiny.patch(PROMPT, corrupt, "resid_mid.1", answer=" Mary", wrong=" John", per_position=False)
+    clean, moved = patched.meta["clean_metric"], patched.meta["clean_metric"] - patched.meta["corrupt_metric"]
+    assert abs(moved) > 1e-3 and abs(patched.values.item() - clean) < 1e-6
+    mid = tiny.cache(PROMPT, "resid_mid.1")["resid_mid.1"]
+    with tiny.trace(corrupt):
+        tiny["resid_mid.1"] = mid
+        logits = tiny["logits@-1"].save()
+    mary, john = (tiny.tokenizer.encode(word)[0] for word in (" Mary", " John"))
+    assert abs((logits[0, mary] - logits[0, john]).item() - clean) < 1e-6
+
+
 def test_batched_prompts_equal_their_solo_runs(tiny):
     prompts = [PROMPT, "Hello there", "A much longer prompt than the other two, to pad them a lot"]
     cache = tiny.cache(prompts, ["resid_post.2", "logits"])
