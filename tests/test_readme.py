@@ -6,40 +6,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchref import Reference
+
 README = Path(__file__).parent.parent / "README.md"
 
 
 def head_patched_from_clean(model, clean: str, corrupt: str, layer: int, head: int) -> float:
-    """Head `layer.head` patched from the clean run into the corrupt one with a plain torch hook on
-    the transformers model (the input of its output projection is the heads' outputs side by
-    side): the logit difference ' Mary' - ' John' it restores, as a share of clean - corrupt."""
-    tokenizer, d = model.tokenizer, model.d_head
-    project = model.hf.model.layers[layer].self_attn.o_proj
-    columns = slice(head * d, (head + 1) * d)
-    kept = {}
+    """Head `layer.head` patched from the clean run into the corrupt one on a fresh transformers
+    copy with a torch hook (`torchref`, no mechnb in the path): the logit difference ' Mary' -
+    ' John' it restores, as a share of clean - corrupt."""
+    reference = Reference(model.hf, "llama", tokenizer=model.tokenizer)
+    mary, john = (model.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" Mary", " John"))
 
-    def keep(module, args):
-        kept["z"] = args[0].detach().clone()
+    def difference(logits):
+        return (logits[0, -1, mary] - logits[0, -1, john]).item()
 
-    def patch(module, args):
-        z = args[0].clone()
-        z[..., columns] = kept["z"][..., columns]
-        return (z,)
-
-    mary, john = (tokenizer.encode(word, add_special_tokens=False)[0] for word in (" Mary", " John"))
-
-    def difference(prompt, hook=None):
-        handle = project.register_forward_pre_hook(hook) if hook else None
-        try:
-            with torch.no_grad():
-                logits = model.hf(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
-        finally:
-            if handle:
-                handle.remove()
-        return (logits[mary] - logits[john]).item()
-
-    clean_value, corrupt_value = difference(clean, keep), difference(corrupt)
-    return (difference(corrupt, patch) - corrupt_value) / (clean_value - corrupt_value)
+    clean_value, corrupt_value = difference(reference.logits(clean)), difference(reference.logits(corrupt))
+    patched = difference(reference.patched(clean, corrupt, f"head.{layer}.{head}"))
+    return (patched - corrupt_value) / (clean_value - corrupt_value)
 
 
 def example_cells() -> list[str]:
@@ -67,8 +51,8 @@ def test_the_example_runs_and_shows_what_it_says(capsys):
         assert top.token[0] == " Paris"
         best = ns["heads"].df.nlargest(1, "value").iloc[0]
         # The README's figure, the model's own fact: head 23.3 restores 0.58 of the logit
-        # difference. Measured independently of mechnb with a torch hook on the transformers
-        # model (`head_patched_from_clean`), and that measurement agrees with the sweep's.
+        # difference. Measured independently of mechnb with a torch hook on a fresh transformers
+        # copy (`head_patched_from_clean`), and that measurement agrees with the sweep's.
         assert (int(best["layer"]), int(best["head"])) == (23, 3) and abs(float(best["value"]) - 0.58) < 0.01
         independent = head_patched_from_clean(ns["model"], ns["clean"], ns["corrupt"], 23, 3)
         assert abs(independent - float(best["value"])) < 1e-4

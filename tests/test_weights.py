@@ -93,13 +93,13 @@ def test_bad_heads_get_clear_errors(tiny_factory, call, message):
         call(tiny_factory("llama"))
 
 
-def induction_scores_by_transformers(path, n: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
+def induction_scores_by_transformers(model, n: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
     """`layer head` induction scores computed without mechnb: transformers' eager attention
-    weights (`output_attentions`) of a fresh copy of the model on random token sequences said
-    twice, each second-half position's attention to the token after its earlier copy."""
-    from transformers import AutoModelForCausalLM
+    weights (`output_attentions`) of a fresh copy of the model (`torchref`) on random token
+    sequences said twice, each second-half position's attention to the token after its earlier copy."""
+    from torchref import Reference
 
-    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    hf = Reference(model.hf, "llama").hf
     generator = torch.Generator().manual_seed(seed)
     half = torch.randint(1000, hf.config.vocab_size - 1000, (n, length), generator=generator)
     with torch.no_grad():
@@ -109,13 +109,13 @@ def induction_scores_by_transformers(path, n: int = 8, length: int = 24, seed: i
 
 
 @pytest.mark.slow
-def test_induction_head_of_the_embedded_model_copies(real, embedded_dir):
+def test_induction_head_of_the_embedded_model_copies(real):
     heads = real.detect_heads("induction")
     best = heads.df.sort_values("value", ascending=False).iloc[0]
     # The model's own fact: head 18.6 is its strongest induction head. Measured independently
     # of mechnb from transformers' attention weights (`induction_scores_by_transformers`).
     assert (best["layer"], best["head"]) == (18, 6)
-    independent = induction_scores_by_transformers(embedded_dir)
+    independent = induction_scores_by_transformers(real)
     assert divmod(int(independent.argmax()), real.n_heads) == (18, 6)
     assert abs(independent[18, 6].item() - best["value"]) < 0.1
     assert real.ov(18, 6).copying_score() > 0.6

@@ -90,9 +90,12 @@ class Reference:
     weights `output_attentions` returns), read and edited with torch hooks."""
 
     def __init__(self, hf, family: str, tokenizer=None):
+        from transformers.initialization import no_init_weights
+
         config = copy.deepcopy(hf.config)
         config._attn_implementation = "eager"
-        self.hf = type(hf)(config).eval()
+        with no_init_weights():  # the weights are copied in next: no random draw first
+            self.hf = type(hf)(config).eval()
         self.hf.load_state_dict({k: v for k, v in hf.state_dict().items()}, strict=False)
         missing = set(self.hf.state_dict()) - set(hf.state_dict())
         assert not missing, missing
