@@ -16,9 +16,9 @@ The mechanism, installed at load on every layer that has a resid_mid (`install`)
 
 - a forward pre-hook on the norm, first of all its hooks, keeps the value it is about to
   receive before any edit (`Carry.before`);
-- every write of the site `resid_mid` (a trace's `model[...] = `, an intervention, the
-  patching engine's edits: `reporting`) hands the new whole value to the layer's `Carry`,
-  which keeps its difference from that value (`Carry.pending`);
+- every write of the site `resid_mid` (an intervention or the patching engine's edits
+  through `reporting`, a trace's `model[...] = ` through `written`) hands the new whole value
+  to the layer's `Carry`, which keeps its difference from that value (`Carry.pending`);
 - a forward hook on the layer, first of its forward hooks, adds the difference to the
   layer's output, so `resid_post` and everything later see the written residual, and
   hooks on `resid_post` act on it.
@@ -32,6 +32,7 @@ connection adds.
 Example:
     >>> install(hf_model, arch, "post_attention_layernorm")   # ModelBase does this at load
     >>> hook = reporting(model, site, fn)                      # for a write of resid_mid
+    >>> value = carried(model, site, value)                    # a trace's read of resid_post
 """
 
 from __future__ import annotations
@@ -103,14 +104,40 @@ def carry_of(layer) -> Carry | None:
     return layer.__dict__.get(ATTRIBUTE)
 
 
+def _carry_at(model, site) -> Carry | None:
+    """The `Carry` of a site's layer (None remotely, outside the decoder layers, or where the
+    model has no resid_mid)."""
+    if model.remote or site.kind not in ("resid_mid", "resid_post") or not isinstance(site.layer, int):
+        return None  # checked first: a remote trace runs this code where mechnb is not installed
+    from .arch import submodule
+
+    return carry_of(submodule(model.hf, model.arch.layers)[site.layer])
+
+
+def written(model, site, value) -> None:
+    """A trace wrote `value`, a site's whole value: resid_mid's reaches the skip connection
+    too, and a write of the layer's whole output replaces what it would have carried."""
+    carry = _carry_at(model, site)
+    if carry is not None and site.kind == "resid_mid":
+        carry.wrote(value)
+    elif carry is not None and site.kind == "resid_post":
+        carry.cancel()
+
+
+def carried(model, site, value):
+    """A layer output (`resid_post`) as the rest of the model will see it: with the difference
+    a write of resid_mid in this forward has still to add (nnsight hands the output over before
+    the layer's hooks run)."""
+    carry = _carry_at(model, site)
+    if site.kind == "resid_post" and carry is not None and carry.pending is not None:
+        return value + carry.pending
+    return value
+
+
 def reporting(model, site, fn):
     """`fn` (an edit of a site's whole value, as `arch.hook_value` calls it), which for a
     write of `resid_mid` also hands the value it returns to the layer's `Carry`."""
-    from .arch import submodule
-
-    if site.kind != "resid_mid" or model.remote:
-        return fn
-    carry = carry_of(submodule(model.hf, model.arch.layers)[site.layer])
+    carry = _carry_at(model, site) if site.kind == "resid_mid" else None
     if carry is None:
         return fn
 

@@ -42,7 +42,7 @@ from .arch import locate, submodule
 from .batch import Batch, check_ids, check_length
 from .errors import RemoteError, SiteError, TraceError
 from .remote import LOCAL_HELP, check_site
-from .residual import carry_of
+from .residual import carried, written
 from .sites import Site, assign_part, parse, read_part
 
 ORDER_HINT = (
@@ -267,9 +267,7 @@ def _full(model, site: Site, trace: Trace) -> torch.Tensor:
                     value = intervention.replay(value, model)
         # A write of resid_mid in this forward reaches the layer's output after nnsight hands
         # it over: add it here too, as the model will.
-        carry = _carry(model, site)
-        if site.kind == "resid_post" and carry is not None and carry.pending is not None:
-            value = value + carry.pending
+        value = carried(model, site, value)
         if model.remote:
             value = value.detach()  # NDIF may run with autograd on; a remote trace has no use for it
         trace.values[key] = value
@@ -296,21 +294,7 @@ def write(model, site: str | Site, value, trace: Trace) -> None:
                               f"resid_pre instead, or {LOCAL_HELP}")
         _slot(model, concrete).set(updated)
         trace.values[key] = updated
-        # resid_mid reaches the skip connection past the MLP too; a write of the whole layer
-        # output replaces what it would carry (`mechnb.core.residual`).
-        carry = _carry(model, concrete)
-        if carry is not None and concrete.kind == "resid_mid":
-            carry.wrote(updated)
-        elif carry is not None and concrete.kind == "resid_post":
-            carry.cancel()
-
-
-def _carry(model, site: Site):
-    """The `Carry` of the site's layer (None for sites outside the decoder layers, or
-    where no resid_mid exists)."""
-    if model.remote or site.kind not in ("resid_mid", "resid_post") or not isinstance(site.layer, int):
-        return None
-    return carry_of(submodule(model.hf, model.arch.layers)[site.layer])
+        written(model, concrete, updated)
 
 
 def _assign(full: torch.Tensor, site: Site, new, batch: Batch) -> None:
